@@ -1,0 +1,13 @@
+"""Fused ops for CLIP training: InfoNCE / CLIP loss and the image trigger/perturbation ops.
+
+    from abd_fast.ops import info_nce, clip_loss, ClipLoss, apply_trigger, apply_perturbation
+
+Each op has a plain-PyTorch reference in abd_fast.ops.reference (its specification) and
+backends "cpu", "cuda", "triton" and "reference" (see abd_fast.ops._backend).
+"""
+from .contrastive import clip_loss, info_nce
+from .image import apply_perturbation, apply_trigger, normalize_images
+from .loss import ClipLoss
+
+__all__ = ["info_nce", "clip_loss", "ClipLoss", "apply_trigger", "apply_perturbation",
+           "normalize_images"]

@@ -1,0 +1,68 @@
+"""Loading the compiled extensions and choosing a backend per call.
+
+Backends: "cpu" (C++/OpenMP, abd_fast._C), "cuda" (CUDA C++, abd_fast._C_cuda),
+"triton" (abd_fast.kernels; on CPU tensors only under TRITON_INTERPRET=1) and "reference"
+(plain PyTorch). The choice is the `backend=` argument, else the ABD_FAST_BACKEND
+environment variable, else by device: CPU tensors -> "cpu", CUDA tensors -> "cuda".
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+ENV_VAR = "ABD_FAST_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def extension(name: str) -> str | None:
+    """Imports abd_fast.<name> (which registers its kernels); returns an error text or None."""
+    try:
+        importlib.import_module(f"abd_fast.{name}")
+        return None
+    except ImportError as e:
+        return str(e)
+
+
+def _ensure_schemas():
+    err = extension("_C")
+    if err is not None:
+        raise RuntimeError(
+            f"abd_fast's C++ extension is not built ({err}). Run scripts/setup.sh, or "
+            "`pip install --no-build-isolation -e .`; backend='reference' works without it.")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend: str | None, device) -> str:
+    """The backend to run on tensors of `device` (a constant for torch.compile)."""
+    backend = backend or os.environ.get(ENV_VAR) or None
+    if backend is None:
+        backend = "cuda" if device.type == "cuda" else "cpu"
+        if backend == "cuda" and extension("_C_cuda") is not None:
+            backend = "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (from backend= or {ENV_VAR}); "
+                         f"expected one of {BACKENDS}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs CUDA tensors, got {device}")
+        err = extension("_C_cuda")
+        if err is not None:
+            raise RuntimeError(f"abd_fast was built without CUDA kernels ({err}); rebuild with nvcc "
+                               "available, or use backend='triton'")
+    if backend == "triton" and device.type == "cpu" and not triton_interpreted():
+        raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                         "abd_fast is imported")
+    if backend in ("cpu", "cuda"):
+        _ensure_schemas()
+    return backend

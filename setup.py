@@ -1,0 +1,84 @@
+"""Builds abd_fast and its C++ extensions.
+
+abd_fast._C       schemas of every op (TORCH_LIBRARY) and the CPU kernels; always built.
+abd_fast._C_cuda  CUDA kernels for the same ops; built when nvcc, a CUDA build of torch and
+                  a GPU are present. ABD_FAST_BUILD_CUDA=1 builds it without a GPU (and
+                  fails if nvcc is missing), =0 never builds it.
+The Triton kernels live in kernels/ and install as abd_fast.kernels.
+"""
+import glob
+import os
+import shutil
+import warnings
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-fopenmp"]
+
+
+def _cuda_wanted():
+    """CUDA kernels are built where a GPU is visible, or on request (ABD_FAST_BUILD_CUDA=1,
+    e.g. on a GPU cluster's login node); tests/test_cuda_build.py builds them where nvcc is."""
+    flag = os.environ.get("ABD_FAST_BUILD_CUDA", "auto")
+    have = torch.version.cuda is not None and CUDA_HOME is not None and shutil.which(
+        os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not have:
+            raise RuntimeError("ABD_FAST_BUILD_CUDA=1 but nvcc or a CUDA build of torch is missing "
+                               f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+        return True
+    if have and not torch.cuda.is_available():
+        warnings.warn("abd_fast: no GPU visible; building the CPU kernels only "
+                      "(ABD_FAST_BUILD_CUDA=1 builds the CUDA kernels too)")
+    return have and torch.cuda.is_available()
+
+
+def _nvidia_include_dirs():
+    # The pip CUDA wheels ship headers (cuda_bf16.h, cublas) under site-packages/nvidia/*/include.
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    dirs = []
+    for base in (spec.submodule_search_locations if spec else []):
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return dirs
+
+
+def extensions():
+    exts = [CppExtension(
+        "abd_fast._C",
+        sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    if cuda_sources and _cuda_wanted():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        exts.append(CUDAExtension(
+            "abd_fast._C_cuda",
+            sources=cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
+            extra_compile_args={"cxx": ["-O3"],
+                                "nvcc": ["-O3", "-lineinfo"]},
+        ))
+    return exts
+
+
+setup(
+    name="abd_fast",
+    version="0.1.0",
+    description="Fast backdoor attacks on CLIP and Adversarial Backdoor Defense (ABD)",
+    packages=find_packages(include=["abd_fast", "abd_fast.*"]) + ["abd_fast.kernels"],
+    package_dir={"abd_fast.kernels": "kernels"},
+    package_data={"abd_fast": ["model_configs/*.json"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+)

@@ -1,0 +1,204 @@
+"""Fused image ops against the plain-PyTorch reference, on every backend runnable here."""
+import math
+
+import pytest
+import torch
+
+from abd_fast.ops import apply_perturbation, apply_trigger, normalize_images
+from abd_fast.ops import reference
+from conftest import available_backends, device_of
+
+B, C, H, W = 7, 3, 37, 41
+MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)  # CLIP's
+
+
+def make_images(dtype, device):
+    if dtype == torch.uint8:
+        return torch.randint(1, 256, (B, C, H, W), dtype=torch.uint8, device=device)
+    # slightly outside [0,1] as well, so that the clamp of unselected rows is exercised
+    return (torch.rand(B, C, H, W, device=device) * 1.1 - 0.05).to(dtype)
+
+
+def make_case(kind, per_sample, device, dtype=torch.float32):
+    """(src, kwargs for apply_trigger, kwargs for reference.image_op)."""
+    lead = (B,) if per_sample else ()
+    if kind == "patch":
+        src = (torch.rand(*lead, C, 9, 11, device=device) * 1.2 - 0.1).to(dtype)
+        ys = torch.randint(-4, H - 2, (B,), device=device)  # some boxes cross the border
+        xs = torch.randint(-4, W - 2, (B,), device=device)
+        return src, dict(patch=src, ys=ys, xs=xs), dict(loc=torch.stack([ys, xs], 1))
+    if kind in ("blend", "add"):
+        src = ((torch.rand(*lead, C, H, W, device=device) - 0.5) * 0.8).to(dtype)
+        alpha = 0.2 if kind == "blend" else 0.0
+        return src, dict(pattern=src, alpha=alpha), dict(alpha=alpha)
+    if kind == "warp":
+        src = (torch.rand(*lead, H, W, 2, device=device) * 2.2 - 1.1).to(dtype)
+        return src, dict(grid=src), {}
+    return None, {}, {}
+
+
+def tol(out_dtype):
+    return dict(rtol=1e-2, atol=1e-2) if out_dtype in (torch.bfloat16, torch.float16) \
+        else dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("kind", ["none", "patch", "blend", "add", "warp"])
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_trigger_forward(backend, kind, in_dtype, out_dtype):
+    dev = device_of(backend)
+    images = make_images(in_dtype, dev)
+    for per_sample in (False, True):
+        for rows in (None, torch.rand(B, device=dev) > 0.4):
+            for norm in (False, True):
+                src, kw, ref_kw = make_case(kind, per_sample, dev)
+                mean, std = (MEAN, STD) if norm else (None, None)
+                out = apply_trigger(images, kind, rows=rows, mean=mean, std=std,
+                                    out_dtype=out_dtype, backend=backend, **kw)
+                ref = reference.image_op(
+                    images, kind, src, rows=rows, eps=math.inf,
+                    mean=torch.tensor(MEAN) if norm else None,
+                    std=torch.tensor(STD) if norm else None, out_dtype=out_dtype,
+                    **{k: v.to(dev) if torch.is_tensor(v) else v for k, v in ref_kw.items()})
+                assert out.dtype == out_dtype and out.shape == images.shape
+                torch.testing.assert_close(out.float(), ref.float(), **tol(out_dtype))
+                if rows is not None:  # unselected rows carry only the clean image
+                    clean = normalize_images(images, mean, std, out_dtype, backend=backend)
+                    assert torch.equal(out[~rows], clean[~rows])
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("kind", ["patch", "blend", "add"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_trigger_gradient(backend, kind, out_dtype):
+    dev = device_of(backend)
+    images = make_images(torch.uint8, dev)
+    rows = torch.rand(B, device=dev) > 0.3
+    for per_sample in (False, True):
+        src, kw, ref_kw = make_case(kind, per_sample, dev)
+        src.requires_grad_(True)
+        kw = {k: (src if v is src else v) for k, v in kw.items()}
+        out = apply_trigger(images, kind, rows=rows, mean=MEAN, std=STD, out_dtype=out_dtype,
+                            backend=backend, **kw)
+        upstream = torch.randn(out.shape, device=dev)
+        (grad,) = torch.autograd.grad((out.float() * upstream).sum(), src)
+        ref = reference.image_op(images, kind, src, rows=rows, mean=torch.tensor(MEAN, device=dev),
+                                 std=torch.tensor(STD, device=dev), out_dtype=out_dtype,
+                                 **{k: v.to(dev) if torch.is_tensor(v) else v
+                                    for k, v in ref_kw.items()})
+        (ref_grad,) = torch.autograd.grad((ref.float() * upstream).sum(), src)
+        assert grad.shape == src.shape and grad.abs().sum() > 0
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("mode", ["linf", "patch"])
+def test_perturbation(backend, mode):
+    dev = device_of(backend)
+    images = make_images(torch.uint8, dev)
+    if mode == "linf":
+        delta = ((torch.rand(C, H, W, device=dev) - 0.5) * 0.1).requires_grad_(True)
+        kw, ref_kw = dict(eps=0.03), dict(kind="add", eps=0.03)
+    else:
+        delta = torch.rand(C, 8, 8, device=dev).requires_grad_(True)
+        kw = dict(box=(H - 10, W - 9))
+        ref_kw = dict(kind="patch", loc=torch.tensor([[H - 10, W - 9]] * B, device=dev))
+    out = apply_perturbation(images, delta, mode=mode, mean=MEAN, std=STD, backend=backend, **kw)
+    ref = reference.image_op(images, src=delta, mean=torch.tensor(MEAN, device=dev),
+                             std=torch.tensor(STD, device=dev), **ref_kw)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(out.shape, device=dev)
+    g = torch.autograd.grad((out * upstream).sum(), delta)[0]
+    g_ref = torch.autograd.grad((ref * upstream).sum(), delta)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_perturbation_properties():
+    """L-inf stays within eps of the clean image; patch mode changes only its box."""
+    images = make_images(torch.uint8, "cpu")
+    clean = normalize_images(images, None, None)
+    delta = (torch.rand(C, H, W) - 0.5)
+    out = apply_perturbation(images, delta, mode="linf", eps=0.03)
+    assert (out - clean).abs().max() <= 0.03 + 1e-6
+    assert (out - clean).abs().max() > 0.02
+    patch = torch.rand(C, 6, 5)
+    out = apply_perturbation(images, patch, mode="patch", box=(30, 33))
+    changed = (out != clean).any(dim=(0, 1))
+    assert changed[30:36, 33:38].any() and not changed[:30].any() and not changed[:, :33].any()
+    assert not changed[36:].any() and not changed[:, 38:].any()
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("kind", ["patch", "blend", "add"])
+def test_trigger_gradcheck_float64(backend, kind):
+    dev = device_of(backend)
+    images = torch.rand(3, 3, 6, 7, dtype=torch.float64, device=dev)
+    rows = torch.tensor([True, False, True], device=dev)
+    if kind == "patch":
+        src = torch.rand(3, 3, 4, dtype=torch.float64, device=dev) * 0.8 + 0.1
+        fn = lambda s: apply_trigger(images, "patch", patch=s, ys=torch.tensor([1, 0, -1]),
+                                     xs=torch.tensor([2, 5, 0]), rows=rows, mean=MEAN, std=STD,
+                                     out_dtype=torch.float64, backend=backend)
+    else:
+        # away from the clamp kinks, where the derivative is not defined
+        src = (torch.rand(3, 6, 7, dtype=torch.float64, device=dev) - 0.5) * 0.04
+        images = images * 0.8 + 0.1
+        fn = lambda s: apply_trigger(images, kind, pattern=s, alpha=0.3, rows=rows, mean=MEAN,
+                                     std=STD, out_dtype=torch.float64, backend=backend)
+    assert torch.autograd.gradcheck(fn, (src.requires_grad_(True),))
+
+
+def op_args(kind, dev):
+    images = make_images(torch.uint8, dev)
+    src, kw, ref_kw = make_case(kind, False, dev)
+    loc = ref_kw.get("loc")
+    return (images, kind, src, loc, torch.rand(B, device=dev) > 0.5, 0.2, math.inf,
+            torch.tensor(MEAN, device=dev), torch.tensor(STD, device=dev), torch.float32)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("kind", ["patch", "add", "warp"])
+def test_opcheck(backend, kind):
+    dev = device_of(backend)
+    op = torch.ops.abd_fast.image_op_triton if backend == "triton" else torch.ops.abd_fast.image_op
+    args = list(op_args(kind, dev))
+    if kind != "warp":
+        args[2] = args[2].requires_grad_(True)
+    torch.library.opcheck(op, tuple(args))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_compile_fullgraph(backend):
+    images = make_images(torch.uint8, "cpu")
+    patch = torch.rand(C, 5, 5, requires_grad=True)
+    ys, xs = torch.randint(0, H - 5, (B,)), torch.randint(0, W - 5, (B,))
+
+    def step(images, patch):
+        x = apply_trigger(images, "patch", patch=patch, ys=ys, xs=xs, mean=MEAN, std=STD,
+                          backend=backend)
+        return (x * x).mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(images, patch)
+    (g,) = torch.autograd.grad(loss, patch)
+    loss_e = step(images, patch)
+    (g_e,) = torch.autograd.grad(loss_e, patch)
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(g, g_e)
+
+
+def test_bad_arguments():
+    images = make_images(torch.uint8, "cpu")
+    with pytest.raises(ValueError, match="needs patch"):
+        apply_trigger(images, "patch", ys=0, xs=0)
+    with pytest.raises(ValueError, match="alpha"):
+        apply_trigger(images, "blend", pattern=torch.rand(C, H, W), alpha=1.5)
+    with pytest.raises(ValueError, match="unknown trigger kind"):
+        apply_trigger(images, "sparkle")
+    with pytest.raises(ValueError, match="channels"):
+        normalize_images(images, (0.5, 0.5), (0.2, 0.2))
+    with pytest.raises(RuntimeError, match="match the image size"):
+        apply_trigger(images, "add", pattern=torch.rand(C, H, W + 1))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        apply_perturbation(images, torch.rand(C, H, W), mode="linf", eps=-0.1)
