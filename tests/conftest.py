@@ -1,4 +1,5 @@
 import os
+import zlib
 
 # Triton kernels run on CPU tensors under the interpreter; it must be set before any
 # @triton.jit function is defined. No test may reach the network.
@@ -24,5 +25,5 @@ def device_of(backend):
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # Fresh but reproducible random inputs per test.
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    # Different random inputs per test, the same in every run.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
