@@ -7,17 +7,44 @@ abd_fast._C_cuda  CUDA kernels for the same ops; built when nvcc, a CUDA build o
 The Triton kernels live in kernels/ and install as abd_fast.kernels.
 """
 import glob
+import json
 import os
+import platform
 import shutil
 import warnings
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+# torch guesses CUDA_HOME from `which nvcc`; where nvcc is a wrapper script (/usr/local/bin)
+# that guess lacks the headers. The toolkit's own directory is the safer default.
+if not os.environ.get("CUDA_HOME") and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CXX_FLAGS = ["-O3", "-fopenmp"]
+
+def _simd_flags():
+    """AVX2/FMA/F16C when the build machine has them (x86-64-v3, every server CPU since 2015):
+    twice the throughput of the SSE2 baseline in the image kernels. The flags are recorded in
+    abd_fast/_build_config.json, which abd_fast checks before loading the extension, so a
+    build moved to an older CPU fails with a message instead of an illegal instruction."""
+    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("ABD_FAST_PORTABLE") == "1":
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    wanted = ["avx2", "fma", "f16c"]
+    return wanted if set(wanted) <= set(flags) else []
+
+
+SIMD = _simd_flags()
+with open(os.path.join(ROOT, "abd_fast", "_build_config.json"), "w") as f:
+    json.dump({"cpu_flags": SIMD}, f)
+CXX_FLAGS = ["-O3", "-fopenmp"] + [f"-m{flag}" for flag in SIMD]
 
 
 def _cuda_wanted():
@@ -77,7 +104,7 @@ setup(
     description="Fast backdoor attacks on CLIP and Adversarial Backdoor Defense (ABD)",
     packages=find_packages(include=["abd_fast", "abd_fast.*"]) + ["abd_fast.kernels"],
     package_dir={"abd_fast.kernels": "kernels"},
-    package_data={"abd_fast": ["model_configs/*.json"]},
+    package_data={"abd_fast": ["model_configs/*.json", "_build_config.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

@@ -49,7 +49,6 @@ fi
 src_hash=$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.abd_extension" 2>/dev/null)" != "$src_hash" ] || ! ls abd_fast/_C.*.so >/dev/null 2>&1; then
   say "building the extension (about 1 minute for C++, 1-2 more for CUDA)"
-  if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
   "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2> >(grep -v "is ignored: it is neither a file" >&2)
   echo "$src_hash" > "$VENV/.abd_extension"
 fi

@@ -152,3 +152,20 @@ def test_bad_arguments():
         clip_loss(q, q, torch.ones(2))
     with pytest.raises(ValueError, match="unknown backend"):
         clip_loss(q, q, 1.0, backend="fpga")
+
+
+def test_patch_open_clip(monkeypatch):
+    import argparse
+
+    import open_clip
+    import open_clip.factory
+    import open_clip.loss
+
+    from abd_fast.ops import patch_open_clip
+    for module in (open_clip, open_clip.factory, open_clip.loss):  # undone after the test
+        monkeypatch.setattr(module, "ClipLoss", module.ClipLoss)
+    patch_open_clip()
+    args = argparse.Namespace(distill=False, model="ViT-B-32", siglip=False, local_loss=False,
+                              gather_with_grad=False, rank=0, world_size=1, horovod=False)
+    assert isinstance(open_clip.factory.create_loss(args), ClipLoss)
+    assert open_clip.ClipLoss is ClipLoss and open_clip.loss.ClipLoss is ClipLoss

@@ -7,7 +7,7 @@ backends "cpu", "cuda", "triton" and "reference" (see abd_fast.ops._backend).
 """
 from .contrastive import clip_loss, info_nce
 from .image import apply_perturbation, apply_trigger, normalize_images
-from .loss import ClipLoss
+from .loss import ClipLoss, patch_open_clip
 
 __all__ = ["info_nce", "clip_loss", "ClipLoss", "apply_trigger", "apply_perturbation",
-           "normalize_images"]
+           "normalize_images", "patch_open_clip"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -17,9 +19,25 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 ENV_VAR = "ABD_FAST_BACKEND"
 
 
+def _missing_cpu_flags() -> list[str]:
+    """CPU features the extension was compiled for (setup.py) that this CPU lacks."""
+    config = Path(__file__).resolve().parents[1] / "_build_config.json"
+    try:
+        wanted = json.loads(config.read_text())["cpu_flags"]
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except (OSError, ValueError, KeyError):
+        return []
+    return [flag for flag in wanted if flag not in have]
+
+
 @functools.lru_cache(maxsize=None)
 def extension(name: str) -> str | None:
     """Imports abd_fast.<name> (which registers its kernels); returns an error text or None."""
+    missing = _missing_cpu_flags()
+    if missing:
+        return (f"the extension was built for CPU features this machine lacks ({', '.join(missing)}); "
+                "rebuild it here (scripts/setup.sh), or with ABD_FAST_PORTABLE=1 for any x86-64")
     try:
         importlib.import_module(f"abd_fast.{name}")
         return None

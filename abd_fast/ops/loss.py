@@ -48,3 +48,14 @@ class ClipLoss(nn.Module):
         else:
             loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+def patch_open_clip():
+    """Makes open_clip build abd_fast's ClipLoss wherever it builds its own (open_clip.ClipLoss,
+    open_clip.loss.ClipLoss and the one open_clip's create_loss returns), so an open_clip
+    training script runs on the fused kernels unchanged. Call it before the loss is created."""
+    import open_clip
+    import open_clip.factory
+    import open_clip.loss
+    for module in (open_clip, open_clip.factory, open_clip.loss):
+        module.ClipLoss = ClipLoss

@@ -41,29 +41,51 @@ ABD_HD T clamp_sym(T v, T eps) {
 template <typename T>
 ABD_HD T uint8_to_unit(uint8_t v) { return T(v) * T(1.0 / 255.0); }
 
-// Bilinear sample of one plane at grid point (gx, gy) in [-1, 1] (x then y, as grid_sample),
-// align_corners=True, zeros outside. load(y, x) returns the pixel in [0,1].
-template <typename T, typename Load>
-ABD_HD T bilinear_zeros(const Load& load, int64_t H, int64_t W, T gx, T gy) {
+// Bilinear taps of grid point (gx, gy) in [-1, 1] (x then y, as grid_sample) on an H x W
+// plane, align_corners=True, zeros outside: corners (y0, x0), (y0, x0+1), (y0+1, x0),
+// (y0+1, x0+1) with weights w[0..3]; a corner outside the plane has weight 0.
+template <typename T>
+struct BilinearTaps {
+  int64_t y0, x0;
+  T w[4];
+};
+
+template <typename T>
+ABD_HD BilinearTaps<T> bilinear_taps(int64_t H, int64_t W, T gx, T gy) {
   T ix = (gx + T(1)) / T(2) * T(W - 1);
   T iy = (gy + T(1)) / T(2) * T(H - 1);
   // Points beyond one pixel outside sample only zeros; clamping keeps the casts defined.
   ix = ix < T(-2) ? T(-2) : (ix > T(W + 1) ? T(W + 1) : ix);
   iy = iy < T(-2) ? T(-2) : (iy > T(H + 1) ? T(H + 1) : iy);
-  // floor without <cmath>, valid for the finite range a grid can address
+  // floor without <cmath>
   int64_t x0 = static_cast<int64_t>(ix);
   if (T(x0) > ix) --x0;
   int64_t y0 = static_cast<int64_t>(iy);
   if (T(y0) > iy) --y0;
   const T wx1 = ix - T(x0), wx0 = T(x0 + 1) - ix;
   const T wy1 = iy - T(y0), wy0 = T(y0 + 1) - iy;
-  T v = T(0);
   const bool xin0 = x0 >= 0 && x0 < W, xin1 = x0 + 1 >= 0 && x0 + 1 < W;
   const bool yin0 = y0 >= 0 && y0 < H, yin1 = y0 + 1 >= 0 && y0 + 1 < H;
-  if (yin0 && xin0) v += wy0 * wx0 * load(y0, x0);
-  if (yin0 && xin1) v += wy0 * wx1 * load(y0, x0 + 1);
-  if (yin1 && xin0) v += wy1 * wx0 * load(y0 + 1, x0);
-  if (yin1 && xin1) v += wy1 * wx1 * load(y0 + 1, x0 + 1);
+  BilinearTaps<T> t;
+  t.y0 = y0;
+  t.x0 = x0;
+  t.w[0] = (yin0 && xin0) ? wy0 * wx0 : T(0);
+  t.w[1] = (yin0 && xin1) ? wy0 * wx1 : T(0);
+  t.w[2] = (yin1 && xin0) ? wy1 * wx0 : T(0);
+  t.w[3] = (yin1 && xin1) ? wy1 * wx1 : T(0);
+  return t;
+}
+
+// Bilinear sample of one plane; load(y, x) returns the pixel in [0,1] and is only called
+// for corners inside the plane.
+template <typename T, typename Load>
+ABD_HD T bilinear_zeros(const Load& load, int64_t H, int64_t W, T gx, T gy) {
+  const BilinearTaps<T> t = bilinear_taps(H, W, gx, gy);
+  T v = T(0);
+  if (t.w[0] != T(0)) v += t.w[0] * load(t.y0, t.x0);
+  if (t.w[1] != T(0)) v += t.w[1] * load(t.y0, t.x0 + 1);
+  if (t.w[2] != T(0)) v += t.w[2] * load(t.y0 + 1, t.x0);
+  if (t.w[3] != T(0)) v += t.w[3] * load(t.y0 + 1, t.x0 + 1);
   return v;
 }
 

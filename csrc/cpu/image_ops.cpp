@@ -11,60 +11,131 @@
 namespace abd_fast {
 namespace {
 
+// Writes out[i] = (clamp(value(i), 0, 1) - m) * inv for i < n: the last step of every kind,
+// a straight loop the compiler vectorizes once value() is inlined.
+template <typename acc_t, typename out_t, typename F>
+inline void emit(out_t* o, int64_t n, acc_t m, acc_t inv, const F& value) {
+  for (int64_t i = 0; i < n; ++i) o[i] = out_t((clamp01(value(i)) - m) * inv);
+}
+
+// Warp: tasks are image rows of one sample; the bilinear taps of a row are computed once and
+// applied to every channel.
+template <typename in_t, typename acc_t, typename out_t>
+void warp_forward(const ImageGeom g, const in_t* img, const acc_t* src, const bool* rows,
+                  const float* mean, const float* stdv, out_t* out) {
+  const int64_t H = g.H, W = g.W, HW = H * W;
+  at::parallel_for(0, g.B * H, 4, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> idx(4 * W);
+    std::vector<acc_t> wt(4 * W);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, y = r % H;
+      const bool sel = rows == nullptr || rows[b];
+      if (sel) {
+        const acc_t* grid = src + b * g.src_bstride + y * W * 2;
+        for (int64_t x = 0; x < W; ++x) {
+          const BilinearTaps<acc_t> t = bilinear_taps(H, W, grid[2 * x], grid[2 * x + 1]);
+          for (int k = 0; k < 4; ++k) {
+            // corners outside the plane have weight 0; point them at pixel 0 to stay in bounds
+            const int64_t i = (t.y0 + (k >> 1)) * W + t.x0 + (k & 1);
+            idx[4 * x + k] = t.w[k] != acc_t(0) ? i : 0;
+            wt[4 * x + k] = t.w[k];
+          }
+        }
+      }
+      for (int64_t c = 0; c < g.C; ++c) {
+        const in_t* plane = img + (b * g.C + c) * HW;
+        out_t* o = out + (b * g.C + c) * HW + y * W;
+        const acc_t m = mean ? acc_t(mean[c]) : acc_t(0);
+        const acc_t inv = mean ? acc_t(1) / acc_t(stdv[c]) : acc_t(1);
+        if (!sel) {
+          emit(o, W, m, inv, [&](int64_t x) { return to_unit<acc_t>(plane[y * W + x]); });
+          continue;
+        }
+        const int64_t* ix = idx.data();
+        const acc_t* w = wt.data();
+        emit(o, W, m, inv, [&](int64_t x) {
+          const int64_t* i = ix + 4 * x;
+          const acc_t* v = w + 4 * x;
+          // corners outside the plane contribute exactly 0 (even where pixel 0 is NaN)
+          acc_t sum = acc_t(0);
+          for (int k = 0; k < 4; ++k)
+            sum += v[k] != acc_t(0) ? v[k] * to_unit<acc_t>(plane[i[k]]) : acc_t(0);
+          return sum;
+        });
+      }
+    }
+  });
+}
+
+// Tasks are runs of about 16K pixels inside one (b, c) plane, so the pointwise kinds and the
+// unselected rows run as long contiguous loops.
 template <typename in_t, typename acc_t, typename out_t>
 void image_forward(const ImageGeom g, Kind kind, const in_t* img, const acc_t* src,
                    const int64_t* loc, const bool* rows, acc_t alpha, acc_t eps,
                    const float* mean, const float* stdv, out_t* out) {
   const int64_t H = g.H, W = g.W, HW = H * W;
-  at::parallel_for(0, g.B * g.C * H, 8, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(W);
-    acc_t* v = buf.data();
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t y = r % H, bc = r / H, c = bc % g.C, b = bc / g.C;
-      const in_t* xin = img + r * W;
-      out_t* o = out + r * W;
+  if (kind == Kind::Warp) {
+    warp_forward(g, img, src, rows, mean, stdv, out);
+    return;
+  }
+  const int64_t rows_per_task = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(W, 1));
+  const int64_t tasks_per_plane = (H + rows_per_task - 1) / rows_per_task;
+  at::parallel_for(0, g.B * g.C * tasks_per_plane, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t plane = t / tasks_per_plane, b = plane / g.C, c = plane % g.C;
+      const int64_t y0 = (t % tasks_per_plane) * rows_per_task;
+      const int64_t y1 = std::min(H, y0 + rows_per_task);
+      const in_t* xin = img + plane * HW;
+      out_t* o = out + plane * HW;
       const acc_t m = mean ? acc_t(mean[c]) : acc_t(0);
       const acc_t inv = mean ? acc_t(1) / acc_t(stdv[c]) : acc_t(1);
+      // clean pixels [i0, i1) of the plane
+      auto plain = [&](int64_t i0, int64_t i1) {
+        emit(o + i0, i1 - i0, m, inv, [&](int64_t i) { return to_unit<acc_t>(xin[i0 + i]); });
+      };
       const bool sel = kind != Kind::None && (rows == nullptr || rows[b]);
       if (!sel) {
-        for (int64_t x = 0; x < W; ++x) o[x] = out_t((clamp01(to_unit<acc_t>(xin[x])) - m) * inv);
+        plain(y0 * W, y1 * W);
         continue;
       }
       const acc_t* s = src + b * g.src_bstride;
       switch (kind) {
         case Kind::Patch: {
-          for (int64_t x = 0; x < W; ++x) v[x] = to_unit<acc_t>(xin[x]);
-          const int64_t ly = y - loc[2 * b], lx = loc[2 * b + 1];
-          if (ly >= 0 && ly < g.h) {
-            const acc_t* p = s + (c * g.h + ly) * g.w - lx;  // p[x] is the patch at column x
-            const int64_t x0 = std::max<int64_t>(0, lx), x1 = std::min<int64_t>(W, lx + g.w);
-            for (int64_t x = x0; x < x1; ++x) v[x] = p[x];
+          const int64_t ly = loc[2 * b], lx = loc[2 * b + 1];
+          const int64_t by0 = std::max(y0, ly), by1 = std::min(y1, ly + g.h);
+          const int64_t x0 = std::max<int64_t>(0, lx), x1 = std::min<int64_t>(W, lx + g.w);
+          if (by0 >= by1 || x0 >= x1) {
+            plain(y0 * W, y1 * W);
+            break;
           }
+          plain(y0 * W, by0 * W);
+          for (int64_t y = by0; y < by1; ++y) {
+            const acc_t* p = s + (c * g.h + y - ly) * g.w + (x0 - lx);  // patch at column x0
+            plain(y * W, y * W + x0);
+            emit(o + y * W + x0, x1 - x0, m, inv, [&](int64_t i) { return p[i]; });
+            plain(y * W + x1, (y + 1) * W);
+          }
+          plain(by1 * W, y1 * W);
           break;
         }
         case Kind::Blend: {
-          const acc_t* p = s + c * HW + y * W;
-          for (int64_t x = 0; x < W; ++x)
-            v[x] = pointwise_value(Kind::Blend, to_unit<acc_t>(xin[x]), p[x], alpha, eps);
+          const acc_t* p = s + c * HW;
+          emit(o + y0 * W, (y1 - y0) * W, m, inv, [&](int64_t i) {
+            const int64_t j = y0 * W + i;
+            return pointwise_value(Kind::Blend, to_unit<acc_t>(xin[j]), p[j], alpha, eps);
+          });
           break;
         }
         case Kind::Add: {
-          const acc_t* p = s + c * HW + y * W;
-          for (int64_t x = 0; x < W; ++x)
-            v[x] = pointwise_value(Kind::Add, to_unit<acc_t>(xin[x]), p[x], alpha, eps);
-          break;
-        }
-        case Kind::Warp: {
-          const in_t* plane = img + bc * HW;
-          const acc_t* grid = s + y * W * 2;
-          auto load = [&](int64_t yy, int64_t xx) { return to_unit<acc_t>(plane[yy * W + xx]); };
-          for (int64_t x = 0; x < W; ++x)
-            v[x] = bilinear_zeros<acc_t>(load, H, W, grid[2 * x], grid[2 * x + 1]);
+          const acc_t* p = s + c * HW;
+          emit(o + y0 * W, (y1 - y0) * W, m, inv, [&](int64_t i) {
+            const int64_t j = y0 * W + i;
+            return pointwise_value(Kind::Add, to_unit<acc_t>(xin[j]), p[j], alpha, eps);
+          });
           break;
         }
         default: break;
       }
-      for (int64_t x = 0; x < W; ++x) o[x] = out_t((clamp01(v[x]) - m) * inv);
     }
   });
 }
