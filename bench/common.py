@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,13 +53,33 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def peak_extra_rss(step) -> int:
+    """Peak resident memory that one call of step() adds, in bytes (Linux).
+
+    step() runs once first, so that libraries, thread pools and JIT kernels are loaded; the
+    memory it freed is handed back to the OS (malloc_trim), the high-water mark is reset
+    (/proc/self/clear_refs), and the second call is measured against the resident size
+    before it."""
+    import ctypes
+    import gc
+    step()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = current_rss()
+    step()
+    return max(0, _peak_rss() - base)
 
 
 def measure_peak_in_subprocess(script: Path, args: list[str]) -> int:
     """Runs `script --peak-memory <args>` in a fresh process, which prints the peak extra
-    bytes (high-water RSS minus RSS before the measured call) on its last line."""
+    bytes of the measured call (peak_extra_rss) on its last line."""
     out = subprocess.run([sys.executable, str(script), "--peak-memory", *args], check=True,
                          capture_output=True, text=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, current_rss, machine, measure_peak_in_subprocess, peak_rss,  # noqa: E402
+from common import (ROOT, machine, measure_peak_in_subprocess, peak_extra_rss,  # noqa: E402
                     table, timeit, write_json)
 
 from abd_fast.ops import apply_perturbation, apply_trigger, clip_loss, info_nce  # noqa: E402
@@ -213,10 +213,7 @@ def bench_image(B: int, H: int) -> tuple[list[dict], dict]:
 # ---- main --------------------------------------------------------------------------------
 
 def peak_memory_main(provider: str, B: str, D: str):
-    step = contrastive_step(provider, int(B), int(D))
-    base = current_rss()
-    step()
-    print(max(0, peak_rss() - base))
+    print(peak_extra_rss(contrastive_step(provider, int(B), int(D))))
 
 
 def main():

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common/checks.h"
@@ -18,49 +20,71 @@ inline void emit(out_t* o, int64_t n, acc_t m, acc_t inv, const F& value) {
   for (int64_t i = 0; i < n; ++i) o[i] = out_t((clamp01(value(i)) - m) * inv);
 }
 
-// Warp: tasks are image rows of one sample; the bilinear taps of a row are computed once and
-// applied to every channel.
+// Warp: tasks are image rows y of one grid. The bilinear taps of the row (same formula as
+// bilinear_taps in image_math.h) are computed once and applied to every channel of every
+// sample that uses the grid: a shared grid (WaNet's) costs one tap computation per pixel
+// position for the whole batch. Corner indices are clamped into the plane and corners
+// outside it get weight 0.
 template <typename in_t, typename acc_t, typename out_t>
 void warp_forward(const ImageGeom g, const in_t* img, const acc_t* src, const bool* rows,
                   const float* mean, const float* stdv, out_t* out) {
   const int64_t H = g.H, W = g.W, HW = H * W;
-  at::parallel_for(0, g.B * H, 4, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> idx(4 * W);
+  TORCH_CHECK(HW < (int64_t(1) << 31), "image_op: warp needs planes of fewer than 2^31 pixels");
+  const int32_t Hi = static_cast<int32_t>(H), Wi = static_cast<int32_t>(W);
+  const int64_t n_grids = g.src_bstride ? g.B : 1;
+  at::parallel_for(0, n_grids * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> idx(4 * W);  // corner k of pixel x at idx[k * W + x]
     std::vector<acc_t> wt(4 * W);
+    int32_t *i0 = idx.data(), *i1 = i0 + W, *i2 = i1 + W, *i3 = i2 + W;
+    acc_t *w0 = wt.data(), *w1 = w0 + W, *w2 = w1 + W, *w3 = w2 + W;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, y = r % H;
-      const bool sel = rows == nullptr || rows[b];
-      if (sel) {
-        const acc_t* grid = src + b * g.src_bstride + y * W * 2;
-        for (int64_t x = 0; x < W; ++x) {
-          const BilinearTaps<acc_t> t = bilinear_taps(H, W, grid[2 * x], grid[2 * x + 1]);
-          for (int k = 0; k < 4; ++k) {
-            // corners outside the plane have weight 0; point them at pixel 0 to stay in bounds
-            const int64_t i = (t.y0 + (k >> 1)) * W + t.x0 + (k & 1);
-            idx[4 * x + k] = t.w[k] != acc_t(0) ? i : 0;
-            wt[4 * x + k] = t.w[k];
-          }
-        }
+      const int64_t gb = r / H, y = r % H;
+      const acc_t* grid = src + gb * g.src_bstride + y * W * 2;
+      for (int64_t x = 0; x < W; ++x) {
+        acc_t ix = (grid[2 * x] + acc_t(1)) / acc_t(2) * acc_t(W - 1);
+        acc_t iy = (grid[2 * x + 1] + acc_t(1)) / acc_t(2) * acc_t(H - 1);
+        // beyond one pixel outside only zeros are sampled; NaN samples zeros too
+        ix = ix >= acc_t(-2) ? (ix <= acc_t(W + 1) ? ix : acc_t(W + 1)) : acc_t(-2);
+        iy = iy >= acc_t(-2) ? (iy <= acc_t(H + 1) ? iy : acc_t(H + 1)) : acc_t(-2);
+        const acc_t fx = std::floor(ix), fy = std::floor(iy);
+        const int32_t x0 = static_cast<int32_t>(fx), y0 = static_cast<int32_t>(fy);
+        const acc_t wx1 = ix - fx, wx0 = (fx + acc_t(1)) - ix;
+        const acc_t wy1 = iy - fy, wy0 = (fy + acc_t(1)) - iy;
+        // bitwise & and min/max instead of && and branches: the loop stays branch-free
+        const bool xa = (x0 >= 0) & (x0 < Wi), xb = (x0 + 1 >= 0) & (x0 + 1 < Wi);
+        const bool ya = (y0 >= 0) & (y0 < Hi), yb = (y0 + 1 >= 0) & (y0 + 1 < Hi);
+        w0[x] = (ya & xa) ? wy0 * wx0 : acc_t(0);
+        w1[x] = (ya & xb) ? wy0 * wx1 : acc_t(0);
+        w2[x] = (yb & xa) ? wy1 * wx0 : acc_t(0);
+        w3[x] = (yb & xb) ? wy1 * wx1 : acc_t(0);
+        const int32_t xc0 = std::min(std::max(x0, 0), Wi - 1);
+        const int32_t xc1 = std::min(std::max(x0 + 1, 0), Wi - 1);
+        const int32_t yc0 = std::min(std::max(y0, 0), Hi - 1);
+        const int32_t yc1 = std::min(std::max(y0 + 1, 0), Hi - 1);
+        i0[x] = yc0 * Wi + xc0;
+        i1[x] = yc0 * Wi + xc1;
+        i2[x] = yc1 * Wi + xc0;
+        i3[x] = yc1 * Wi + xc1;
       }
-      for (int64_t c = 0; c < g.C; ++c) {
-        const in_t* plane = img + (b * g.C + c) * HW;
-        out_t* o = out + (b * g.C + c) * HW + y * W;
+      const int64_t b0 = g.src_bstride ? gb : 0, b1 = g.src_bstride ? gb + 1 : g.B;
+      for (int64_t bc = b0 * g.C; bc < b1 * g.C; ++bc) {
+        const int64_t b = bc / g.C, c = bc % g.C;
+        const bool sel = rows == nullptr || rows[b];
+        const in_t* plane = img + bc * HW;
+        out_t* o = out + bc * HW + y * W;
         const acc_t m = mean ? acc_t(mean[c]) : acc_t(0);
         const acc_t inv = mean ? acc_t(1) / acc_t(stdv[c]) : acc_t(1);
         if (!sel) {
           emit(o, W, m, inv, [&](int64_t x) { return to_unit<acc_t>(plane[y * W + x]); });
           continue;
         }
-        const int64_t* ix = idx.data();
-        const acc_t* w = wt.data();
+        // a corner with weight 0 adds exactly 0, even where its clamped pixel is NaN
+        auto tap = [&](const acc_t* w, const int32_t* i, int64_t x) {
+          const acc_t p = to_unit<acc_t>(plane[i[x]]);  // i is always inside the plane
+          return w[x] != acc_t(0) ? w[x] * p : acc_t(0);
+        };
         emit(o, W, m, inv, [&](int64_t x) {
-          const int64_t* i = ix + 4 * x;
-          const acc_t* v = w + 4 * x;
-          // corners outside the plane contribute exactly 0 (even where pixel 0 is NaN)
-          acc_t sum = acc_t(0);
-          for (int k = 0; k < 4; ++k)
-            sum += v[k] != acc_t(0) ? v[k] * to_unit<acc_t>(plane[i[k]]) : acc_t(0);
-          return sum;
+          return tap(w0, i0, x) + tap(w1, i1, x) + tap(w2, i2, x) + tap(w3, i3, x);
         });
       }
     }

@@ -1,0 +1,124 @@
+"""Model factory and safe weight loading."""
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from abd_fast.models import (WeightsError, create_model, image_spec, load_state_dict,
+                             load_weights, tiny_models)
+
+TINY = "abd-tiny-vit"
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_tiny_model_builds_offline():
+    assert TINY in tiny_models()
+    model = create_model(TINY)
+    spec = image_spec(model)
+    assert spec.size == 32 and len(spec.mean) == 3
+    img = model.encode_image(torch.rand(2, 3, spec.size, spec.size))
+    assert img.shape[0] == 2
+
+
+def test_unknown_model_names_the_flag():
+    with pytest.raises(ValueError, match="--model 'ViT-Q-99'"):
+        create_model("ViT-Q-99")
+    with pytest.raises(ValueError, match="not a known architecture"):
+        create_model("hf-hub:laion/CLIP-ViT-B-32")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch", "torch-wrapped", "torchscript"])
+def test_weights_round_trip(tmp_path, fmt):
+    torch.manual_seed(1)
+    src = create_model(TINY)
+    path = tmp_path / f"w.{fmt}"
+    if fmt == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    elif fmt == "torch":
+        torch.save(src.state_dict(), path)
+    elif fmt == "torch-wrapped":  # open_clip training checkpoints: {"state_dict": ...} under DDP
+        torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in
+                                               src.state_dict().items()}}, path)
+    else:
+        scripted = torch.jit.script(src)
+        scripted.save(str(path))
+    torch.manual_seed(2)
+    dst = create_model(TINY, pretrained=path)
+    assert same_weights(src, dst)
+
+
+def test_torchscript_reader_runs_no_code(tmp_path):
+    """The TorchScript reader returns tensors only; classes of the archive are never built."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 4)
+            self.register_buffer("scale", torch.tensor([2.0]))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+    path = tmp_path / "net.pt"
+    torch.jit.script(Net()).save(str(path))
+    state = load_state_dict(path)
+    assert set(state) == {"lin.weight", "lin.bias", "scale"}
+    assert torch.equal(state["scale"], torch.tensor([2.0]))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_payload_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pt"
+    torch.save({"visual.proj": torch.zeros(2), "x": _Payload(marker)}, path)
+    with pytest.raises(WeightsError, match="refused"):
+        create_model(TINY, pretrained=path)
+    assert not marker.exists()
+    # the same payload hidden in a TorchScript-looking archive
+    ts = tmp_path / "evil_ts.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(ts))
+    import zipfile
+    with zipfile.ZipFile(ts) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    data_pkl = next(n for n in members if n.endswith("/data.pkl"))
+    members[data_pkl] = pickle.dumps(_Payload(marker), protocol=2)
+    with zipfile.ZipFile(ts, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with pytest.raises(WeightsError, match="refusing to load global"):
+        load_state_dict(ts)
+    assert not marker.exists()
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"visual.proj": torch.zeros(3, 3)}, str(path))
+    with pytest.raises(WeightsError, match="does not fit this architecture"):
+        create_model(TINY, pretrained=path)
+    with pytest.raises(WeightsError, match="no such file"):
+        create_model(TINY, pretrained=tmp_path / "missing.pt")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(WeightsError, match="not a readable checkpoint"):
+        load_state_dict(junk)
+
+
+def test_image_size_override_interpolates_vit_positions(tmp_path):
+    src = create_model(TINY)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    big = create_model(TINY, pretrained=path, image_size=64)
+    assert image_spec(big).size == 64
+    assert big.encode_image(torch.rand(1, 3, 64, 64)).shape[0] == 1
