@@ -202,3 +202,18 @@ def test_bad_arguments():
         apply_trigger(images, "add", pattern=torch.rand(C, H, W + 1))
     with pytest.raises(ValueError, match="eps must be positive"):
         apply_perturbation(images, torch.rand(C, H, W), mode="linf", eps=-0.1)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("shape", [(2, 3, 1, 5), (2, 3, 5, 1), (1, 1, 2, 2), (3, 3, 17, 9)])
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32])
+def test_warp_edge_sizes(backend, shape, in_dtype):
+    """Planes of one row or column, and grids reaching outside the image (zero padding)."""
+    dev = device_of(backend)
+    b, c, h, w = shape
+    images = (torch.randint(1, 256, shape, dtype=torch.uint8, device=dev) if in_dtype == torch.uint8
+              else torch.rand(shape, device=dev))
+    grid = torch.rand(h, w, 2, device=dev) * 2.6 - 1.3
+    out = apply_trigger(images, "warp", grid=grid, backend=backend)
+    ref = reference.image_op(images, "warp", grid)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

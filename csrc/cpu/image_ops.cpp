@@ -4,6 +4,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <vector>
 
@@ -20,72 +23,148 @@ inline void emit(out_t* o, int64_t n, acc_t m, acc_t inv, const F& value) {
   for (int64_t i = 0; i < n; ++i) o[i] = out_t((clamp01(value(i)) - m) * inv);
 }
 
-// Warp: tasks are image rows y of one grid. The bilinear taps of the row (same formula as
-// bilinear_taps in image_math.h) are computed once and applied to every channel of every
-// sample that uses the grid: a shared grid (WaNet's) costs one tap computation per pixel
-// position for the whole batch. Corner indices are clamped into the plane and corners
-// outside it get weight 0.
+// Bilinear taps of a block of grid points in separable form: pixel i samples the 2x2 input
+// pixels at base[i] + {0, dx} + {0, dy} with weights wy0*wx0, wy0*wx1, wy1*wx0, wy1*wx1. The
+// two taps of each axis are moved into the plane (x0 clamped to [0, W-2]) and a tap outside
+// the plane gets weight 0, which is grid_sample's zero padding (same arithmetic as
+// bilinear_taps in image_math.h). Written as straight loops over arrays (branch-free).
+template <typename acc_t>
+struct WarpTaps {
+  std::vector<int32_t> base;
+  std::vector<acc_t> wx0, wx1, wy0, wy1;
+  explicit WarpTaps(int64_t n) : base(n), wx0(n), wx1(n), wy0(n), wy1(n) {}
+
+  // the weights at positions s and s+1 of the two taps at t0 and t0+1 with weights a0, a1
+  static void axis(acc_t coord, int32_t size, int32_t& s, acc_t& w_s, acc_t& w_s1) {
+    coord = coord >= acc_t(-2) ? (coord <= acc_t(size + 1) ? coord : acc_t(size + 1)) : acc_t(-2);
+    const acc_t f = std::floor(coord);  // NaN was mapped to -2 above: only zeros sampled
+    const int32_t t0 = static_cast<int32_t>(f);
+    const acc_t a1 = coord - f, a0 = (f + acc_t(1)) - coord;
+    const acc_t v0 = (t0 >= 0) & (t0 < size) ? a0 : acc_t(0);
+    const acc_t v1 = (t0 + 1 >= 0) & (t0 + 1 < size) ? a1 : acc_t(0);
+    s = std::min(std::max(t0, 0), std::max(size - 2, 0));
+    w_s = (t0 == s ? v0 : acc_t(0)) + (t0 + 1 == s ? v1 : acc_t(0));
+    w_s1 = (t0 == s + 1 ? v0 : acc_t(0)) + (t0 + 1 == s + 1 ? v1 : acc_t(0));
+  }
+
+  void compute(const acc_t* grid, int64_t n, int32_t H, int32_t W) {
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t ix = (grid[2 * i] + acc_t(1)) / acc_t(2) * acc_t(W - 1);
+      const acc_t iy = (grid[2 * i + 1] + acc_t(1)) / acc_t(2) * acc_t(H - 1);
+      int32_t xs, ys;
+      axis(ix, W, xs, wx0[i], wx1[i]);
+      axis(iy, H, ys, wy0[i], wy1[i]);
+      base[i] = ys * W + xs;
+    }
+  }
+};
+
+// Output pixel i of one plane from its taps (any element type). A zero-weight tap adds
+// exactly 0, even where its pixel is NaN or inf (as grid_sample).
+template <typename in_t, typename acc_t>
+inline acc_t warp_pixel(const in_t* plane, const WarpTaps<acc_t>& t, int64_t i, int64_t dx,
+                        int64_t dy) {
+  auto tap = [&](acc_t w, int64_t k) {
+    const acc_t p = to_unit<acc_t>(plane[k]);
+    if constexpr (std::is_same_v<in_t, uint8_t>) {
+      return w * p;  // always finite
+    } else {
+      return w != acc_t(0) ? w * p : acc_t(0);
+    }
+  };
+  auto row = [&](acc_t w, acc_t v) {  // a row with weight 0 adds 0 even if v is NaN
+    if constexpr (std::is_same_v<in_t, uint8_t>) {
+      return w * v;
+    } else {
+      return w != acc_t(0) ? w * v : acc_t(0);
+    }
+  };
+  const int64_t b = t.base[i];
+  const acc_t top = tap(t.wx0[i], b) + tap(t.wx1[i], b + dx);
+  const acc_t bot = tap(t.wx0[i], b + dy) + tap(t.wx1[i], b + dy + dx);
+  return row(t.wy0[i], top) + row(t.wy1[i], bot);
+}
+
+#ifdef __AVX2__
+// uint8 -> fp32 fast path, 8 pixels at a time: one 32-bit gather at base fetches the two
+// horizontal neighbours of the top row, one at base + W those of the bottom row. The gathers
+// read 2 bytes past the 2x2 window, so the caller keeps this off the last plane of the batch.
+inline void warp_block_u8_avx2(const uint8_t* plane, const WarpTaps<float>& t, int64_t n,
+                               int64_t W, float m, float inv, float* o) {
+  const __m256i lo = _mm256_set1_epi32(0xFF);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+  const __m256 k255 = _mm256_set1_ps(1.f / 255.f), vm = _mm256_set1_ps(m), vinv = _mm256_set1_ps(inv);
+  const int* top_row = reinterpret_cast<const int*>(plane);
+  const int* bot_row = reinterpret_cast<const int*>(plane + W);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.base.data() + i));
+    const __m256i top = _mm256_i32gather_epi32(top_row, b, 1);
+    const __m256i bot = _mm256_i32gather_epi32(bot_row, b, 1);
+    auto px = [&](__m256i v, int shift) {
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), lo));
+    };
+    const __m256 wx0 = _mm256_loadu_ps(t.wx0.data() + i), wx1 = _mm256_loadu_ps(t.wx1.data() + i);
+    const __m256 up = _mm256_add_ps(_mm256_mul_ps(wx0, px(top, 0)), _mm256_mul_ps(wx1, px(top, 8)));
+    const __m256 dn = _mm256_add_ps(_mm256_mul_ps(wx0, px(bot, 0)), _mm256_mul_ps(wx1, px(bot, 8)));
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(t.wy0.data() + i), up),
+                             _mm256_mul_ps(_mm256_loadu_ps(t.wy1.data() + i), dn));
+    v = _mm256_mul_ps(v, k255);
+    v = _mm256_min_ps(_mm256_max_ps(v, zero), one);
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_sub_ps(v, vm), vinv));
+  }
+  for (; i < n; ++i) o[i] = (clamp01(warp_pixel(plane, t, i, 1, W)) - m) * inv;
+}
+#endif
+
+// Warp. A task is a block of about 4K output pixels (rows y0..y1) of one grid and a chunk of
+// the planes that use the grid (all B*C planes of a shared grid, such as WaNet's, or the C
+// planes of one sample): the taps of the block are computed once, then every plane of the
+// chunk writes the block as one contiguous run, in memory order.
 template <typename in_t, typename acc_t, typename out_t>
 void warp_forward(const ImageGeom g, const in_t* img, const acc_t* src, const bool* rows,
                   const float* mean, const float* stdv, out_t* out) {
   const int64_t H = g.H, W = g.W, HW = H * W;
   TORCH_CHECK(HW < (int64_t(1) << 31), "image_op: warp needs planes of fewer than 2^31 pixels");
-  const int32_t Hi = static_cast<int32_t>(H), Wi = static_cast<int32_t>(W);
+  const int64_t dx = W >= 2 ? 1 : 0, dy = H >= 2 ? W : 0;  // neighbour offsets of a tap pair
   const int64_t n_grids = g.src_bstride ? g.B : 1;
-  at::parallel_for(0, n_grids * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> idx(4 * W);  // corner k of pixel x at idx[k * W + x]
-    std::vector<acc_t> wt(4 * W);
-    int32_t *i0 = idx.data(), *i1 = i0 + W, *i2 = i1 + W, *i3 = i2 + W;
-    acc_t *w0 = wt.data(), *w1 = w0 + W, *w2 = w1 + W, *w3 = w2 + W;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t gb = r / H, y = r % H;
-      const acc_t* grid = src + gb * g.src_bstride + y * W * 2;
-      for (int64_t x = 0; x < W; ++x) {
-        acc_t ix = (grid[2 * x] + acc_t(1)) / acc_t(2) * acc_t(W - 1);
-        acc_t iy = (grid[2 * x + 1] + acc_t(1)) / acc_t(2) * acc_t(H - 1);
-        // beyond one pixel outside only zeros are sampled; NaN samples zeros too
-        ix = ix >= acc_t(-2) ? (ix <= acc_t(W + 1) ? ix : acc_t(W + 1)) : acc_t(-2);
-        iy = iy >= acc_t(-2) ? (iy <= acc_t(H + 1) ? iy : acc_t(H + 1)) : acc_t(-2);
-        const acc_t fx = std::floor(ix), fy = std::floor(iy);
-        const int32_t x0 = static_cast<int32_t>(fx), y0 = static_cast<int32_t>(fy);
-        const acc_t wx1 = ix - fx, wx0 = (fx + acc_t(1)) - ix;
-        const acc_t wy1 = iy - fy, wy0 = (fy + acc_t(1)) - iy;
-        // bitwise & and min/max instead of && and branches: the loop stays branch-free
-        const bool xa = (x0 >= 0) & (x0 < Wi), xb = (x0 + 1 >= 0) & (x0 + 1 < Wi);
-        const bool ya = (y0 >= 0) & (y0 < Hi), yb = (y0 + 1 >= 0) & (y0 + 1 < Hi);
-        w0[x] = (ya & xa) ? wy0 * wx0 : acc_t(0);
-        w1[x] = (ya & xb) ? wy0 * wx1 : acc_t(0);
-        w2[x] = (yb & xa) ? wy1 * wx0 : acc_t(0);
-        w3[x] = (yb & xb) ? wy1 * wx1 : acc_t(0);
-        const int32_t xc0 = std::min(std::max(x0, 0), Wi - 1);
-        const int32_t xc1 = std::min(std::max(x0 + 1, 0), Wi - 1);
-        const int32_t yc0 = std::min(std::max(y0, 0), Hi - 1);
-        const int32_t yc1 = std::min(std::max(y0 + 1, 0), Hi - 1);
-        i0[x] = yc0 * Wi + xc0;
-        i1[x] = yc0 * Wi + xc1;
-        i2[x] = yc1 * Wi + xc0;
-        i3[x] = yc1 * Wi + xc1;
-      }
-      const int64_t b0 = g.src_bstride ? gb : 0, b1 = g.src_bstride ? gb + 1 : g.B;
-      for (int64_t bc = b0 * g.C; bc < b1 * g.C; ++bc) {
+  const int64_t planes_per_grid = g.src_bstride ? g.C : g.B * g.C;
+  const int64_t rows_per_block = std::max<int64_t>(1, 4096 / std::max<int64_t>(W, 1));
+  const int64_t n_blocks = (H + rows_per_block - 1) / rows_per_block;
+  const int64_t chunk = 64;  // planes per task: the taps are computed once per 64 planes
+  const int64_t n_chunks = (planes_per_grid + chunk - 1) / chunk;
+  const int64_t last_plane = g.B * g.C - 1;
+  at::parallel_for(0, n_grids * n_blocks * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    WarpTaps<acc_t> taps(rows_per_block * W);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t gb = t / (n_blocks * n_chunks), blk = (t / n_chunks) % n_blocks;
+      const int64_t pc = t % n_chunks;
+      const int64_t y0 = blk * rows_per_block, y1 = std::min(H, y0 + rows_per_block);
+      const int64_t n = (y1 - y0) * W;
+      taps.compute(src + gb * g.src_bstride + y0 * W * 2, n, static_cast<int32_t>(H),
+                   static_cast<int32_t>(W));
+      const int64_t p0 = gb * planes_per_grid + pc * chunk;
+      const int64_t p1 = std::min(gb * planes_per_grid + planes_per_grid, p0 + chunk);
+      for (int64_t bc = p0; bc < p1; ++bc) {
         const int64_t b = bc / g.C, c = bc % g.C;
-        const bool sel = rows == nullptr || rows[b];
         const in_t* plane = img + bc * HW;
-        out_t* o = out + bc * HW + y * W;
+        out_t* o = out + bc * HW + y0 * W;
         const acc_t m = mean ? acc_t(mean[c]) : acc_t(0);
         const acc_t inv = mean ? acc_t(1) / acc_t(stdv[c]) : acc_t(1);
-        if (!sel) {
-          emit(o, W, m, inv, [&](int64_t x) { return to_unit<acc_t>(plane[y * W + x]); });
+        if (rows && !rows[b]) {
+          emit(o, n, m, inv, [&](int64_t i) { return to_unit<acc_t>(plane[y0 * W + i]); });
           continue;
         }
-        // a corner with weight 0 adds exactly 0, even where its clamped pixel is NaN
-        auto tap = [&](const acc_t* w, const int32_t* i, int64_t x) {
-          const acc_t p = to_unit<acc_t>(plane[i[x]]);  // i is always inside the plane
-          return w[x] != acc_t(0) ? w[x] * p : acc_t(0);
-        };
-        emit(o, W, m, inv, [&](int64_t x) {
-          return tap(w0, i0, x) + tap(w1, i1, x) + tap(w2, i2, x) + tap(w3, i3, x);
-        });
+#ifdef __AVX2__
+        if constexpr (std::is_same_v<in_t, uint8_t> && std::is_same_v<acc_t, float> &&
+                      std::is_same_v<out_t, float>) {
+          if (dx == 1 && dy == W && bc != last_plane) {
+            warp_block_u8_avx2(plane, taps, n, W, m, inv, o);
+            continue;
+          }
+        }
+#endif
+        emit(o, n, m, inv, [&](int64_t i) { return warp_pixel(plane, taps, i, dx, dy); });
       }
     }
   });
@@ -164,44 +243,102 @@ void image_forward(const ImageGeom g, Kind kind, const in_t* img, const acc_t* s
   });
 }
 
-// Gradient with respect to src. Each src row is owned by one task, which loops over the
-// samples that read it, so the sum over a shared src has a fixed order (deterministic).
+// gs[i] += d out[i] / d src[i] for a contiguous run of a pointwise kind (blend, add): the
+// upstream gradient where the final clamp passes, times 1/std and d value / d src.
+template <Kind kind, typename in_t, typename acc_t, typename gout_t>
+inline void pointwise_grad_run(acc_t* gs, const gout_t* go, const in_t* xin, const acc_t* s,
+                               int64_t n, acc_t inv, acc_t alpha, acc_t eps) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = pointwise_value(kind, to_unit<acc_t>(xin[i]), s[i], alpha, eps);
+    const acc_t d = pointwise_dsrc(kind, s[i], alpha, eps);
+    gs[i] += clamp_passes(v, acc_t(0), acc_t(1)) ? acc_t(go[i]) * inv * d : acc_t(0);
+  }
+}
+
+// Gradient with respect to a pointwise src (blend, add). Per-sample src: each sample's plane
+// is its own gradient. Shared src: samples are summed in chunks of 8 (each chunk a task that
+// reads its planes in memory order into a partial sum), then the chunks are added in order;
+// the chunking depends on B only, so the result is the same on any number of threads.
+template <Kind kind, typename in_t, typename acc_t, typename gout_t>
+void pointwise_backward(const ImageGeom g, const gout_t* gout, const in_t* img,
+                        const acc_t* src, const bool* rows, acc_t alpha, acc_t eps,
+                        const float* stdv, acc_t* gsrc) {
+  const int64_t HW = g.H * g.W, C = g.C;
+  auto inv_std = [&](int64_t c) { return stdv ? acc_t(1) / acc_t(stdv[c]) : acc_t(1); };
+  auto selected = [&](int64_t b) { return rows == nullptr || rows[b]; };
+  if (g.src_bstride) {
+    at::parallel_for(0, g.B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bc = begin; bc < end; ++bc) {
+        acc_t* gs = gsrc + bc * HW;
+        std::fill(gs, gs + HW, acc_t(0));
+        if (selected(bc / C))
+          pointwise_grad_run<kind>(gs, gout + bc * HW, img + bc * HW, src + bc * HW, HW,
+                                   inv_std(bc % C), alpha, eps);
+      }
+    });
+    return;
+  }
+  const int64_t per_chunk = 8, n_chunks = (g.B + per_chunk - 1) / per_chunk;
+  std::vector<acc_t> partial(n_chunks * C * HW, acc_t(0));
+  at::parallel_for(0, n_chunks * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t k = t / C, c = t % C;
+      acc_t* gs = partial.data() + t * HW;
+      for (int64_t b = k * per_chunk; b < std::min(g.B, (k + 1) * per_chunk); ++b) {
+        if (!selected(b)) continue;
+        const int64_t off = (b * C + c) * HW;
+        pointwise_grad_run<kind>(gs, gout + off, img + off, src + c * HW, HW, inv_std(c),
+                                 alpha, eps);
+      }
+    }
+  });
+  at::parallel_for(0, C * HW, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t sum = acc_t(0);
+      for (int64_t k = 0; k < n_chunks; ++k) sum += partial[k * C * HW + i];
+      gsrc[i] = sum;
+    }
+  });
+}
+
+// Gradient with respect to the patch. Each patch row is owned by one task, which loops over
+// the samples that read it, so the sum over a shared patch has a fixed order (deterministic).
 template <typename in_t, typename acc_t, typename gout_t>
-void image_backward(const ImageGeom g, Kind kind, const gout_t* gout, const in_t* img,
-                    const acc_t* src, const int64_t* loc, const bool* rows, acc_t alpha,
-                    acc_t eps, const float* stdv, acc_t* gsrc) {
+void patch_backward(const ImageGeom g, const gout_t* gout, const acc_t* src, const int64_t* loc,
+                    const bool* rows, const float* stdv, acc_t* gsrc) {
   const int64_t H = g.H, W = g.W, h = g.h, w = g.w;
-  const int64_t nsrc = g.src_bstride ? g.B : 1;  // src samples
+  const int64_t nsrc = g.src_bstride ? g.B : 1;  // patch samples
   at::parallel_for(0, nsrc * g.C * h, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t py = r % h, c = (r / h) % g.C, sb = r / (h * g.C);
       const acc_t* s = src + r * w;
       acc_t* gs = gsrc + r * w;
-      for (int64_t x = 0; x < w; ++x) gs[x] = acc_t(0);
+      std::fill(gs, gs + w, acc_t(0));
       const acc_t inv = stdv ? acc_t(1) / acc_t(stdv[c]) : acc_t(1);
       const int64_t b0 = g.src_bstride ? sb : 0, b1 = g.src_bstride ? sb + 1 : g.B;
       for (int64_t b = b0; b < b1; ++b) {
         if (rows && !rows[b]) continue;
-        if (kind == Kind::Patch) {
-          const int64_t y = loc[2 * b] + py, lx = loc[2 * b + 1];
-          if (y < 0 || y >= H) continue;
-          const gout_t* go = gout + ((b * g.C + c) * H + y) * W + lx;  // go[px] at column lx+px
-          const int64_t p0 = std::max<int64_t>(0, -lx), p1 = std::min<int64_t>(w, W - lx);
-          for (int64_t px = p0; px < p1; ++px)
-            gs[px] += clamp_passes(s[px], acc_t(0), acc_t(1)) ? acc_t(go[px]) * inv : acc_t(0);
-        } else {
-          const int64_t off = ((b * g.C + c) * H + py) * W;
-          const gout_t* go = gout + off;
-          const in_t* xin = img + off;
-          for (int64_t x = 0; x < W; ++x) {
-            const acc_t v = pointwise_value(kind, to_unit<acc_t>(xin[x]), s[x], alpha, eps);
-            const acc_t d = pointwise_dsrc(kind, s[x], alpha, eps);
-            gs[x] += clamp_passes(v, acc_t(0), acc_t(1)) ? acc_t(go[x]) * inv * d : acc_t(0);
-          }
-        }
+        const int64_t y = loc[2 * b] + py, lx = loc[2 * b + 1];
+        if (y < 0 || y >= H) continue;
+        const gout_t* go = gout + ((b * g.C + c) * H + y) * W + lx;  // go[px] at column lx+px
+        const int64_t p0 = std::max<int64_t>(0, -lx), p1 = std::min<int64_t>(w, W - lx);
+        for (int64_t px = p0; px < p1; ++px)
+          gs[px] += clamp_passes(s[px], acc_t(0), acc_t(1)) ? acc_t(go[px]) * inv : acc_t(0);
       }
     }
   });
+}
+
+template <typename in_t, typename acc_t, typename gout_t>
+void image_backward(const ImageGeom g, Kind kind, const gout_t* gout, const in_t* img,
+                    const acc_t* src, const int64_t* loc, const bool* rows, acc_t alpha,
+                    acc_t eps, const float* stdv, acc_t* gsrc) {
+  if (kind == Kind::Patch)
+    patch_backward<in_t>(g, gout, src, loc, rows, stdv, gsrc);
+  else if (kind == Kind::Blend)
+    pointwise_backward<Kind::Blend>(g, gout, img, src, rows, alpha, eps, stdv, gsrc);
+  else
+    pointwise_backward<Kind::Add>(g, gout, img, src, rows, alpha, eps, stdv, gsrc);
 }
 
 template <typename T>
