@@ -1,0 +1,353 @@
+"""One loader API, two engines (DALI, torch): `build_loader(source, ...)` -> iterable of `Batch`.
+
+Both engines run the same *epoch plan*, computed here from (seed, epoch) alone: which
+usable samples, in which order, split over ranks, and for each sample its crop box (in
+source pixels) and flip. The engines only decode, crop, resize (bicubic, antialiased) and
+flip, so they yield the same samples in the same batches, and nothing depends on the
+number of workers. See docs/DATA.md.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .sources import Manifest, open_source
+from .validate import CONVERTIBLE, validate
+
+log = logging.getLogger("abd_fast.data")
+
+
+@dataclass
+class Batch:
+    """A batch of samples.
+
+    images: uint8 [B, 3, H, W] (RGB, not normalized); ids: int64 [B], stable sample ids;
+    captions: B raw strings (caption data) or None; labels: int64 [B] (evaluation data) or
+    None."""
+    images: torch.Tensor
+    ids: torch.Tensor
+    captions: list[str] | None = None
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+
+class BadDataError(RuntimeError):
+    """Too many unusable samples in a source."""
+
+
+@dataclass
+class BatchPlan:
+    """One batch of the epoch plan: manifest indices, crop boxes (x, y, w, h) in source
+    pixels, horizontal flips."""
+    positions: np.ndarray   # int64 [b]
+    boxes: np.ndarray       # int64 [b, 4]
+    flips: np.ndarray       # bool [b]
+
+
+def random_resized_crop_boxes(rng, width, height, scale, ratio, attempts: int = 10):
+    """torchvision's RandomResizedCrop.get_params, vectorized over samples: int64 [n, 4]
+    boxes (x, y, w, h). width/height: int64 [n] source sizes."""
+    n = len(width)
+    W, H = width.astype(np.float64), height.astype(np.float64)
+    area = W * H
+    target = area * rng.uniform(scale[0], scale[1], (attempts, n))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (attempts, n)))
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+    first = ok.argmax(0)
+    cols = np.arange(n)
+    w, h, found = w[first, cols], h[first, cols], ok[first, cols]
+    # Fallback (no attempt fits): the whole image, aspect clamped to `ratio`, centered.
+    in_ratio = W / np.maximum(H, 1)
+    fw = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.round(H * ratio[1]), W))
+    fh = np.where(in_ratio < ratio[0], np.round(W / ratio[0]),
+                  np.where(in_ratio > ratio[1], H, H))
+    w, h = np.where(found, w, fw), np.where(found, h, fh)
+    u, v = rng.random(n), rng.random(n)
+    x = np.where(found, np.floor(u * (W - w + 1)), np.floor((W - w) / 2))
+    y = np.where(found, np.floor(v * (H - h + 1)), np.floor((H - h) / 2))
+    return np.stack([x, y, w, h], 1).astype(np.int64)
+
+
+def center_square_boxes(width, height):
+    """The centered square of side min(w, h): int64 [n, 4] (x, y, w, h). Resizing it to S x S
+    is CLIP's eval transform (resize shorter side to S, center crop S)."""
+    side = np.minimum(width, height)
+    return np.stack([(width - side) // 2, (height - side) // 2, side, side], 1).astype(np.int64)
+
+
+def decode_sample(data: bytes, box, flip: bool, size: int) -> np.ndarray:
+    """PIL path: decode, crop `box` (x, y, w, h), bicubic resize to size x size, flip.
+    Returns uint8 [3, size, size]."""
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        x, y, w, h = (int(v) for v in box)
+        im = im.resize((size, size), Image.BICUBIC, box=(x, y, x + w, y + h))
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(im).transpose(2, 0, 1)
+
+
+def decode_batch(manifest: Manifest, plan: BatchPlan, size: int):
+    """Decode one planned batch with PIL. Returns (uint8 [b', 3, S, S] tensor, int64 [b']
+    positions that decoded, [(position, reason)] for those that did not)."""
+    out = np.empty((len(plan.positions), 3, size, size), np.uint8)
+    ok, bad = [], []
+    for i, box, flip in zip(plan.positions.tolist(), plan.boxes, plan.flips):
+        try:
+            out[len(ok)] = decode_sample(manifest.read(i), box, bool(flip), size)
+            ok.append(i)
+        except Exception as e:  # noqa: BLE001 - the data changed after validation
+            bad.append((i, f"failed at load time ({type(e).__name__}: {str(e)[:60]})"))
+    return torch.from_numpy(out[:len(ok)]), torch.tensor(ok, dtype=torch.int64), bad
+
+
+class Loader:
+    """Common part of the engines: the epoch plan, batches assembly, bad-sample report.
+
+    Iterate for `Batch`es; `len()` is the number of batches of this rank in an epoch;
+    `set_epoch(e)` reshuffles with (seed, e); `classnames` for evaluation data;
+    `bad_samples` / `report()` describe the samples skipped in the last epoch."""
+    engine = "?"
+
+    def __init__(self, manifest: Manifest, *, train: bool, batch_size: int, image_size: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                 bad_threshold: float = 0.01, non_rgb: str = "skip",
+                 crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if non_rgb not in ("skip", "convert"):
+            raise ValueError("non_rgb must be 'skip' or 'convert'")
+        self.manifest, self.train, self.batch_size = manifest, train, batch_size
+        self.image_size, self.seed, self.rank, self.world_size = image_size, seed, rank, world_size
+        self.num_workers, self.bad_threshold = num_workers, bad_threshold
+        self.crop_scale, self.crop_ratio, self.flip = crop_scale, crop_ratio, flip
+        self.epoch = 0
+        checked = validate(manifest, num_workers)
+        self.width, self.height = checked.width, checked.height
+        self._invalid = {}
+        for i, (reason, mode) in enumerate(zip(checked.reasons, checked.modes)):
+            if not reason and mode != "RGB" and not (non_rgb == "convert" and mode in CONVERTIBLE):
+                reason = f"non-RGB image (mode {mode})"
+            if reason:
+                self._invalid[i] = reason
+        self.usable = np.asarray([i for i in range(len(manifest)) if i not in self._invalid],
+                                 np.int64)
+        self.bad_samples: list[tuple[int, str]] = self._named(self._invalid.items())
+        self._check_threshold(self.bad_samples)
+        if train and len(self.usable) < batch_size * world_size:
+            raise ValueError(f"{manifest.source}: {len(self.usable)} usable samples, fewer than "
+                             f"one batch per rank ({batch_size} x {world_size})")
+
+    # -- public --------------------------------------------------------------------------
+    @property
+    def classnames(self) -> list[str] | None:
+        return self.manifest.classnames
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch."""
+        return self._count()
+
+    def set_epoch(self, epoch: int):
+        """Reshuffle (train) with (seed, epoch); call before iterating epoch `epoch`."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = self._count()
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        plan = self.plan()
+        runtime_bad: list[tuple[int, str]] = []
+        m = self.manifest
+        for images, positions, bad in self._decoded(plan):
+            runtime_bad += bad
+            if len(positions) == 0:
+                continue
+            pos = positions.numpy()
+            yield Batch(images=images, ids=torch.from_numpy(m.ids[pos]),
+                        captions=[m.captions[i] for i in pos] if m.captions is not None else None,
+                        labels=torch.from_numpy(m.labels[pos]) if m.labels is not None else None)
+        self.bad_samples = self._named(self._invalid.items()) + self._named(runtime_bad)
+        if self.bad_samples and self.rank == 0:
+            log.warning(self.report(limit=20))
+        self._check_threshold(self.bad_samples)
+
+    def report(self, limit: int | None = None) -> str:
+        """Summary of the samples skipped in the last epoch: counts per reason, then one line
+        per sample (id: reason), the first `limit` of them (all by default)."""
+        if not self.bad_samples:
+            return f"{self.manifest.source}: no bad samples"
+        counts = Counter(r.split(" (")[0] for _, r in self.bad_samples)
+        lines = [f"{self.manifest.source}: skipped {len(self.bad_samples)} of "
+                 f"{len(self.manifest)} samples (epoch {self.epoch}; "
+                 + ", ".join(f"{n} {r}" for r, n in counts.most_common()) + ")"]
+        lines += [f"  id {i}: {r}" for i, r in self.bad_samples[:limit]]
+        if limit is not None and len(self.bad_samples) > limit:
+            lines.append(f"  ... {len(self.bad_samples) - limit} more in loader.bad_samples")
+        return "\n".join(lines)
+
+    def plan(self) -> list[BatchPlan]:
+        """This rank's batches for the current epoch (see the module docstring)."""
+        order = self.usable
+        W, H = self.width[order], self.height[order]
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            perm = rng.permutation(len(order))
+            order, W, H = order[perm], W[perm], H[perm]
+            boxes = random_resized_crop_boxes(rng, W, H, self.crop_scale, self.crop_ratio)
+            flips = rng.random(len(order)) < 0.5 if self.flip else np.zeros(len(order), bool)
+            # Global batches of world_size x batch_size in plan order; rank r takes part r of
+            # each, so batch k of every rank together is batch k of a one-process run with
+            # the global batch size (same samples, crops and flips).
+            G, n_global = self.world_size * self.batch_size, len(order) // (
+                self.world_size * self.batch_size)
+            pick = (np.arange(n_global)[:, None] * G + self.rank * self.batch_size
+                    + np.arange(self.batch_size)[None, :]).reshape(-1)
+            order, boxes, flips = order[pick], boxes[pick], flips[pick]
+            sl = slice(None)
+        else:
+            boxes = center_square_boxes(W, H)
+            flips = np.zeros(len(order), bool)
+            bounds = np.linspace(0, len(order), self.world_size + 1).astype(np.int64)
+            sl = slice(int(bounds[self.rank]), int(bounds[self.rank + 1]))
+        order, boxes, flips = order[sl], boxes[sl], flips[sl]
+        B = self.batch_size
+        stop = len(order) - len(order) % B if self.train else len(order)
+        return [BatchPlan(order[k:k + B], boxes[k:k + B], flips[k:k + B])
+                for k in range(0, stop, B)]
+
+    # -- internals -----------------------------------------------------------------------
+    def _count(self) -> int:
+        n, W, B = len(self.usable), self.world_size, self.batch_size
+        if self.train:  # equal whole batches on every rank (DDP); the tail changes per epoch
+            return n // (W * B) * B
+        bounds = np.linspace(0, n, W + 1).astype(np.int64)
+        return int(bounds[self.rank + 1] - bounds[self.rank])
+
+    def _named(self, items) -> list[tuple[int, str]]:
+        return [(int(self.manifest.ids[i]), r) for i, r in sorted(items)]
+
+    def _check_threshold(self, bad):
+        n = len(self.manifest)
+        if n == 0:
+            raise BadDataError(f"data source {self.manifest.source!r} has no samples")
+        if len(bad) / n > self.bad_threshold:
+            counts = Counter(r.split(" (")[0] for _, r in bad)
+            examples = "; ".join(f"id {i}: {r}" for i, r in bad[:5])
+            raise BadDataError(
+                f"data source {self.manifest.source!r}: {len(bad)} of {n} samples "
+                f"({100 * len(bad) / n:.1f}%) are unusable, above the threshold of "
+                f"{100 * self.bad_threshold:g}% ("
+                + ", ".join(f"{c} {r}" for r, c in counts.most_common())
+                + f"). First: {examples}. Fix the data or raise bad_threshold.")
+
+    def _decoded(self, plan):
+        raise NotImplementedError
+
+
+class _PlanSampler:
+    """Feeds the current epoch's plan to a (persistent-worker) DataLoader."""
+    def __init__(self):
+        self.plan: list[BatchPlan] = []
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self):
+        return len(self.plan)
+
+
+class _PlanDataset(torch.utils.data.Dataset):
+    def __init__(self, manifest, size):
+        self.manifest, self.size = manifest, size
+
+    def __getitem__(self, plan: BatchPlan):
+        return decode_batch(self.manifest, plan, self.size)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class TorchLoader(Loader):
+    """PIL decoding in DataLoader worker processes, one planned batch per work item. The
+    plan carries all randomness, so the output does not depend on num_workers."""
+    engine = "torch"
+
+    def __init__(self, manifest, **kw):
+        super().__init__(manifest, **kw)
+        self._sampler = _PlanSampler()
+        self._dl = torch.utils.data.DataLoader(
+            _PlanDataset(manifest, self.image_size), batch_size=None, sampler=self._sampler,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            worker_init_fn=_worker_init if self.num_workers > 0 else None,
+            prefetch_factor=2 if self.num_workers > 0 else None)
+
+    def _decoded(self, plan):
+        self._sampler.plan = plan
+        yield from self._dl
+
+
+def _dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_loader(source, *, train: bool, batch_size: int, image_size: int,
+                 loader: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int | None = None, classnames=None, bad_threshold: float = 0.01,
+                 non_rgb: str | None = None, crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                 flip: bool = True, image_key: str = "image", caption_key: str = "caption",
+                 label_key: str = "label", delimiter: str = ",") -> Loader:
+    """Loader over a caption or evaluation data source, yielding `Batch`es.
+
+    source: path of a caption CSV, labels CSV, WebDataset shards (brace pattern, .tar or
+    directory of .tar) or ImageFolder (see `abd_fast.data.sources`), or a `Manifest`.
+    train: random resized crop (scale `crop_scale`, aspect `crop_ratio`) + horizontal flip,
+    reshuffled per epoch, whole batches only; else center crop, listing order, every sample.
+    Images: uint8 [B, 3, image_size, image_size]. loader: "dali" (default where installed and
+    a GPU is there: nvJPEG decoding) or "torch" (PIL + DataLoader workers; the default
+    otherwise, being faster than DALI on CPU, see docs/PERFORMANCE.md).
+    rank/world_size: this process's share (disjoint; together complete up to the train tail).
+    bad_threshold: fraction of unusable samples above which BadDataError is raised.
+    non_rgb: "skip" or "convert" L/LA/RGBA/P/PA/CMYK/1 images to RGB; default: skip in
+    caption data (counted as bad samples), convert in evaluation data (labels), where every
+    image of a benchmark such as ImageNet's 50,000 counts.
+    """
+    if loader is None:  # DALI's CPU resize is slower than Pillow's (docs/PERFORMANCE.md)
+        loader = "dali" if _dali_available() and torch.cuda.is_available() else "torch"
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    manifest = source if isinstance(source, Manifest) else open_source(
+        source, classnames=classnames, image_key=image_key, caption_key=caption_key,
+        label_key=label_key, delimiter=delimiter)
+    if non_rgb is None:  # caption data: a bad sample; evaluation data: every image counts
+        non_rgb = "convert" if manifest.labels is not None else "skip"
+    kw = dict(train=train, batch_size=batch_size, image_size=image_size, seed=seed, rank=rank,
+              world_size=world_size, num_workers=num_workers, bad_threshold=bad_threshold,
+              non_rgb=non_rgb, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip)
+    if loader == "torch":
+        return TorchLoader(manifest, **kw)
+    if loader == "dali":
+        if not _dali_available():
+            raise ImportError("loader='dali' needs NVIDIA DALI (pip install "
+                              "nvidia-dali-cuda130, see requirements.txt); or use loader='torch'")
+        from .dali import DaliLoader
+        return DaliLoader(manifest, **kw)
+    raise ValueError(f"loader must be 'dali' or 'torch', not {loader!r}")
