@@ -26,19 +26,25 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _simd_flags():
-    """AVX2/FMA/F16C when the build machine has them (x86-64-v3, every server CPU since 2015):
-    twice the throughput of the SSE2 baseline in the image kernels. The flags are recorded in
-    abd_fast/_build_config.json, which abd_fast checks before loading the extension, so a
-    build moved to an older CPU fails with a message instead of an illegal instruction."""
+    """The widest of AVX-512 (F/BW/VL/DQ) or AVX2/FMA/F16C that the build machine has: two to
+    three times the throughput of the SSE2 baseline in the image kernels. The flags are
+    recorded in abd_fast/_build_config.json, which abd_fast checks before loading the
+    extension, so a build moved to an older CPU fails with a message instead of an illegal
+    instruction. ABD_FAST_PORTABLE=1 builds for any x86-64."""
     if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("ABD_FAST_PORTABLE") == "1":
         return []
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            have = set(next((line.split(":", 1)[1].split() for line in f
+                             if line.startswith("flags")), []))
     except OSError:
         return []
-    wanted = ["avx2", "fma", "f16c"]
-    return wanted if set(wanted) <= set(flags) else []
+    avx2 = ["avx2", "fma", "f16c"]
+    avx512 = avx2 + ["avx512f", "avx512bw", "avx512vl", "avx512dq"]
+    for tier in (avx512, avx2):
+        if set(tier) <= have:
+            return tier
+    return []
 
 
 SIMD = _simd_flags()
