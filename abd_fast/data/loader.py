@@ -133,7 +133,7 @@ class Loader:
         self.image_size, self.seed, self.rank, self.world_size = image_size, seed, rank, world_size
         self.num_workers, self.bad_threshold = num_workers, bad_threshold
         self.crop_scale, self.crop_ratio, self.flip = crop_scale, crop_ratio, flip
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         checked = validate(manifest, num_workers)
         self.width, self.height = checked.width, checked.height
         self._invalid = {}
@@ -160,16 +160,20 @@ class Loader:
         """Samples this rank yields per epoch."""
         return self._count()
 
-    def set_epoch(self, epoch: int):
-        """Reshuffle (train) with (seed, epoch); call before iterating epoch `epoch`."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        """Reshuffle (train) with (seed, epoch); call before iterating epoch `epoch`.
+        start_batch: skip the first start_batch planned batches of that epoch without decoding
+        them (resuming mid-epoch: the plan depends on (seed, epoch) only)."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         n = self._count()
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def __iter__(self):
-        plan = self.plan()
+        plan = self.plan()[self.start_batch:]
         runtime_bad: list[tuple[int, str]] = []
         m = self.manifest
         for images, positions, bad in self._decoded(plan):
@@ -294,6 +298,9 @@ class TorchLoader(Loader):
             _PlanDataset(manifest, self.image_size), batch_size=None, sampler=self._sampler,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             worker_init_fn=_worker_init if self.num_workers > 0 else None,
+            # Its own generator: iterating never draws from the global torch RNG, which the
+            # training stages own (exact resume restores it; the plan carries all randomness).
+            generator=torch.Generator().manual_seed(self.seed),
             prefetch_factor=2 if self.num_workers > 0 else None)
 
     def _decoded(self, plan):
