@@ -230,10 +230,13 @@ def _check_path(cfg, key, kind="any"):
         return
     flag = "--" + key.replace("_", "-")
     s = str(value)
-    if kind == "data" and "{" in s and "}" in s:  # a brace pattern: its directory must exist
-        parent = Path(s[:s.index("{")]).parent
-        if not parent.is_dir():
-            raise UsageError(f"{flag} {s}: the directory {parent} of the pattern does not exist")
+    if kind == "data" and "{" in s and "}" in s:  # a brace pattern: every shard must exist
+        from abd_fast.data.sources import expand_braces
+        missing = [p for p in expand_braces(s) if not os.path.isfile(p)]
+        if missing:
+            raise UsageError(f"{flag} {s}: shard {missing[0]} does not exist"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                             + "; check the pattern")
         return
     p = Path(s)
     if not p.exists():
@@ -572,14 +575,20 @@ def main(argv=None) -> int:
             return args.func(args)
         cfg = resolve_config(args, ap.stages[args.command])
         validate(cfg)
-        return args.func(cfg)
+        try:
+            return args.func(cfg)
+        finally:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from abd_fast.data import BadDataError
         from abd_fast.engine import CheckpointError, NonFiniteLossError
-        if isinstance(e, (NonFiniteLossError, CheckpointError, BadDataError)):
+        if isinstance(e, (NonFiniteLossError, CheckpointError, BadDataError,
+                          FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

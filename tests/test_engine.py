@@ -63,3 +63,150 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
+
+
+# ---- the Trainer on a small synthetic dataset (tiny ViT, 32 px) ------------------------------
+
+import json  # noqa: E402
+import random  # noqa: E402
+
+from abd_fast.engine import (NonFiniteLossError, Trainer, contrastive_loss,  # noqa: E402
+                             load_checkpoint, seed_everything)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from abd_fast.data.synthetic import ensure_dataset
+    return ensure_dataset(tmp_path_factory.mktemp("syn") / "d", seed=3, n_train=200,
+                          n_eval_per_class=2, image_size=32, per_shard=100)
+
+
+class Crash(Exception):
+    """Stands for a SIGKILL in the middle of a run."""
+
+
+def noisy_mmcl(model_name="abd-tiny-vit", crash_at=None, nan_at=None):
+    """MMCL with randomness from every global RNG (torch noise on the images, python and
+    numpy caption dropout), so an exact resume must restore them all."""
+    import numpy as np
+
+    from abd_fast.models import get_tokenizer
+    from abd_fast.ops import normalize_images
+    tok, loss, calls = get_tokenizer(model_name), contrastive_loss(DistInfoDefault()), [0]
+    mean, std = torch.tensor([0.48, 0.46, 0.41]), torch.tensor([0.27, 0.26, 0.28])
+
+    def loss_fn(model, batch, epoch):
+        calls[0] += 1
+        if crash_at is not None and calls[0] == crash_at:
+            raise Crash
+        x = normalize_images(batch.images, mean, std)
+        x = x + 0.05 * torch.randn_like(x)
+        caps = [c if random.random() < 0.9 and np.random.rand() < 0.9 else "a shape."
+                for c in batch.captions]
+        img, txt, scale = model(x, tok(caps))
+        out = loss(img, txt, scale)
+        return out * float("nan") if nan_at is not None and calls[0] == nan_at else out
+    return loss_fn
+
+
+def DistInfoDefault():
+    from abd_fast.engine import DistInfo
+    return DistInfo()
+
+
+def make_trainer(data, out, loss_fn, *, init_seed=0, **kw):
+    from abd_fast.data import build_loader
+    from abd_fast.models import create_model
+    seed_everything(init_seed)
+    model = create_model("abd-tiny-vit")
+    loader = build_loader(data.csv, train=True, batch_size=24, image_size=32, loader="torch",
+                          num_workers=0, seed=1)
+    kw = {"lr": 2e-3, "epochs": 2, "warmup": 3, "seed": 1, "progress": False, **kw}
+    return Trainer(model, loader, loss_fn, output_dir=out, **kw)
+
+
+def test_trainer_learns_and_logs(small_data, tmp_path):
+    trainer = make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=3, config={"note": "x"})
+    assert trainer.steps_per_epoch == 200 // 24 and trainer.total_steps == 3 * 8
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    result = trainer.fit()
+    assert result["step"] == 24 and math.isfinite(result["loss"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    epochs = [r for r in records if "epoch_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 25)) and len(epochs) == 3
+    assert [r["lr"] for r in steps] == [lr_at(s, 2e-3, 3, 24) for s in range(24)]
+    assert epochs[-1]["epoch_loss"] < epochs[0]["epoch_loss"]  # it learns
+    assert all(r["images_per_s"] > 0 for r in steps)
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "token_embedding.weight" in changed and "visual.conv1.weight" in changed
+    assert trainer.model.logit_scale.item() <= math.log(100)
+
+
+def test_checkpoint_contents_and_safe_loading(small_data, tmp_path):
+    from abd_fast.models import create_model, load_weights
+    trainer = make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=1, checkpoint_every=5,
+                           config={"model": "abd-tiny-vit", "lr": 2e-3})
+    trainer.fit()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no code can run
+    assert ckpt["format"] == "abd_fast.checkpoint" and ckpt["version"] == 1
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (8, 1, 0)
+    assert ckpt["total_steps"] == 8 and ckpt["world_size"] == 1 and ckpt["seed"] == 1
+    assert ckpt["config"] == {"model": "abd-tiny-vit", "lr": 2e-3}
+    assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert len(ckpt["optimizer"]["state"]) == len(list(trainer.model.parameters()))
+    assert "scale" in ckpt["scaler"] or ckpt["scaler"] == {}
+    fresh = create_model("abd-tiny-vit")
+    load_weights(fresh, tmp_path / "checkpoint.pt")  # the models' safe loader reads it too
+    for (k, a), b in zip(fresh.state_dict().items(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("every,crash_at", [(3, 6), (4, 10)])  # mid-epoch; epoch boundary
+def test_resume_mid_run_is_exact(small_data, tmp_path, every, crash_at):
+    full = make_trainer(small_data, tmp_path / "full", noisy_mmcl())
+    full.fit()
+    first = make_trainer(small_data, tmp_path / "cut", noisy_mmcl(crash_at=crash_at),
+                         checkpoint_every=every)
+    with pytest.raises(Crash):
+        first.fit()
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    last = (crash_at - 1) // every * every
+    assert saved["step"] == last and (saved["epoch"], saved["batch"]) == divmod(last, 8)
+    # A new process: another init and other RNG states, all replaced by the checkpoint.
+    resumed = make_trainer(small_data, tmp_path / "cut", noisy_mmcl(), init_seed=99,
+                           checkpoint_every=every, resume=tmp_path / "cut" / "checkpoint.pt")
+    assert resumed.step == last
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(full.optimizer.state_dict()["state"].items(),
+                         resumed.optimizer.state_dict()["state"].values()):
+        assert all(torch.equal(a[n], b[n]) for n in a), k
+
+    def losses(d):
+        lines = (d / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # redone steps not repeated
+
+
+def test_resume_refuses_another_runs_checkpoint(small_data, tmp_path):
+    from abd_fast.engine import CheckpointError
+    make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=1).fit()
+    with pytest.raises(CheckpointError, match="different run: total_steps 8 \\(now 16\\)"):
+        make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=2,
+                     resume=tmp_path / "checkpoint.pt")
+    (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="weights.pt: not a readable"):
+        load_checkpoint(tmp_path / "weights.pt")
+
+
+def test_nan_loss_stops_keeping_last_good_checkpoint(small_data, tmp_path):
+    trainer = make_trainer(small_data, tmp_path, noisy_mmcl(nan_at=6), checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 \(epoch 0, batch 5\)"
+                       r".*checkpoint\.pt \(step 4\).*Lower --lr") as err:
+        trainer.fit()
+    assert "stopped before applying it" in str(err.value)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+    assert trainer.step == 5  # the NaN step was not applied
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
