@@ -241,3 +241,43 @@ def test_generator_loss_is_the_sum_of_its_terms():
     d_real = torch.rand(B) * 0.8 + 0.1
     assert discriminator_loss(d_real, d_fake).item() == pytest.approx(
         (-torch.log(d_real).mean() - torch.log(1 - d_fake).mean()).item(), rel=1e-5)
+
+
+# ---- views -------------------------------------------------------------------------------
+
+def test_eda_view_is_redrawn_every_epoch_and_stable_within_one():
+    from abd_fast.defenses.views import eda_view
+    from abd_fast.text import EDA
+    eda = EDA(seed=4)
+    caps = [f"a photo of a small red star on a striped background number {k}" for k in range(12)]
+    ids = torch.arange(100, 112)
+    e0, e0_again, e1 = eda_view(eda, caps, ids, 0), eda_view(eda, caps, ids, 0), \
+        eda_view(eda, caps, ids, 1)
+    assert e0 == e0_again                                 # workers, ranks, resume agree
+    assert sum(a != b for a, b in zip(e0, e1)) >= 8       # a fresh draw next epoch
+    assert sum(a != c for a, c in zip(e0, caps)) >= 8     # and it does augment
+    # The view of a sample depends on its id, not on its place in the batch.
+    assert eda_view(eda, caps[::-1], ids.flip(0), 0) == e0[::-1]
+
+
+@pytest.mark.parametrize("view", ["autoaugment", "cross_augment"])
+def test_image_views_are_per_sample_and_seeded(view):
+    from abd_fast.defenses import views
+    fn = getattr(views, view)
+    img = torch.randint(0, 256, (3, 33, 33), dtype=torch.uint8)
+    batch = img.expand(16, 3, 33, 33).contiguous()
+    torch.manual_seed(0)
+    a = fn(batch)
+    torch.manual_seed(0)
+    b = fn(batch)
+    assert a.dtype == torch.uint8 and a.shape == batch.shape and torch.equal(a, b)
+    distinct = {bytes(x.flatten().tolist()) for x in a}
+    assert len(distinct) >= 8  # each copy of the same image gets its own augmentation
+
+
+def test_brighten_raises_brightness_and_clamps():
+    from abd_fast.defenses.views import brighten
+    x = torch.randint(0, 256, (2, 3, 9, 9), dtype=torch.uint8)
+    y = brighten(x, 1.2)
+    assert torch.allclose(y, (x.float() / 255 * 1.2).clamp(0, 1))
+    assert y.max() <= 1 and y.mean() > x.float().mean() / 255
