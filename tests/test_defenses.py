@@ -104,17 +104,17 @@ def test_patch_geometry_matches_advclip_at_224():
 @pytest.mark.parametrize("size", [5, 17, 38])
 def test_generator_shape_and_range_do_not_depend_on_the_batch(size):
     g = UAPGenerator(size, seed=3)
-    p = g.perturbation("patch")
+    p = g()
     assert p.shape == (3, size, size) and p.min() >= 0 and p.max() <= 1
-    l = g.perturbation("linf", eps=0.03)
+    l = UAPGenerator(size, mode="linf", eps=0.03, seed=3)()
     assert l.shape == (3, size, size) and l.abs().max() <= 0.03
     g.eval()
-    assert torch.equal(g.perturbation("patch"), p)  # no running statistics: train == eval
+    assert torch.equal(g(), p)  # no running statistics: train == eval
     # The same image gets the same adversarial version in batches of any size.
     S = 37
     side, corner = patch_geometry(S)
     gen = UAPGenerator(side, seed=1)
-    uap = gen.perturbation("patch")
+    uap = gen()
     images = torch.randint(0, 256, (9, 3, S, S), dtype=torch.uint8)
     full = apply_uap(images, uap, mode="patch", image_size=S)
     for b in (1, 4):
@@ -134,7 +134,7 @@ def test_patch_uap_changes_only_its_box_and_linf_stays_within_eps():
     side, corner = patch_geometry(S)
     images = torch.randint(1, 255, (5, 3, S, S), dtype=torch.uint8)
     x = images.double() / 255
-    uap = UAPGenerator(side, seed=0).perturbation("patch").detach()
+    uap = UAPGenerator(side, seed=0)().detach()
     out = apply_uap(images, uap, mode="patch", image_size=S).double()
     inside = torch.zeros(S, S, dtype=torch.bool)
     inside[corner:corner + side, corner:corner + side] = True
@@ -143,8 +143,7 @@ def test_patch_uap_changes_only_its_box_and_linf_stays_within_eps():
     assert torch.allclose(plain, x, atol=1e-7)
     assert torch.allclose(out[..., inside], uap.double().expand(5, 3, side, side)
                           .reshape(5, 3, -1), atol=1e-6)
-    gl = UAPGenerator(S, seed=0)
-    delta = gl.perturbation("linf", eps=0.03).detach()
+    delta = UAPGenerator(S, mode="linf", eps=0.03, seed=0)().detach()
     lin = apply_uap(images, delta, mode="linf", image_size=S, eps=0.03).double()
     assert (lin - x).abs().max() <= 0.03 + 1e-6
     assert (lin - x).abs().max() > 0.005  # it does perturb
@@ -155,7 +154,7 @@ def test_uap_gradient_reaches_the_generator():
     side, _ = patch_geometry(S)
     g = UAPGenerator(side, seed=0)
     images = torch.randint(0, 256, (3, 3, S, S), dtype=torch.uint8)
-    out = apply_uap(images, g.perturbation("patch"), mode="patch", image_size=S,
+    out = apply_uap(images, g(), mode="patch", image_size=S,
                     mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.25])
     (out.square().mean()).backward()
     grads = [p.grad for p in g.parameters()]

@@ -40,16 +40,22 @@ def patch_geometry(image_size: int, area: float = 0.03) -> tuple[int, int]:
 
 
 class UAPGenerator(nn.Module):
-    """z [1, z_dim, 1, 1] (fixed buffer) -> transposed convs with BN + ReLU -> [3, size, size] raw
-    map (before Tanh; `perturbation()` applies the mode's squashing).
+    """z [1, z_dim, 1, 1] (fixed buffer) -> transposed convs with BN + ReLU -> Tanh ->
+    the perturbation [3, size, size] of `mode`: patch -> (tanh + 1) / 2 in [0, 1];
+    linf -> eps * tanh, within [-eps, eps] (what apply_perturbation / apply_uap take).
 
     size: the patch side (patch mode) or the image size (linf mode)."""
 
-    def __init__(self, size: int, z_dim: int = 100, width: int = 64, seed: int = 0):
+    def __init__(self, size: int, mode: str = "patch", eps: float = 0.03, z_dim: int = 100,
+                 width: int = 64, seed: int = 0):
         super().__init__()
         if size < 1:
             raise ValueError(f"generator output size must be positive, got {size}")
-        self.size = size
+        if mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+        if not eps > 0:
+            raise ValueError(f"--eps must be positive, got {eps}")
+        self.size, self.mode, self.eps = size, mode, float(eps)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("z", torch.randn(1, z_dim, 1, 1, generator=g))
         n_up = max(0, math.ceil(math.log2(max(size, 4) / 4)))  # 4 -> 8 -> ... >= size
@@ -69,17 +75,8 @@ class UAPGenerator(nn.Module):
         if h.shape[-1] != self.size:
             h = F.interpolate(h, size=(self.size, self.size), mode="bilinear",
                               align_corners=False)
-        return h[0]
-
-    def perturbation(self, mode: str, eps: float = 0.03) -> Tensor:
-        """The UAP as apply_perturbation takes it: patch -> (tanh + 1) / 2 in [0, 1];
-        linf -> eps * tanh, within [-eps, eps]. [3, size, size]."""
-        t = torch.tanh(self())
-        if mode == "patch":
-            return (t + 1) / 2
-        if mode == "linf":
-            return eps * t
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+        t = torch.tanh(h[0])
+        return (t + 1) / 2 if self.mode == "patch" else self.eps * t
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -217,3 +214,54 @@ def discriminator_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
     """BCE(D(x), 1) + BCE(D(x'), 0)."""
     return (F.binary_cross_entropy(d_real, torch.ones_like(d_real))
             + F.binary_cross_entropy(d_fake, torch.zeros_like(d_fake)))
+
+
+# ---- the trained UAP as a file and as an evaluation "trigger" ------------------------------
+
+class UAP:
+    """A trained universal perturbation with its geometry. `apply(images, ids, ...)` has the
+    signature of an attack Trigger, so abd_fast.evaluate measures it like one: its "ASR" on
+    the poisoned model is how often it sends non-target images to the backdoor target."""
+    name = "uap"
+
+    def __init__(self, perturbation: Tensor, *, mode: str, image_size: int, area: float = 0.03,
+                 eps: float = 0.03):
+        if mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+        want = patch_geometry(image_size, area)[0] if mode == "patch" else image_size
+        if tuple(perturbation.shape) != (3, want, want):
+            raise ValueError(f"a {mode} UAP for {image_size} px images is [3, {want}, {want}], "
+                             f"got {tuple(perturbation.shape)}")
+        self.perturbation = perturbation.detach().float()
+        self.mode, self.image_size, self.area, self.eps = mode, int(image_size), area, eps
+
+    def apply(self, images: Tensor, ids=None, *, rows=None, mean=None, std=None,
+              out_dtype=torch.float32) -> Tensor:
+        return apply_uap(images, self.perturbation.to(images.device), mode=self.mode,
+                         image_size=self.image_size, area=self.area, eps=self.eps, rows=rows,
+                         mean=mean, std=std, out_dtype=out_dtype)
+
+    def state_dict(self) -> dict:
+        return {"format": "abd_fast.uap", "perturbation": self.perturbation, "mode": self.mode,
+                "image_size": self.image_size, "area": self.area, "eps": self.eps}
+
+    def save(self, path):
+        from abd_fast.engine import atomic_save
+        atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path, flag: str = "--uap") -> "UAP":
+        """Reads a UAP file with torch.load(weights_only=True) (no code in it can run)."""
+        from pathlib import Path
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file (the `uap` stage writes "
+                                    "uap.pt in its --output)")
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{flag} {path}: not a readable UAP file ({e})") from e
+        if not isinstance(d, dict) or d.get("format") != "abd_fast.uap":
+            raise ValueError(f"{flag} {path}: not a UAP file written by the `uap` stage")
+        return cls(d["perturbation"], mode=d["mode"], image_size=d["image_size"],
+                   area=d["area"], eps=d["eps"])
