@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from abd_fast.attacks import load_patch, make_trigger, save_patch
 from abd_fast.attacks import triggers as T
+from conftest import available_backends, device_of
 
 B, S = 7, 37
 MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
@@ -246,3 +247,17 @@ def test_bad_options_are_refused():
     images, ids = images_ids(s=32)
     with pytest.raises(ValueError, match="built for 37 px"):
         make_trigger("sig", image_size=S).apply(images, ids)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("name", ["badnet", "blended", "wanet", "sig", "badclip"])
+def test_every_backend_gives_the_reference(name, backend):
+    dev = device_of(backend)
+    images, ids = images_ids()
+    rows = torch.tensor([True, False, True, True, False, True, False])
+    opts = {"patch": torch.rand(3, 5, 5)} if name == "badclip" else {}
+    trig = make_trigger(name, image_size=S, seed=SEED, **opts)
+    ref = trig.apply(images, ids, rows=rows, mean=MEAN, std=STD, backend="reference")
+    out = trig.apply(images.to(dev), ids.to(dev), rows=rows.to(dev), mean=MEAN, std=STD,
+                     backend=backend)
+    check(out.cpu(), ref)
