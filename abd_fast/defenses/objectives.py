@@ -79,6 +79,9 @@ class TextBank:
         self.count, self.next = 0, 0
 
     def update(self, text_features: Tensor):
+        if text_features.shape[-1] != self.features.shape[1]:
+            raise ValueError(f"text features of dimension {text_features.shape[-1]} for a bank "
+                             f"of dimension {self.features.shape[1]}")
         t = F.normalize(text_features.detach().float(), dim=-1)
         if t.shape[0] >= len(self.features):
             t = t[-len(self.features):]
@@ -112,14 +115,16 @@ def roclip_uses_nearest(epoch: int, break_epoch: int = 2) -> bool:
 
 
 def roclip_objective(image: Tensor, text: Tensor, logit_scale, bank: TextBank, epoch: int, *,
-                     break_epoch: int = 2, c: Contrastive = LOCAL) -> Tensor:
+                     break_epoch: int = 2, c: Contrastive = LOCAL, update: bool = True) -> Tensor:
     """mmcl(I, NN(I)) in nearest-neighbour epochs (the bank's texts carry no gradient), else
-    mmcl(I, T); the bank is then updated with this batch's texts."""
+    mmcl(I, T); then the bank takes this batch's texts (update=False: the caller updates it,
+    e.g. with the texts of every rank)."""
     if roclip_uses_nearest(epoch, break_epoch):
         loss = mmcl(image, bank.nearest(image), logit_scale, c)
     else:
         loss = mmcl(image, text, logit_scale, c)
-    bank.update(text)
+    if update:
+        bank.update(text)
     return loss
 
 
