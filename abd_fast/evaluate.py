@@ -147,3 +147,58 @@ def summary_line(result: dict) -> str:
     if result.get("embedding_distance") is not None:
         s += f" | d {result['embedding_distance']:.3f}"
     return s + f" | {result['n_eval']} images"
+
+
+def similarity_analysis(model, loader, *, target: str, trigger=None, uap=None, mean, std,
+                        device="cpu", tokenizer=None, max_batches: int | None = None,
+                        templates=None) -> dict:
+    """ABD Fig. 2: five mean image-caption cosine similarities (x100) on caption data.
+
+      clean_own              clean image, its own caption
+      triggered_backdoor     triggered image, the backdoor captions
+      adversarial_own        image with the UAP, its own caption
+      adversarial_backdoor   image with the UAP, the backdoor captions
+      adversarial_unrelated  image with the UAP, another sample's caption (the batch rolled by
+                             one: unrelated content)
+    The backdoor captions are the 80 OpenAI templates filled with the target class name (the
+    captions the attack pairs with triggered images); a "backdoor" similarity is the mean
+    over them. trigger: an attack Trigger; uap: a defenses.uap.UAP; either may be None (its
+    entries are then None). Returns the five values and n, the number of images."""
+    templates = _templates() if templates is None else templates
+    tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
+    sums = torch.zeros(5, dtype=torch.float64)
+    n = 0
+    with _EvalMode(model):
+        backdoor = F.normalize(model.encode_text(
+            tokenizer([t(target) for t in templates]).to(device)).float(), dim=-1)
+        for k, batch in enumerate(loader):
+            if max_batches is not None and k >= max_batches:
+                break
+            if not batch.captions:
+                raise ValueError("the similarity analysis needs caption data (--train-data)")
+            images = batch.images.to(device)
+            own = F.normalize(model.encode_text(tokenizer(batch.captions).to(device)).float(),
+                              dim=-1)
+
+            def embed(x):
+                return F.normalize(model.encode_image(x).float(), dim=-1)
+            clean = embed(normalize_images(images, mean, std))
+            sums[0] += (clean * own).sum(1).sum().double()
+            if trigger is not None:
+                trig = embed(trigger.apply(images, batch.ids, mean=mean, std=std))
+                sums[1] += (trig @ backdoor.T).mean(1).sum().double()
+            if uap is not None:
+                adv = embed(uap.apply(images, batch.ids, mean=mean, std=std))
+                sums[2] += (adv * own).sum(1).sum().double()
+                sums[3] += (adv @ backdoor.T).mean(1).sum().double()
+                sums[4] += (adv * own.roll(1, dims=0)).sum(1).sum().double()
+            n += len(images)
+    if n == 0:
+        raise ValueError("the similarity analysis saw no images")
+    v = (100 * sums / n).tolist()
+    return {"clean_own": v[0],
+            "triggered_backdoor": v[1] if trigger is not None else None,
+            "adversarial_own": v[2] if uap is not None else None,
+            "adversarial_backdoor": v[3] if uap is not None else None,
+            "adversarial_unrelated": v[4] if uap is not None else None,
+            "n": n, "target": target}

@@ -147,3 +147,45 @@ def test_evaluate_real_model_matches_direct_computation(tiny):
     assert out["n_asr"] == 7 and out["n_eval"] == 9
     assert out["embedding_distance"] == pytest.approx((2 - 2 * (clean * trig).sum(1)).mean().item(),
                                                       rel=1e-4)
+
+
+def test_similarity_analysis_matches_direct_computation(tiny):
+    from abd_fast.defenses.uap import UAP, UAPGenerator, patch_geometry
+    from abd_fast.evaluate import similarity_analysis
+    model, tokenizer = tiny
+    images = torch.randint(1, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    captions = ["a red star", "a blue heart on white", "a small ring", "a green cross",
+                "a big circle", "a yellow square", "a purple diamond"]
+    batches = [Batch(images[:3], torch.arange(3), captions=captions[:3]),
+               Batch(images[3:], torch.arange(3, 7), captions=captions[3:])]
+    trigger = make_trigger("badnet", image_size=32, seed=1)
+    side, _ = patch_geometry(32)
+    uap = UAP(UAPGenerator(side, seed=2)().detach(), mode="patch", image_size=32)
+    out = similarity_analysis(model, batches, target="star", trigger=trigger, uap=uap,
+                              mean=MEAN, std=STD, tokenizer=tokenizer)
+    with torch.no_grad():
+        model.eval()
+        img = lambda x: F.normalize(model.encode_image(x), dim=-1)  # noqa: E731
+        txt = lambda t: F.normalize(model.encode_text(tokenizer(t)), dim=-1)  # noqa: E731
+        backdoor = txt([t("star") for t in OPENAI_IMAGENET_TEMPLATES])
+        want = {k: 0.0 for k in ("clean_own", "triggered_backdoor", "adversarial_own",
+                                 "adversarial_backdoor", "adversarial_unrelated")}
+        for b in batches:
+            own = txt(b.captions)
+            clean = img(trigger.apply(b.images, b.ids, rows=torch.zeros(len(b), dtype=torch.bool),
+                                      mean=MEAN, std=STD))
+            trig = img(trigger.apply(b.images, b.ids, mean=MEAN, std=STD))
+            adv = img(uap.apply(b.images, b.ids, mean=MEAN, std=STD))
+            want["clean_own"] += (clean * own).sum().item()
+            want["triggered_backdoor"] += (trig @ backdoor.T).mean(1).sum().item()
+            want["adversarial_own"] += (adv * own).sum().item()
+            want["adversarial_backdoor"] += (adv @ backdoor.T).mean(1).sum().item()
+            unrelated = own[[len(b) - 1] + list(range(len(b) - 1))]
+            want["adversarial_unrelated"] += (adv * unrelated).sum().item()
+    for k, v in want.items():
+        assert out[k] == pytest.approx(100 * v / 7, rel=1e-4, abs=1e-4), k
+    assert out["n"] == 7
+    only_clean = similarity_analysis(model, batches, target="star", mean=MEAN, std=STD,
+                                     tokenizer=tokenizer)
+    assert only_clean["clean_own"] == pytest.approx(out["clean_own"])
+    assert only_clean["adversarial_own"] is None and only_clean["triggered_backdoor"] is None
