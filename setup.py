@@ -112,7 +112,7 @@ setup(
     description="Fast backdoor attacks on CLIP and Adversarial Backdoor Defense (ABD)",
     packages=find_packages(include=["abd_fast", "abd_fast.*"]) + ["abd_fast.kernels"],
     package_dir={"abd_fast.kernels": "kernels"},
-    package_data={"abd_fast": ["model_configs/*.json", "_build_config.json"]},
+    package_data={"abd_fast": ["model_configs/*.json", "_build_config.json", "data/*.cc"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

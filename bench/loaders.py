@@ -1,5 +1,8 @@
 """Images/s of the two loader engines (DALI on CPU, torch = PIL + DataLoader workers) on the
 same JPEG WebDataset shards, output 224 px, train and eval transforms, 2 workers each.
+The DALI engine is measured twice: as it runs (our AbdResizeCHW operator for resize + flip +
+CHW) and with DALI's own fn.resize + crop_mirror_normalize (`dali_fn_resize`, its fallback),
+to show what the operator changes.
 
     .venv/bin/python bench/loaders.py            # -> bench/results/loaders.json + a table
 
@@ -83,19 +86,23 @@ def main(argv=None):
         w, h = (int(v) for v in spec.split("x"))
         shards = make_shards(w, h)
         for train in (True, False):
-            runs = {"dali": [], "torch": []}
+            runs = {"dali": [], "dali_fn_resize": [], "torch": []}
             loaders = {eng: build_loader(shards, train=train, batch_size=args.batch_size,
-                                         image_size=args.image_size, loader=eng,
+                                         image_size=args.image_size, loader=eng[:5].strip("_"),
                                          num_workers=args.workers) for eng in runs}
+            loaders["dali_fn_resize"].fast_resize = False
             batches = len(loaders["dali"]) - 1
             for _ in range(args.repeats):
                 for eng in runs:
                     runs[eng].append(images_per_second(loaders[eng], batches))
             # Best of the interleaved runs: the least disturbed by other processes.
-            d, t = max(runs["dali"]), max(runs["torch"])
+            d, f, t = (max(runs[k]) for k in ("dali", "dali_fn_resize", "torch"))
             rows.append({"source": f"{w}x{h}", "mode": "train" if train else "eval",
-                         "dali_img_s": d, "torch_img_s": t, "ratio": d / t,
-                         "dali_runs": runs["dali"], "torch_runs": runs["torch"]})
+                         "dali_img_s": d, "dali_fn_resize_img_s": f, "torch_img_s": t,
+                         "ratio": d / t, "ratio_fn_resize": f / t,
+                         "dali_operator": loaders["dali"].fast_resize,
+                         "dali_runs": runs["dali"], "dali_fn_resize_runs": runs["dali_fn_resize"],
+                         "torch_runs": runs["torch"]})
             del loaders
     payload = {"machine": machine(), "image_size": args.image_size,
                "batch_size": args.batch_size, "workers": args.workers,
@@ -103,7 +110,8 @@ def main(argv=None):
     write_json(Path(args.out), payload)
     print(table(rows, [("source", "source JPEG"), ("mode", "transform"),
                        ("dali_img_s", "DALI CPU img/s"), ("torch_img_s", "torch img/s"),
-                       ("ratio", "DALI/torch")]))
+                       ("ratio", "DALI/torch"), ("dali_fn_resize_img_s", "DALI fn.resize img/s"),
+                       ("ratio_fn_resize", "fn.resize/torch")]))
     print(f"-> {args.out}")
 
 

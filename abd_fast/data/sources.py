@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+log = logging.getLogger("abd_fast.data")
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -69,7 +72,8 @@ class Manifest:
 def wds_sample_id(shard: str, key: str) -> int:
     """Stable int64 id of a WebDataset sample: BLAKE2b-64 of "<shard basename>/<key>", top bit
     cleared (non-negative). The same in every engine, epoch, worker and rank."""
-    digest = hashlib.blake2b(f"{os.path.basename(shard)}/{key}".encode(), digest_size=8).digest()
+    name = f"{os.path.basename(shard)}/{key}".encode("utf-8", "surrogateescape")
+    digest = hashlib.blake2b(name, digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -146,10 +150,18 @@ def _read_classnames(classnames, n: int, where: str) -> list[str] | None:
 
 
 def _csv(path: Path, shown: str, classnames, image_key, caption_key, label_key, delimiter):
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    raw = path.read_bytes()
+    try:
+        text, mangled = raw.decode("utf-8-sig"), False
+    except UnicodeDecodeError:  # rows with invalid bytes become bad samples, below
+        text, mangled = raw.decode("utf-8-sig", errors="replace"), True
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         columns = reader.fieldnames or []
         rows = list(reader)
+    except csv.Error as e:
+        raise ValueError(f"{shown}: not a readable CSV ({e}); check the delimiter= and the "
+                         "file's quoting") from e
     if image_key not in columns:
         raise ValueError(f"{shown}: no {image_key!r} column (columns: {columns}); "
                          "set image_key= / delimiter=")
@@ -169,6 +181,8 @@ def _csv(path: Path, shown: str, classnames, image_key, caption_key, label_key, 
     for i, r in enumerate(rows):
         if not (r[image_key] or "").strip():
             problems[i] = "missing file (empty path)"
+        elif mangled and any("\ufffd" in (v or "") for v in r.values() if isinstance(v, str)):
+            problems[i] = "invalid UTF-8 in the row"
     if is_labels:
         labels = np.full(n, -1, np.int64)
         for i, r in enumerate(rows):
@@ -231,21 +245,27 @@ def scan_shard(path: str) -> list[dict]:
     """Samples of one WebDataset tar in order: dicts with key, image offset/size (or None),
     caption (or None). The key is the member path up to the first '.' of its basename."""
     samples: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            d, base = posixpath.split(m.name)
-            if "." not in base or base.startswith("."):
-                continue
-            stem, ext = base.split(".", 1)
-            key, ext = posixpath.join(d, stem), ext.lower()
-            s = samples.setdefault(key, {"key": key, "offset": None, "size": None,
-                                         "caption": None})
-            if ext in IMAGE_EXTS and s["offset"] is None:
-                s["offset"], s["size"] = m.offset_data, m.size
-            elif ext == "txt":
-                s["caption"] = tf.extractfile(m).read().decode("utf-8", errors="replace")
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                d, base = posixpath.split(m.name)
+                if "." not in base or base.startswith("."):
+                    continue
+                stem, ext = base.split(".", 1)
+                key, ext = posixpath.join(d, stem), ext.lower()
+                s = samples.setdefault(key, {"key": key, "offset": None, "size": None,
+                                             "caption": None})
+                if ext in IMAGE_EXTS and s["offset"] is None:
+                    s["offset"], s["size"] = m.offset_data, m.size
+                elif ext == "txt":
+                    s["caption"] = tf.extractfile(m).read().decode("utf-8", errors="replace")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        # A shard cut short (an interrupted download) keeps the samples read before the
+        # damage; a member cut in two fails its read and is counted as a bad sample.
+        log.warning("abd_fast.data: shard %s is damaged after %d samples (%s: %s); "
+                    "the rest of it is skipped", path, len(samples), type(e).__name__, e)
     return list(samples.values())
 
 

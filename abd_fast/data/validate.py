@@ -85,6 +85,8 @@ def _check_one(manifest, i: int) -> tuple[str, str, int, int]:
         return "missing file", "", 0, 0
     except OSError as e:
         return f"unreadable file ({e.strerror or e})", "", 0, 0
+    except ValueError as e:  # a path the OS cannot take (embedded NUL)
+        return f"unreadable path ({e})", "", 0, 0
     return check_image(data)
 
 
