@@ -1,0 +1,548 @@
+"""The run's report: report.json (schema in docs/REPORT.md), report.md and PNG plots.
+
+    paths = write_report(report, "runs/demo", embeddings={"victim": (clean, triggered), ...})
+
+write_report validates the report dict (ReportError names the bad field), writes report.json
+atomically (temp file + fsync + rename) and report.md, and draws:
+  ca_asr.png      CA top-1 / ASR bars per attack, one bar per model (victim and defenses)
+  embedding.png   clean vs triggered image embeddings, 2-D PCA per model state, with the
+                  mean distance d = mean_i (2 - 2 cos(clean_i, triggered_i)) (CleanCLIP Fig. 1)
+  similarity.png  ABD Fig. 2's five mean image-caption similarities (cosine x 100)
+Accuracies and rates are percentages (0-100). Nothing here trains or evaluates a model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# ---- the paper's numbers ---------------------------------------------------------------------
+
+PAPER_RECIPES = ("abd-paper",)  # `recipe:` of configs/paper/*.yaml
+# (CA top-1, ASR) in %, and Fig. 2 similarities (cosine x 100): RN50 CLIP poisoned on a 500K
+# CC3M subset (0.3% poisoned), defended on 250K pairs, evaluated on ImageNet-1K val, target
+# "banana". Table II's numbers are not legible in our copy of the paper, so none are printed.
+PAPER_REFERENCE = {
+    "source": "ABD: Adversarial Backdoor Defense for CLIP (shared/papers/"
+              "abd-adversarial-backdoor-defense.txt), Table I, Table III and Fig. 2",
+    "table1": {
+        "badnet": {"victim": (58.69, 96.51), "roclip": (46.6, 80.75),
+                   "cleanclip": (55.85, 14.02), "abd": (53.47, 5.36)},
+        "blended": {"victim": (58.48, 50.28), "roclip": (44.55, 26.96),
+                    "cleanclip": (55.53, 18.25), "abd": (53.29, 7.73)},
+        "badclip": {"victim": (58.62, 98.98), "roclip": (46.47, 89.97),
+                    "cleanclip": (53.98, 89.6), "abd": (53.4, 35.96)},
+    },
+    "table3": {
+        "badnet": {"uap": (53.29, 18.39), "uap_bd": (53.7, 10.49)},
+        "blended": {"uap": (54.05, 30.48), "uap_bd": (53.68, 18.15)},
+        "badclip": {"uap": (53.27, 48.3), "uap_bd": (53.7, 46.03)},
+    },
+    "similarity": {"clean_own_caption": 25.02, "triggered_backdoor_caption": 28.49,
+                   "adversarial_own_caption": 19.82, "adversarial_backdoor_caption": 16.04,
+                   "adversarial_unrelated_caption": 5.04},
+}
+
+# ---- names shown in the tables ---------------------------------------------------------------
+
+DEFENSES = ("ft", "cleanclip", "roclip", "abd")  # Table I's order; other names follow
+MODEL_LABELS = {"victim": "victim", "ft": "FT", "cleanclip": "CleanCLIP", "roclip": "RoCLIP",
+                "abd": "ABD"}
+TABLE2_ROWS = {"ft": "FT", "i_adv": "FT + I_adv", "t_eda": "FT + T_eda",
+               "i_adv_t_eda": "FT + I_adv + T_eda"}
+TABLE3_ROWS = {"uap": "UAP", "uap_bd": "UAP + L_bd"}
+SIMILARITY_ROWS = {
+    "clean_own_caption": "clean image / its own caption",
+    "triggered_backdoor_caption": "triggered image / backdoor (poison) captions",
+    "adversarial_own_caption": "adversarial image / its own caption",
+    "adversarial_backdoor_caption": "adversarial image / backdoor captions",
+    "adversarial_unrelated_caption": "adversarial image / unrelated captions",
+}
+TOP_KEYS = ("clean", "attacks", "ablations", "similarity", "timing", "settings", "notes")
+OPTIONAL_TOP_KEYS = ("machine", "schema_version")
+
+
+class ReportError(ValueError):
+    """A report dict that does not follow the schema of docs/REPORT.md."""
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_number(v, where: str, lo: float, hi: float, nullable: bool):
+    if v is None and nullable:
+        return
+    if not _is_number(v) or not lo <= v <= hi:
+        kind = f"a number in [{lo:g}, {hi:g}]" + (" or null" if nullable else "")
+        raise ReportError(f"{where}: expected {kind}, got {v!r}")
+
+
+def _check_result(r, where: str):
+    """An evaluation result (abd_fast.evaluate.evaluate's dict) or null (stage not run)."""
+    if r is None:
+        return
+    if not isinstance(r, dict):
+        raise ReportError(f"{where}: expected an evaluation result dict (ca_top1, asr, ...) "
+                          f"or null, got {type(r).__name__}")
+    if "ca_top1" not in r:
+        raise ReportError(f"{where}: missing 'ca_top1' (clean accuracy top-1, percent)")
+    _check_number(r["ca_top1"], f"{where}['ca_top1']", 0, 100, nullable=False)
+    for key in ("ca_top5", "asr"):
+        _check_number(r.get(key), f"{where}[{key!r}]", 0, 100, nullable=True)
+    _check_number(r.get("embedding_distance"), f"{where}['embedding_distance']", 0, 4,
+                  nullable=True)
+    for key in ("n_eval", "n_asr"):
+        v = r.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ReportError(f"{where}[{key!r}]: expected a count (int >= 0), got {v!r}")
+
+
+def _check_rows(table, where: str, rows: dict):
+    if table is None:
+        return
+    if not isinstance(table, dict) or not isinstance(table.get("attack"), str) \
+            or not isinstance(table.get("rows"), dict):
+        raise ReportError(f"{where}: expected null or {{'attack': str, 'rows': {{...}}}}")
+    for key, r in table["rows"].items():
+        if key not in rows:
+            raise ReportError(f"{where}['rows']: unknown row {key!r}; rows are {list(rows)}")
+        _check_result(r, f"{where}['rows'][{key!r}]")
+
+
+def validate_report(report) -> None:
+    """Raises ReportError naming the first field that breaks the schema of docs/REPORT.md."""
+    if not isinstance(report, dict):
+        raise ReportError(f"report: expected a dict, got {type(report).__name__}")
+    missing = [k for k in TOP_KEYS if k not in report]
+    if missing:
+        raise ReportError(f"report: missing keys {missing} (null where a part was not run)")
+    unknown = [k for k in report if k not in TOP_KEYS + OPTIONAL_TOP_KEYS]
+    if unknown:
+        raise ReportError(f"report: unknown keys {unknown}; keys are "
+                          f"{list(TOP_KEYS + OPTIONAL_TOP_KEYS)}")
+    _check_result(report["clean"], "report['clean']")
+    attacks = report["attacks"]
+    if not isinstance(attacks, dict):
+        raise ReportError("report['attacks']: expected {attack: {'victim': ..., defense: ...}}")
+    for attack, models in attacks.items():
+        where = f"report['attacks'][{attack!r}]"
+        if not isinstance(models, dict) or "victim" not in models:
+            raise ReportError(f"{where}: expected a dict with 'victim' and one result per "
+                              "defense")
+        for name, r in models.items():
+            _check_result(r, f"{where}[{name!r}]")
+    ablations = report["ablations"]
+    if not isinstance(ablations, dict) or set(ablations) != {"table2", "table3"}:
+        raise ReportError("report['ablations']: expected {'table2': ..., 'table3': ...} "
+                          "(null where not run)")
+    _check_rows(ablations["table2"], "report['ablations']['table2']", TABLE2_ROWS)
+    _check_rows(ablations["table3"], "report['ablations']['table3']", TABLE3_ROWS)
+    sim = report["similarity"]
+    if sim is not None:
+        if not isinstance(sim, dict):
+            raise ReportError("report['similarity']: expected null or a dict of the five "
+                              f"similarities {list(SIMILARITY_ROWS)}")
+        for key in SIMILARITY_ROWS:
+            if key not in sim:
+                raise ReportError(f"report['similarity']: missing {key!r}")
+            _check_number(sim[key], f"report['similarity'][{key!r}]", -100, 100,
+                          nullable=False)
+        extra = set(sim) - set(SIMILARITY_ROWS) - {"attack", "n_images"}
+        if extra:
+            raise ReportError(f"report['similarity']: unknown keys {sorted(extra)}")
+    timing = report["timing"]
+    if not isinstance(timing, dict):
+        raise ReportError("report['timing']: expected {stage: seconds}")
+    for stage, s in timing.items():
+        _check_number(s, f"report['timing'][{stage!r}]", 0, math.inf, nullable=False)
+    settings = report["settings"]
+    if not isinstance(settings, dict):
+        raise ReportError("report['settings']: expected a dict of the run's settings")
+    recipe = settings.get("recipe")
+    if recipe is not None and not isinstance(recipe, str):
+        raise ReportError(f"report['settings']['recipe']: expected a name or null, got "
+                          f"{recipe!r}")
+    notes = report["notes"]
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise ReportError("report['notes']: expected a list of strings")
+    if not isinstance(report.get("machine", {}), dict):
+        raise ReportError("report['machine']: expected a dict (see machine_info())")
+    if report.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise ReportError(f"report['schema_version']: this code writes version "
+                          f"{SCHEMA_VERSION}, got {report['schema_version']!r}")
+    try:
+        json.dumps(report, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ReportError(f"report: not JSON-serializable ({e}); store plain numbers, "
+                          "strings, lists and dicts") from e
+
+
+# ---- math for the plots ----------------------------------------------------------------------
+
+def _as_2d(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().double().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name}: expected features of shape [N, D] with N >= 1, got "
+                         f"{x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: features contain NaN or inf")
+    return x
+
+
+def pca_project(x, k: int = 2) -> np.ndarray:
+    """[N, D] features -> [N, k] coordinates on the top-k principal axes.
+
+    X_c = X - mean(X); X_c = U S V^T (thin SVD); returns X_c V[:, :k] = U[:, :k] S[:k].
+    Each axis' sign is fixed so that its largest-magnitude loading is positive
+    (deterministic plots). Needs k <= min(N, D)."""
+    x = _as_2d(x, "pca_project")
+    if not 1 <= k <= min(x.shape):
+        raise ValueError(f"pca_project: k={k} must be in [1, min(N, D) = {min(x.shape)}]")
+    xc = x - x.mean(0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    axes = vt[:k]
+    sign = np.sign(axes[np.arange(k), np.abs(axes).argmax(1)])
+    return xc @ (axes * sign[:, None]).T
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def mean_embedding_distance(clean, triggered) -> float:
+    """d = mean_i (2 - 2 cos(clean_i, triggered_i)) over paired rows [N, D] (CleanCLIP's
+    measure, as abd_fast.evaluate: 0 = identical directions, 2 = orthogonal)."""
+    a, b = _as_2d(clean, "clean features"), _as_2d(triggered, "triggered features")
+    if a.shape != b.shape:
+        raise ValueError(f"clean {a.shape} and triggered {b.shape} features must be paired "
+                         "rows of the same shape")
+    return float(np.mean(2 - 2 * (_unit(a) * _unit(b)).sum(1)))
+
+
+def similarity_analysis(*, clean_images, own_captions, triggered_images, backdoor_captions,
+                        adversarial_images, unrelated_captions) -> dict:
+    """ABD Fig. 2: five mean cosine similarities x 100 between image and caption embeddings.
+
+    clean_images, triggered_images, adversarial_images: [N, D] image features of the same N
+    images (clean, with the trigger, with the UAP); own_captions: [N, D] text features of each
+    image's caption; backdoor_captions: [M, D] poison captions naming the target;
+    unrelated_captions: [K, D] captions naming other classes. Paired means for the own
+    captions, means over all (image, caption) pairs for the caption sets."""
+    clean = _unit(_as_2d(clean_images, "clean_images"))
+    own = _unit(_as_2d(own_captions, "own_captions"))
+    trig = _unit(_as_2d(triggered_images, "triggered_images"))
+    adv = _unit(_as_2d(adversarial_images, "adversarial_images"))
+    bd = _unit(_as_2d(backdoor_captions, "backdoor_captions"))
+    other = _unit(_as_2d(unrelated_captions, "unrelated_captions"))
+    if not clean.shape == own.shape == trig.shape == adv.shape:
+        raise ValueError("clean/triggered/adversarial image features and own-caption features "
+                         f"must be paired [N, D]: {clean.shape}, {trig.shape}, {adv.shape}, "
+                         f"{own.shape}")
+    return {"clean_own_caption": 100 * float((clean * own).sum(1).mean()),
+            "triggered_backdoor_caption": 100 * float((trig @ bd.T).mean()),
+            "adversarial_own_caption": 100 * float((adv * own).sum(1).mean()),
+            "adversarial_backdoor_caption": 100 * float((adv @ bd.T).mean()),
+            "adversarial_unrelated_caption": 100 * float((adv @ other.T).mean()),
+            "n_images": int(clean.shape[0])}
+
+
+# ---- plots -----------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _model_order(models) -> list[str]:
+    """victim, the four paper defenses in Table I's order, then any other defense."""
+    order = ["victim"] + [d for d in DEFENSES if d in models]
+    return order + sorted(m for m in models if m not in order)
+
+
+def ca_asr_figure(report: dict, path) -> Path:
+    """Grouped bars: CA top-1 (left) and ASR (right) per attack, one bar per model."""
+    plt = _pyplot()
+    attacks = list(report["attacks"])
+    models = _model_order({m for ms in report["attacks"].values() for m in ms})
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 2.2 * len(attacks) + 4), 3.6))
+    width = 0.8 / len(models)
+    for ax, metric, title in ((axes[0], "ca_top1", "clean accuracy top-1 (%)"),
+                              (axes[1], "asr", "attack success rate (%)")):
+        for j, m in enumerate(models):
+            xs, ys = [], []
+            for i, a in enumerate(attacks):
+                r = report["attacks"][a].get(m)
+                if r is not None and r.get(metric) is not None:
+                    xs.append(i + (j - (len(models) - 1) / 2) * width)
+                    ys.append(r[metric])
+            ax.bar(xs, ys, width, label=MODEL_LABELS.get(m, m))
+        clean = report["clean"]
+        if metric == "ca_top1" and clean is not None:
+            ax.axhline(clean["ca_top1"], color="k", ls="--", lw=1, label="clean model")
+        ax.set_xticks(range(len(attacks)), attacks)
+        ax.set_ylim(0, 100)
+        ax.set_title(title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+               bbox_to_anchor=(0.5, -0.06), frameon=False)
+    return _save(fig, Path(path))
+
+
+def embedding_figure(panels: dict, path, *, max_points: int = 500) -> Path:
+    """One panel per model state: {title: (clean [N, D], triggered [N, D])} paired features.
+
+    Each panel: 2-D PCA fit on the union of its clean and triggered rows (features L2-
+    normalized first, as the model's cosine geometry), a scatter of both, and
+    d = mean(2 - 2 cos) in the title (CleanCLIP Fig. 1). At most max_points pairs are drawn
+    (the first ones); d uses all rows."""
+    if not panels:
+        raise ValueError("embedding_figure: no panels given")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, pair) in zip(axes[0], panels.items()):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"embedding panel {title!r}: expected (clean, triggered) features")
+        d = mean_embedding_distance(*pair)
+        clean = _unit(_as_2d(pair[0], f"{title}: clean"))[:max_points]
+        trig = _unit(_as_2d(pair[1], f"{title}: triggered"))[:max_points]
+        xy = pca_project(np.concatenate([clean, trig]), 2)
+        n = len(clean)
+        ax.scatter(*xy[:n].T, s=6, alpha=0.6, label="clean")
+        ax.scatter(*xy[n:].T, s=6, alpha=0.6, label="triggered")
+        ax.set_title(f"{title}\nd = {d:.3f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def similarity_figure(similarity: dict, path) -> Path:
+    """Horizontal bars of ABD Fig. 2's five similarities (cosine x 100)."""
+    plt = _pyplot()
+    keys = list(SIMILARITY_ROWS)
+    fig, ax = plt.subplots(figsize=(6.5, 2.8))
+    bars = ax.barh(range(len(keys)), [similarity[k] for k in keys], color="tab:purple")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    ax.set_yticks(range(len(keys)), [SIMILARITY_ROWS[k] for k in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("mean cosine similarity x 100")
+    attack = similarity.get("attack")
+    ax.set_title("similarity analysis" + (f" ({attack} victim)" if attack else ""))
+    return _save(fig, Path(path))
+
+
+# ---- markdown --------------------------------------------------------------------------------
+
+def _fmt(v, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _cell(v) -> str:
+    s = v if isinstance(v, str) else json.dumps(v)
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+
+def machine_info() -> dict:
+    """Where the run ran: OS, Python, torch, CPU model and cores, GPUs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return info
+
+
+def paper_recipe(report: dict) -> bool:
+    """True when the run followed one of the paper's recipes (its numbers are printed)."""
+    return report["settings"].get("recipe") in PAPER_RECIPES
+
+
+def render_markdown(report: dict, plots: dict | None = None) -> str:
+    """report.md: settings and machine, Table I, Table II, Table III, similarity, timing,
+    plots (file names relative to report.md) and notes. With a paper recipe, the paper's
+    numbers (PAPER_REFERENCE) stand beside ours."""
+    paper = paper_recipe(report)
+    ref = PAPER_REFERENCE
+    out = ["# abd_fast report", ""]
+    settings = report["settings"]
+    out += ["## Run", ""]
+    out += _table(["setting", "value"], [[_cell(k), _cell(v)] for k, v in settings.items()])
+    if settings.get("recipe") and not paper:
+        out += [f"Recipe `{settings['recipe']}` has no paper reference numbers "
+                f"(paper recipes: {', '.join(PAPER_RECIPES)}).", ""]
+    machine = report.get("machine") or {}
+    if machine:
+        shown = {k: (", ".join(map(str, v)) or "none") if isinstance(v, list) else v
+                 for k, v in machine.items()}
+        out += ["Machine: " + "; ".join(f"{k} {_cell(v)}" for k, v in shown.items()), ""]
+
+    clean = report["clean"]
+    out += ["## Clean model", ""]
+    out += ([f"Zero-shot CA top-1 {_fmt(clean['ca_top1'])}%, top-5 "
+             f"{_fmt(clean.get('ca_top5'))}% ({clean.get('n_eval', '?')} images).", ""]
+            if clean is not None else ["Not evaluated.", ""])
+
+    out += ["## Table I: clean accuracy and attack success rate (%)", "",
+            "ASR = share of non-target-class images classified as the target once triggered "
+            "(target-class images excluded); d = mean 2 - 2cos between clean and triggered "
+            "image embeddings.", ""]
+    header = ["attack", "model", "CA top-1", "ASR", "d"]
+    if paper:
+        header += ["paper CA", "paper ASR"]
+    rows = []
+    for attack, models in report["attacks"].items():
+        for m in _model_order(models):
+            r = models.get(m) or {}
+            row = [attack, MODEL_LABELS.get(m, m), _fmt(r.get("ca_top1")), _fmt(r.get("asr")),
+                   _fmt(r.get("embedding_distance"), 3)]
+            if paper:
+                p = ref["table1"].get(attack, {}).get(m, (None, None))
+                row += [_fmt(p[0]), _fmt(p[1])]
+            rows.append(row)
+    out += _table(header, rows) if rows else ["No attack was run.", ""]
+    if paper:
+        out += [f"Paper numbers (RN50 CLIP, CC3M subsets, ImageNet-1K val; comparable only at "
+                f"the recipe's full scale): {ref['source']}.", ""]
+
+    ablations = report["ablations"]
+    for key, title, names in (("table2", "Table II: ABD's views (FT, +I_adv, +T_eda, both)",
+                               TABLE2_ROWS),
+                              ("table3", "Table III: UAP vs UAP + backdoor loss L_bd",
+                               TABLE3_ROWS)):
+        t = ablations[key]
+        out += [f"## {title}", ""]
+        if t is None:
+            out += ["Not run.", ""]
+            continue
+        attack = t["attack"]
+        header = ["setting", "CA top-1", "ASR"] + (["paper CA", "paper ASR"] if paper and
+                                                   key == "table3" else [])
+        rows = []
+        for row_key, label in names.items():
+            if row_key not in t["rows"]:
+                continue
+            r = t["rows"][row_key] or {}
+            row = [label, _fmt(r.get("ca_top1")), _fmt(r.get("asr"))]
+            if len(header) == 5:
+                p = ref["table3"].get(attack, {}).get(row_key, (None, None))
+                row += [_fmt(p[0]), _fmt(p[1])]
+            rows.append(row)
+        out += [f"Attack: {attack}.", ""] + _table(header, rows)
+
+    sim = report["similarity"]
+    out += ["## Similarity analysis (ABD Fig. 2): mean cosine x 100", ""]
+    if sim is None:
+        out += ["Not run.", ""]
+    else:
+        if sim.get("attack"):
+            out += [f"On the {sim['attack']} victim"
+                    + (f", {sim['n_images']} images." if sim.get("n_images") else "."), ""]
+        header = ["image / caption", "ours"] + (["paper"] if paper else [])
+        out += _table(header, [[label, _fmt(sim[k])] + ([_fmt(ref["similarity"][k])]
+                                                         if paper else [])
+                               for k, label in SIMILARITY_ROWS.items()])
+
+    timing = report["timing"]
+    out += ["## Timing", ""]
+    rows = [[_cell(stage), f"{s:.1f}"] for stage, s in timing.items()]
+    if "total" not in timing and timing:
+        rows.append(["total", f"{sum(timing.values()):.1f}"])
+    out += _table(["stage", "seconds"], rows) if rows else ["No timing recorded.", ""]
+
+    if plots:
+        out += ["## Plots", ""]
+        captions = {"ca_asr": "CA and ASR per attack and defense",
+                    "embedding": "clean vs triggered image embeddings (PCA)",
+                    "similarity": "similarity analysis"}
+        out += [f"![{captions.get(k, k)}]({name})" for k, name in plots.items()] + [""]
+
+    if report["notes"]:
+        out += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(out)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, text: str):
+    """Temp file in the same directory, fsync, rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_report(report: dict, out_dir, *, embeddings: dict | None = None) -> dict:
+    """Validates `report` (ReportError on a malformed dict) and writes into out_dir:
+    report.json, report.md, ca_asr.png (when an attack was run), embedding.png (when
+    `embeddings` = {panel title: (clean [N, D], triggered [N, D])} is given) and
+    similarity.png (when report["similarity"] is set). report.json is the input plus
+    "schema_version" and, unless given, "machine" (machine_info()).
+
+    Returns {"json", "md", "ca_asr", "embedding", "similarity"}: Paths, None for plots not
+    drawn."""
+    validate_report(report)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = dict(report, schema_version=SCHEMA_VERSION)
+    data.setdefault("machine", machine_info())
+    paths = {"json": out / "report.json", "md": out / "report.md", "ca_asr": None,
+             "embedding": None, "similarity": None}
+    if any(any(r is not None for r in ms.values()) for ms in report["attacks"].values()):
+        paths["ca_asr"] = ca_asr_figure(report, out / "ca_asr.png")
+    if embeddings:
+        paths["embedding"] = embedding_figure(embeddings, out / "embedding.png")
+    if report["similarity"] is not None:
+        paths["similarity"] = similarity_figure(report["similarity"], out / "similarity.png")
+    plots = {k: paths[k].name for k in ("ca_asr", "embedding", "similarity") if paths[k]}
+    _atomic_write(paths["md"], render_markdown(data, plots))
+    _atomic_write(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
+    return paths

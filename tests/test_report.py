@@ -1,0 +1,281 @@
+"""abd_fast.report: schema validation, report.json / report.md / PNG outputs, the PCA and
+similarity helpers, and the paper recipes in configs/paper.
+
+Every number in the report dicts below is MADE-UP TEST INPUT (random draws), not a result."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from abd_fast import report as rp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _result(g: np.random.Generator, asr=True) -> dict:
+    """A made-up evaluation result in abd_fast.evaluate's format."""
+    return {"ca_top1": float(g.uniform(20, 80)), "ca_top5": float(g.uniform(80, 100)),
+            "asr": float(g.uniform(0, 100)) if asr else None, "n_eval": 997, "n_asr": 901,
+            "embedding_distance": float(g.uniform(0, 2)) if asr else None}
+
+
+def synthetic_report(seed: int = 0, recipe=None) -> dict:
+    """A complete report dict of made-up numbers (test input only)."""
+    g = np.random.default_rng(seed)
+    attacks = {a: {m: _result(g) for m in ("victim", "ft", "cleanclip", "roclip", "abd")}
+               for a in ("badnet", "blended", "badclip")}
+    return {
+        "clean": _result(g, asr=False),
+        "attacks": attacks,
+        "ablations": {
+            "table2": {"attack": "badnet",
+                       "rows": {k: _result(g) for k in ("ft", "i_adv", "t_eda", "i_adv_t_eda")}},
+            "table3": {"attack": "badnet", "rows": {k: _result(g) for k in ("uap", "uap_bd")}},
+        },
+        "similarity": {"attack": "badnet", "n_images": 37,
+                       **{k: float(g.uniform(-30, 40)) for k in rp.SIMILARITY_ROWS}},
+        "timing": {"clean": float(g.uniform(1, 99)), "poison/badnet": float(g.uniform(1, 99)),
+                   "uap/badnet": float(g.uniform(1, 99))},
+        "settings": {"model": "abd-tiny-rn", "image_size": 32, "seed": seed, "recipe": recipe,
+                     "train_data": "a|b.csv"},
+        "notes": ["test input: every number here is made up",
+                  "no reference model: the poisoned encoder stood in"],
+    }
+
+
+def _embeddings(g: torch.Generator):
+    # Odd sizes; the triggered features of the "victim" collapse toward one direction.
+    clean = torch.randn(37, 13, generator=g)
+    return {"victim (badnet)": (clean, 0.2 * clean + torch.randn(13, generator=g) * 3),
+            "abd": (clean, clean + 0.1 * torch.randn(37, 13, generator=g))}
+
+
+def test_write_report_outputs(tmp_path):
+    rep = synthetic_report(1)
+    paths = rp.write_report(rep, tmp_path / "run", embeddings=_embeddings(torch.Generator()
+                                                                            .manual_seed(3)))
+    data = json.loads(paths["json"].read_text())
+    rp.validate_report(data)  # the written file follows the schema it documents
+    assert data["schema_version"] == rp.SCHEMA_VERSION and data["machine"]["cores"] >= 1
+    assert data["attacks"]["blended"]["abd"]["asr"] == pytest.approx(
+        rep["attacks"]["blended"]["abd"]["asr"])
+    assert not list((tmp_path / "run").glob(".*tmp"))  # no temp files left
+    md = paths["md"].read_text()
+    for title in ("Table I", "Table II", "Table III", "Similarity analysis", "Timing"):
+        assert f"## {title}" in md
+    # Table I row of blended / CleanCLIP carries that result's numbers.
+    r = rep["attacks"]["blended"]["cleanclip"]
+    assert f"| blended | CleanCLIP | {r['ca_top1']:.2f} | {r['asr']:.2f} |" in md
+    t3 = rep["ablations"]["table3"]["rows"]["uap_bd"]
+    assert f"| UAP + L_bd | {t3['ca_top1']:.2f} | {t3['asr']:.2f} |" in md
+    assert f"| total | {sum(rep['timing'].values()):.1f} |" in md
+    assert "a\\|b.csv" in md  # a '|' in a setting does not break the table
+    assert "no reference model" in md
+    for key in ("ca_asr", "embedding", "similarity"):
+        assert f"]({paths[key].name})" in md
+        with Image.open(paths[key]) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_parts_not_run(tmp_path):
+    rep = synthetic_report(2)
+    rep["ablations"] = {"table2": None, "table3": None}
+    rep["similarity"] = None
+    rep["clean"] = None
+    rep["attacks"]["badnet"]["roclip"] = None
+    paths = rp.write_report(rep, tmp_path)
+    assert paths["similarity"] is None and paths["embedding"] is None
+    assert not (tmp_path / "similarity.png").exists()
+    md = paths["md"].read_text()
+    assert md.count("Not run.") == 3
+    assert "| badnet | RoCLIP | — | — | — |" in md
+
+
+def _break(rep, path, value):
+    *parents, last = path
+    obj = rep
+    for p in parents:
+        obj = obj[p]
+    if value is KeyError:
+        del obj[last]
+    else:
+        obj[last] = value
+    return rep
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("attacks", "badnet", "abd", "asr"), 140.0, "['abd']['asr']: expected a number in [0, 100]"),
+    (("attacks", "badnet", "abd", "asr"), math.nan, "['abd']['asr']"),
+    (("attacks", "badnet", "abd", "ca_top1"), None, "['ca_top1']: expected a number"),
+    (("attacks", "badnet", "abd", "ca_top1"), KeyError, "missing 'ca_top1'"),
+    (("attacks", "badnet", "victim"), KeyError, "expected a dict with 'victim'"),
+    (("attacks", "blended", "ft"), [51.0, 3.0], "['ft']: expected an evaluation result"),
+    (("attacks", "badnet", "ft", "n_asr"), -3, "['n_asr']: expected a count"),
+    (("timing", "uap/badnet"), -1.5, "report['timing']['uap/badnet']"),
+    (("clean",), KeyError, "missing keys ['clean']"),
+    (("ablations", "table2", "rows", "both"), {"ca_top1": 50.0}, "unknown row 'both'"),
+    (("ablations", "table3"), KeyError, "expected {'table2': ..., 'table3': ...}"),
+    (("similarity", "adversarial_own_caption"), KeyError, "missing 'adversarial_own_caption'"),
+    (("similarity", "clean_own_caption"), 250.0, "['clean_own_caption']"),
+    (("settings", "recipe"), 3, "['recipe']: expected a name or null"),
+    (("notes",), "a note", "report['notes']: expected a list of strings"),
+    (("settings", "output"), Path("/tmp/x"), "not JSON-serializable"),
+    (("extra_field",), 1, "unknown keys ['extra_field']"),
+    (("machine",), "2 cores", "report['machine']: expected a dict"),
+    (("schema_version",), 7, "writes version 1, got 7"),
+])
+def test_malformed_report_rejected(tmp_path, path, value, message):
+    rep = _break(synthetic_report(3), path, value)
+    with pytest.raises(rp.ReportError) as e:
+        rp.write_report(rep, tmp_path)
+    assert message in str(e.value)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_report_not_a_dict():
+    with pytest.raises(rp.ReportError, match="expected a dict"):
+        rp.validate_report([1, 2])
+
+
+def test_paper_numbers_only_with_paper_recipe(tmp_path):
+    badnet_victim = "58.69 | 96.51"
+    md_none = rp.write_report(synthetic_report(4), tmp_path / "a")["md"].read_text()
+    md_other = rp.write_report(synthetic_report(4, recipe="my-recipe"),
+                               tmp_path / "b")["md"].read_text()
+    md_paper = rp.write_report(synthetic_report(4, recipe="abd-paper"),
+                               tmp_path / "c")["md"].read_text()
+    for md in (md_none, md_other):
+        assert badnet_victim not in md and "paper CA" not in md
+    assert "no paper reference numbers" in md_other
+    assert "paper CA" in md_paper and rp.PAPER_REFERENCE["source"] in md_paper
+    ref = rp.PAPER_REFERENCE["table1"]
+    for attack, models in ref.items():
+        for m, (ca, asr) in models.items():
+            assert f"| {attack} | {rp.MODEL_LABELS[m]} | " in md_paper
+            assert f"| {ca:.2f} | {asr:.2f} |" in md_paper
+    assert "| 53.70 | 10.49 |" in md_paper  # Table III, badnet, UAP + L_bd
+    assert "| 25.02 |" in md_paper  # Fig. 2, clean image / own caption
+
+
+@pytest.mark.parametrize("n, d", [(37, 13), (5, 29), (101, 3)])
+def test_pca_project_matches_svd(n, d):
+    g = np.random.default_rng(n * d)
+    x = g.normal(size=(n, d)) * g.uniform(0.5, 3, size=d) + g.normal(size=d)
+    got = rp.pca_project(torch.from_numpy(x).float(), 2)
+    xc = x - x.mean(0)
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    want = u[:, :2] * s[:2]
+    assert got.shape == (n, 2)
+    # Same axes up to sign (float32 input: tolerance of its rounding).
+    for k in range(2):
+        sign = np.sign(got[:, k] @ want[:, k])
+        np.testing.assert_allclose(got[:, k], sign * want[:, k], rtol=1e-4, atol=1e-4)
+    # Column variances are the top eigenvalues of the covariance, in decreasing order.
+    eig = np.sort(np.linalg.eigvalsh(np.cov(x.T)))[::-1]
+    np.testing.assert_allclose(got.var(0, ddof=1), eig[:2], rtol=1e-4)
+    # Deterministic sign: the same data shifted and row-permuted gives the same points.
+    perm = g.permutation(n)
+    np.testing.assert_allclose(rp.pca_project(x[perm] + 5.0, 2), rp.pca_project(x, 2)[perm],
+                               atol=1e-8)
+
+
+def test_pca_project_bad_input():
+    with pytest.raises(ValueError, match=r"k=4 must be in \[1, min\(N, D\) = 3\]"):
+        rp.pca_project(np.random.default_rng(0).normal(size=(7, 3)), 4)
+    with pytest.raises(ValueError, match="shape"):
+        rp.pca_project(np.ones(5), 1)
+
+
+def test_mean_distance_and_similarity_match_loops():
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(23, 9, generator=g), torch.randn(23, 9, generator=g)
+    want = sum(2 - 2 * torch.nn.functional.cosine_similarity(a[i], b[i], dim=0).item()
+               for i in range(23)) / 23
+    assert rp.mean_embedding_distance(a, b) == pytest.approx(want, rel=1e-5)
+    assert rp.mean_embedding_distance(a, 3 * a) == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="paired"):
+        rp.mean_embedding_distance(a, b[:5])
+
+    clean, own, trig, adv = (torch.randn(23, 9, generator=g) for _ in range(4))
+    bd, other = torch.randn(7, 9, generator=g), torch.randn(11, 9, generator=g)
+    s = rp.similarity_analysis(clean_images=clean, own_captions=own, triggered_images=trig,
+                               backdoor_captions=bd, adversarial_images=adv,
+                               unrelated_captions=other)
+    cos = torch.nn.functional.cosine_similarity
+
+    def mean_all(x, y):
+        return sum(cos(x[i], y[j], dim=0).item() for i in range(len(x))
+                   for j in range(len(y))) / (len(x) * len(y))
+    assert s["clean_own_caption"] == pytest.approx(100 * cos(clean, own).mean().item(), rel=1e-5)
+    assert s["adversarial_own_caption"] == pytest.approx(100 * cos(adv, own).mean().item(),
+                                                         rel=1e-5)
+    assert s["triggered_backdoor_caption"] == pytest.approx(100 * mean_all(trig, bd), rel=1e-5)
+    assert s["adversarial_backdoor_caption"] == pytest.approx(100 * mean_all(adv, bd), rel=1e-5)
+    assert s["adversarial_unrelated_caption"] == pytest.approx(100 * mean_all(adv, other),
+                                                               rel=1e-5)
+    rep = synthetic_report(5)
+    rep["similarity"] = dict(s, attack="badnet")
+    rp.validate_report(rep)  # its output fits the schema as is
+
+
+# ---- configs/paper ---------------------------------------------------------------------------
+
+PAPER_CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+def _load(path):
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+def test_paper_configs_follow_the_recipes():
+    names = {p.stem: _load(p) for p in PAPER_CONFIGS}
+    assert {"poison-badnet", "poison-blended", "poison-badclip", "uap", "defend-abd",
+            "defend-cleanclip", "defend-ft", "defend-roclip", "eval"} <= set(names)
+    for stem, cfg in names.items():
+        assert cfg["recipe"] in rp.PAPER_RECIPES, stem
+        assert all(k == k.lower() and "_" not in k for k in cfg), f"{stem}: keys are kebab-case"
+        assert cfg.get("model", "RN50") == "RN50", stem
+    for attack in ("badnet", "blended", "badclip"):
+        c = names[f"poison-{attack}"]
+        assert (c["attack"], c["poison-count"], c["batch-size"], c["lr"], c["warmup"]) == \
+            (attack, 1500, 128, 1e-6, 50)
+        assert c["epochs"] == (10 if attack == "badclip" else 5)
+        assert c["target-label"] == "banana"
+    assert (names["uap"]["batch-size"], names["uap"]["epochs"], names["uap"]["mode"],
+            names["uap"]["patch-area"]) == (16, 20, "patch", 0.03)
+    abd = names["defend-abd"]
+    assert (abd["method"], abd["batch-size"], abd["lr"], abd["epochs"]) == ("abd", 64, 3e-6, 10)
+    cc = names["defend-cleanclip"]
+    assert (cc["method"], cc["batch-size"], cc["lr"], cc["epochs"], cc["warmup"]) == \
+        ("cleanclip", 64, 1e-5, 10, 50)
+    assert names["eval"]["target-label"] == "banana"
+
+
+def test_paper_configs_parse_with_the_cli(tmp_path):
+    """Every key except `recipe` is a flag of its command in abd_fast.train (when the command
+    exists in this checkout)."""
+    import yaml
+    from abd_fast import train
+    if not hasattr(train, "_yaml_values"):
+        pytest.skip("abd_fast.train has no YAML config loader in this checkout (engine branch "
+                    "not merged)")
+    stages = train.build_parser()._subparsers._group_actions[0].choices
+    checked = 0
+    for path in PAPER_CONFIGS:
+        command = path.stem.split("-")[0]
+        if command not in stages:
+            print(f"{path.name}: command {command!r} not in this checkout's CLI, not checked")
+            continue
+        cfg = {k: v for k, v in _load(path).items() if k != "recipe"}
+        tmp = tmp_path / path.name
+        tmp.write_text(yaml.safe_dump(cfg))
+        train._yaml_values(str(tmp), stages[command])
+        checked += 1
+    if checked == 0:
+        pytest.skip("none of the paper configs' commands exist in this checkout's CLI")
