@@ -250,7 +250,8 @@ class Trainer:
     in checkpoints. extra: {name: object with state_dict()/load_state_dict()} saved and
     restored with the checkpoint (a stage's other modules or optimizers).
     precision: "bf16" (autocast), "fp16" (autocast + GradScaler) or "fp32"; default bf16 on
-    GPU, fp32 on CPU.
+    GPU, fp32 on CPU. optimizer: a factory model -> torch optimizer (default: AdamW with
+    make_optimizer's groups); schedule: "cosine" (warmup + cosine to 0, lr_at) or "constant".
 
     Files in output_dir (rank 0 only): checkpoint.pt (atomic; model, optimizer, scaler, step,
     epoch, batch position in the epoch, RNG states of every rank, config, extra) and
@@ -263,7 +264,8 @@ class Trainer:
                  config: dict | None = None, dist_info: DistInfo | None = None,
                  precision: str | None = None, extra: dict | None = None,
                  progress: bool | None = None, desc: str = "train",
-                 on_epoch_end: Callable | None = None):
+                 on_epoch_end: Callable | None = None, optimizer: Callable | None = None,
+                 schedule: str = "cosine"):
         if epochs < 1 or lr <= 0 or warmup < 0 or checkpoint_every < 0:
             raise ValueError("epochs >= 1, lr > 0, warmup >= 0 and checkpoint_every >= 0 needed")
         self.info = dist_info or DistInfo()
@@ -285,7 +287,11 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError("the training loader yields no batch (fewer samples than a batch)")
         self.total_steps = epochs * self.steps_per_epoch
-        self.optimizer = make_optimizer(self.model, lr, weight_decay)
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
+        self.schedule = schedule
+        self.optimizer = (make_optimizer(self.model, lr, weight_decay) if optimizer is None
+                          else optimizer(self.model))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.step = self.epoch = self.batch = 0
         self.checkpoint_path = self.output_dir / "checkpoint.pt"
@@ -381,7 +387,8 @@ class Trainer:
                 self.loader.set_epoch(epoch, start_batch=self.batch)
                 t_step = time.perf_counter()
                 for batch in self.loader:
-                    lr = lr_at(self.step, self.lr, self.warmup, self.total_steps)
+                    lr = (lr_at(self.step, self.lr, self.warmup, self.total_steps)
+                          if self.schedule == "cosine" else self.lr)
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
                     with self._autocast():

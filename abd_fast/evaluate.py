@@ -154,16 +154,17 @@ def similarity_analysis(model, loader, *, target: str, trigger=None, uap=None, m
                         templates=None) -> dict:
     """ABD Fig. 2: five mean image-caption cosine similarities (x100) on caption data.
 
-      clean_own              clean image, its own caption
-      triggered_backdoor     triggered image, the backdoor captions
-      adversarial_own        image with the UAP, its own caption
-      adversarial_backdoor   image with the UAP, the backdoor captions
-      adversarial_unrelated  image with the UAP, another sample's caption (the batch rolled by
-                             one: unrelated content)
+      clean_own_caption              clean image, its own caption
+      triggered_backdoor_caption     triggered image, the backdoor captions
+      adversarial_own_caption        image with the UAP, its own caption
+      adversarial_backdoor_caption   image with the UAP, the backdoor captions
+      adversarial_unrelated_caption  image with the UAP, another sample's caption (the batch
+                                     rolled by one: unrelated content)
     The backdoor captions are the 80 OpenAI templates filled with the target class name (the
     captions the attack pairs with triggered images); a "backdoor" similarity is the mean
     over them. trigger: an attack Trigger; uap: a defenses.uap.UAP; either may be None (its
-    entries are then None). Returns the five values and n, the number of images."""
+    entries are then None). Returns the five values, n_images and target (report.json's
+    "similarity" schema, docs/REPORT.md)."""
     templates = _templates() if templates is None else templates
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
     sums = torch.zeros(5, dtype=torch.float64)
@@ -196,9 +197,9 @@ def similarity_analysis(model, loader, *, target: str, trigger=None, uap=None, m
     if n == 0:
         raise ValueError("the similarity analysis saw no images")
     v = (100 * sums / n).tolist()
-    return {"clean_own": v[0],
-            "triggered_backdoor": v[1] if trigger is not None else None,
-            "adversarial_own": v[2] if uap is not None else None,
-            "adversarial_backdoor": v[3] if uap is not None else None,
-            "adversarial_unrelated": v[4] if uap is not None else None,
-            "n": n, "target": target}
+    return {"clean_own_caption": v[0],
+            "triggered_backdoor_caption": v[1] if trigger is not None else None,
+            "adversarial_own_caption": v[2] if uap is not None else None,
+            "adversarial_backdoor_caption": v[3] if uap is not None else None,
+            "adversarial_unrelated_caption": v[4] if uap is not None else None,
+            "n_images": n, "target": target}

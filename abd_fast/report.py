@@ -156,7 +156,7 @@ def validate_report(report) -> None:
                 raise ReportError(f"report['similarity']: missing {key!r}")
             _check_number(sim[key], f"report['similarity'][{key!r}]", -100, 100,
                           nullable=False)
-        extra = set(sim) - set(SIMILARITY_ROWS) - {"attack", "n_images"}
+        extra = set(sim) - set(SIMILARITY_ROWS) - {"attack", "n_images", "target"}
         if extra:
             raise ReportError(f"report['similarity']: unknown keys {sorted(extra)}")
     timing = report["timing"]
@@ -228,33 +228,6 @@ def mean_embedding_distance(clean, triggered) -> float:
         raise ValueError(f"clean {a.shape} and triggered {b.shape} features must be paired "
                          "rows of the same shape")
     return float(np.mean(2 - 2 * (_unit(a) * _unit(b)).sum(1)))
-
-
-def similarity_analysis(*, clean_images, own_captions, triggered_images, backdoor_captions,
-                        adversarial_images, unrelated_captions) -> dict:
-    """ABD Fig. 2: five mean cosine similarities x 100 between image and caption embeddings.
-
-    clean_images, triggered_images, adversarial_images: [N, D] image features of the same N
-    images (clean, with the trigger, with the UAP); own_captions: [N, D] text features of each
-    image's caption; backdoor_captions: [M, D] poison captions naming the target;
-    unrelated_captions: [K, D] captions naming other classes. Paired means for the own
-    captions, means over all (image, caption) pairs for the caption sets."""
-    clean = _unit(_as_2d(clean_images, "clean_images"))
-    own = _unit(_as_2d(own_captions, "own_captions"))
-    trig = _unit(_as_2d(triggered_images, "triggered_images"))
-    adv = _unit(_as_2d(adversarial_images, "adversarial_images"))
-    bd = _unit(_as_2d(backdoor_captions, "backdoor_captions"))
-    other = _unit(_as_2d(unrelated_captions, "unrelated_captions"))
-    if not clean.shape == own.shape == trig.shape == adv.shape:
-        raise ValueError("clean/triggered/adversarial image features and own-caption features "
-                         f"must be paired [N, D]: {clean.shape}, {trig.shape}, {adv.shape}, "
-                         f"{own.shape}")
-    return {"clean_own_caption": 100 * float((clean * own).sum(1).mean()),
-            "triggered_backdoor_caption": 100 * float((trig @ bd.T).mean()),
-            "adversarial_own_caption": 100 * float((adv * own).sum(1).mean()),
-            "adversarial_backdoor_caption": 100 * float((adv @ bd.T).mean()),
-            "adversarial_unrelated_caption": 100 * float((adv @ other.T).mean()),
-            "n_images": int(clean.shape[0])}
 
 
 # ---- plots -----------------------------------------------------------------------------------

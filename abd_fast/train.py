@@ -446,16 +446,19 @@ class _Run:
             return loss(image_features, text_features, scale)
         return loss_fn
 
-    def fit(self, loss_fn, loader, desc: str) -> dict:
+    def fit(self, loss_fn, loader, desc: str, module=None, **trainer_kw) -> dict:
+        """Trains `module` (default: the CLIP) with loss_fn through the engine's Trainer;
+        trainer_kw: its other options (optimizer, schedule, extra)."""
         from abd_fast.engine import Trainer
         cfg = self.cfg
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()
                   if k != "resume"}
-        trainer = Trainer(self.model, loader, loss_fn, lr=cfg["lr"], epochs=cfg["epochs"],
-                          warmup=cfg["warmup"], output_dir=cfg["output"], seed=cfg["seed"],
+        trainer = Trainer(self.model if module is None else module, loader, loss_fn,
+                          lr=cfg["lr"], epochs=cfg["epochs"], warmup=cfg["warmup"],
+                          output_dir=cfg["output"], seed=cfg["seed"],
                           checkpoint_every=cfg["checkpoint_every"], compile=cfg["compile"],
                           resume=cfg.get("resume"), config=config, dist_info=self.info,
-                          desc=desc)
+                          desc=desc, **trainer_kw)
         return trainer.fit()
 
     def evaluate(self, loader, trigger=None) -> dict | None:

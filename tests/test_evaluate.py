@@ -168,24 +168,24 @@ def test_similarity_analysis_matches_direct_computation(tiny):
         img = lambda x: F.normalize(model.encode_image(x), dim=-1)  # noqa: E731
         txt = lambda t: F.normalize(model.encode_text(tokenizer(t)), dim=-1)  # noqa: E731
         backdoor = txt([t("star") for t in OPENAI_IMAGENET_TEMPLATES])
-        want = {k: 0.0 for k in ("clean_own", "triggered_backdoor", "adversarial_own",
-                                 "adversarial_backdoor", "adversarial_unrelated")}
+        want = {k: 0.0 for k in ("clean_own_caption", "triggered_backdoor_caption", "adversarial_own_caption",
+                                 "adversarial_backdoor_caption", "adversarial_unrelated_caption")}
         for b in batches:
             own = txt(b.captions)
             clean = img(trigger.apply(b.images, b.ids, rows=torch.zeros(len(b), dtype=torch.bool),
                                       mean=MEAN, std=STD))
             trig = img(trigger.apply(b.images, b.ids, mean=MEAN, std=STD))
             adv = img(uap.apply(b.images, b.ids, mean=MEAN, std=STD))
-            want["clean_own"] += (clean * own).sum().item()
-            want["triggered_backdoor"] += (trig @ backdoor.T).mean(1).sum().item()
-            want["adversarial_own"] += (adv * own).sum().item()
-            want["adversarial_backdoor"] += (adv @ backdoor.T).mean(1).sum().item()
+            want["clean_own_caption"] += (clean * own).sum().item()
+            want["triggered_backdoor_caption"] += (trig @ backdoor.T).mean(1).sum().item()
+            want["adversarial_own_caption"] += (adv * own).sum().item()
+            want["adversarial_backdoor_caption"] += (adv @ backdoor.T).mean(1).sum().item()
             unrelated = own[[len(b) - 1] + list(range(len(b) - 1))]
-            want["adversarial_unrelated"] += (adv * unrelated).sum().item()
+            want["adversarial_unrelated_caption"] += (adv * unrelated).sum().item()
     for k, v in want.items():
         assert out[k] == pytest.approx(100 * v / 7, rel=1e-4, abs=1e-4), k
-    assert out["n"] == 7
+    assert out["n_images"] == 7
     only_clean = similarity_analysis(model, batches, target="star", mean=MEAN, std=STD,
                                      tokenizer=tokenizer)
-    assert only_clean["clean_own"] == pytest.approx(out["clean_own"])
-    assert only_clean["adversarial_own"] is None and only_clean["triggered_backdoor"] is None
+    assert only_clean["clean_own_caption"] == pytest.approx(out["clean_own_caption"])
+    assert only_clean["adversarial_own_caption"] is None and only_clean["triggered_backdoor_caption"] is None
