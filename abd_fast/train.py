@@ -73,6 +73,9 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue from CKPT (default: OUTPUT/checkpoint.pt)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--recipe", metavar="NAME",
+                   help="the recipe a config file follows (abd-paper: reports print the "
+                        "paper's numbers beside ours)")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="steps between checkpoints (0: only at the end)")
     return p
@@ -84,8 +87,13 @@ def _attack_flags(p: argparse.ArgumentParser, required: bool):
                         + ("" if required else " (enables ASR)"))
     p.add_argument("--trigger-file", metavar="FILE",
                    help="badclip: the optimized patch (PNG or tensor file)")
+    p.add_argument("--patch-location", choices=["random", "corner", "middle", "four-corners"],
+                   help="badnet/label-consistent patch location (default: random per sample)")
+    p.add_argument("--patch-size", type=int, metavar="PX",
+                   help="badnet/label-consistent patch side (default: 16 at 224 px, scaled)")
     p.add_argument("--trigger-option", action="append", metavar="KEY=VALUE",
-                   help="trigger option (patch_size=4, location=corner, alpha=0.3, ...); repeat")
+                   help="other trigger options (patch_content=fixed, alpha=0.3, k=4, s=0.5, "
+                        "delta=0.16, f=6, ...); repeat")
 
 
 # Per-command defaults, below the config file and the flags. pretrain's are the demo's,
@@ -96,7 +104,7 @@ COMMON_DEFAULTS = dict(config=None, train_data=None, eval_data=None, classnames=
                        target_label=None, model="abd-tiny-rn", pretrained=None,
                        image_size=None, batch_size=128, epochs=7, lr=2e-3, warmup=50, seed=0,
                        loader=None, workers=None, output=None, resume=None, compile=False,
-                       checkpoint_every=0)
+                       checkpoint_every=0, recipe=None)
 STAGE_DEFAULTS = {
     "pretrain": dict(COMMON_DEFAULTS, output="runs/pretrain"),
     "poison": dict(COMMON_DEFAULTS, output="runs/poison", attack=None, poison_count=None,
@@ -104,9 +112,21 @@ STAGE_DEFAULTS = {
                    lr=1e-4, warmup=50),
     "eval": dict(COMMON_DEFAULTS, checkpoint=None, attack=None, trigger_file=None,
                  trigger_option=None, batch_size=250, output=None),
+    # The attack flags of uap/defend only drive the evaluation (ASR); by default they come
+    # from the poisoned checkpoint's run.
+    "uap": dict(COMMON_DEFAULTS, output="runs/uap", checkpoint=None, reference_model=None,
+                mode="patch", patch_area=0.03, eps=0.03, no_backdoor_loss=False,
+                backdoor_loss_sign=1.0, backdoor_loss_pairing="reference-query",
+                lambda_bd=1.0, brightness=1.2, attack=None, trigger_file=None,
+                trigger_option=None, epochs=5, batch_size=64, lr=2e-4, warmup=0),
+    "defend": dict(COMMON_DEFAULTS, output="runs/defend", checkpoint=None, method="abd",
+                   uap=None, abd_objective="align", no_adv=False, no_eda=False, break_epoch=2,
+                   bank_size=4096, lambda1=1.0, lambda2=1.0, attack=None, trigger_file=None,
+                   trigger_option=None, epochs=5, lr=1e-4, warmup=50),
 }
 PATH_FLAGS = ("train_data", "eval_data", "classnames", "pretrained", "checkpoint",
-              "trigger_file")
+              "trigger_file", "reference_model", "uap")
+CHECKPOINT_DEFAULTS = ("eval", "uap", "defend")  # commands that read the checkpoint's run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +152,46 @@ def build_parser() -> argparse.ArgumentParser:
     _attack_flags(p, required=False)
     p.set_defaults(func=evaluate_command)
 
+    p = sub.add_parser("uap", parents=[_common_parser()], argument_default=argparse.SUPPRESS,
+                       help="train ABD's universal adversarial perturbation against a poisoned "
+                            "model (AdvCLIP's GAN + the backdoor loss)")
+    p.add_argument("--checkpoint", metavar="FILE", help="the poisoned model's weights")
+    p.add_argument("--reference-model", metavar="FILE",
+                   help="the clean model's weights, for the backdoor loss (default: the "
+                        "poisoned model on the clean image stands in)")
+    p.add_argument("--mode", choices=["patch", "linf"], help="UAP form")
+    p.add_argument("--patch-area", type=float, metavar="F", help="patch area / image area")
+    p.add_argument("--eps", type=float, metavar="E", help="L-inf budget (mode linf)")
+    p.add_argument("--no-backdoor-loss", action="store_true",
+                   help="plain AdvCLIP UAP, without ABD's backdoor loss (Table III)")
+    p.add_argument("--backdoor-loss-sign", type=float, choices=[1.0, -1.0],
+                   help="+1: pull the pairs together (the paper's text), -1: push apart")
+    p.add_argument("--backdoor-loss-pairing", choices=["reference-query", "adversarial-query"],
+                   help="which features are the InfoNCE queries (docs/METHOD.md)")
+    p.add_argument("--lambda-bd", type=float, metavar="W", help="weight of the backdoor loss")
+    p.add_argument("--brightness", type=float, metavar="F",
+                   help="brightness factor of the reference view (ABD Fig. 1)")
+    _attack_flags(p, required=False)
+    p.set_defaults(func=uap_command)
+
+    p = sub.add_parser("defend", parents=[_common_parser()], argument_default=argparse.SUPPRESS,
+                       help="fine-tune a poisoned model with a defense: ft, cleanclip, roclip "
+                            "or abd")
+    p.add_argument("--checkpoint", metavar="FILE", help="the poisoned model's weights")
+    p.add_argument("--method", choices=["ft", "cleanclip", "roclip", "abd"], help="defense")
+    p.add_argument("--uap", metavar="FILE", help="abd: uap.pt written by the uap stage")
+    p.add_argument("--abd-objective", choices=["align", "replace"],
+                   help="abd: in-modal alignment with the views, or MMCL on the views")
+    p.add_argument("--no-adv", action="store_true", help="abd ablation: no adversarial view")
+    p.add_argument("--no-eda", action="store_true", help="abd ablation: no EDA text view")
+    p.add_argument("--break-epoch", type=int, metavar="N",
+                   help="roclip: nearest-neighbour positives every N-th epoch")
+    p.add_argument("--bank-size", type=int, metavar="N", help="roclip: text memory bank size")
+    p.add_argument("--lambda1", type=float, metavar="W", help="weight of the MMCL term")
+    p.add_argument("--lambda2", type=float, metavar="W", help="weight of the in-modal terms")
+    _attack_flags(p, required=False)
+    p.set_defaults(func=defend_command)
+
     for name, parser in ap.stages.items():  # show each command's defaults in its --help
         for action in parser._actions:
             default = STAGE_DEFAULTS[name].get(action.dest)
@@ -141,9 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("selfcheck", help="check the fused ops against their references")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=selfcheck)
-    # TODO(lead): register the attacks helper's commands (show-triggers, export-poison,
-    # badclip-trigger) once abd_fast/attacks/cli.py is merged:
-    #     from abd_fast.attacks.cli import add_commands; add_commands(sub, _common_parser())
+    from abd_fast.attacks.cli import add_commands  # show-triggers, export-poison, badclip-trigger
+    add_commands(sub, _common_parser())
     return ap
 
 
@@ -198,7 +257,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     cfg = dict(STAGE_DEFAULTS[args.command])
     config_file = given.get("config")
     from_file = _yaml_values(config_file, parser) if config_file else {}
-    if args.command == "eval":
+    if args.command in CHECKPOINT_DEFAULTS:
         ckpt = given.get("checkpoint", from_file.get("checkpoint"))
         cfg.update(_checkpoint_config(ckpt))
     cfg.update(from_file)
@@ -218,7 +277,7 @@ def _checkpoint_config(path) -> dict:
     except CheckpointError:
         return {}
     keys = ("model", "image_size", "attack", "target_label", "seed", "trigger_file",
-            "trigger_option")
+            "trigger_option", "patch_location", "patch_size")
     return {k: run[k] for k in keys if run.get(k) is not None}
 
 
@@ -302,6 +361,8 @@ def validate(cfg: dict):
         rate = cfg.get("poison_rate")
         if rate is not None and not (isinstance(rate, (int, float)) and 0 < rate <= 1):
             raise UsageError(f"--poison-rate must be in (0, 1], got {rate!r}")
+    if command in ("uap", "defend"):
+        _validate_defense(cfg)
     if command == "eval":
         if cfg.get("checkpoint") is None and cfg.get("pretrained") is None:
             raise UsageError("--checkpoint is needed: the weights to evaluate")
@@ -327,6 +388,43 @@ def validate(cfg: dict):
     _check_output(cfg)
 
 
+def _validate_defense(cfg: dict):
+    """uap / defend settings (validate's part for the defense stages)."""
+    if cfg.get("checkpoint") is None and cfg.get("pretrained") is None:
+        raise UsageError("--checkpoint is needed: the poisoned model's weights")
+    for key in ("reference_model", "uap"):
+        _check_path(cfg, key, "file")
+
+    def number(key, low, high, open_low=True):
+        v = cfg.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+            (v > low if open_low else v >= low) and v <= high
+        if not ok:
+            raise UsageError(f"--{key.replace('_', '-')} must be in "
+                             f"{'(' if open_low else '['}{low}, {high}], got {v!r}")
+    if cfg["command"] == "uap":
+        number("patch_area", 0, 1)
+        number("eps", 0, 1)
+        number("lambda_bd", 0, math.inf, open_low=False)
+        number("brightness", 0, 10)
+        if cfg["mode"] == "patch" and cfg["patch_area"] >= 1:
+            raise UsageError("--patch-area must be below 1 (0.03: 3% of the image)")
+        return
+    from abd_fast.defenses.stages import METHODS
+    if cfg["method"] not in METHODS:
+        raise UsageError(f"--method {cfg['method']!r} is unknown; choose one of "
+                         f"{', '.join(METHODS)}")
+    if cfg["method"] == "abd" and not cfg["no_adv"] and cfg.get("uap") is None:
+        raise UsageError("--method abd needs --uap FILE (uap.pt from `python -m abd_fast.train "
+                         "uap`), or --no-adv for the ablation without adversarial images")
+    for key in ("break_epoch", "bank_size"):
+        v = cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be an integer >= 1, got {v!r}")
+    for key in ("lambda1", "lambda2"):
+        number(key, 0, math.inf, open_low=False)
+
+
 def _trigger_options(cfg) -> dict:
     """--trigger-option KEY=VALUE pairs (numbers parsed) plus --trigger-file."""
     out = {}
@@ -341,6 +439,10 @@ def _trigger_options(cfg) -> dict:
             except ValueError:
                 pass
         out[key.strip()] = value
+    if cfg.get("patch_location") is not None:
+        out["location"] = cfg["patch_location"]
+    if cfg.get("patch_size") is not None:
+        out["patch_size"] = cfg["patch_size"]
     if cfg.get("trigger_file") is not None:
         out["patch_file" if cfg["attack"] == "badclip" else
             ("pattern" if cfg["attack"] == "blended" else "patch_content")] = cfg["trigger_file"]
@@ -520,6 +622,35 @@ def poison(cfg: dict) -> int:
     return 0
 
 
+def uap_command(cfg: dict) -> int:
+    from abd_fast.defenses.stages import uap_stage
+    from abd_fast.models import WeightsError, create_model
+    run = _Run(cfg, weights_flag="--checkpoint")
+    reference = None
+    if cfg.get("reference_model"):
+        try:
+            reference = create_model(cfg["model"], pretrained=cfg["reference_model"],
+                                     image_size=cfg.get("image_size"))
+        except WeightsError as e:
+            raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
+    summary = uap_stage(run, reference)
+    _print_training(run, summary)
+    return 0
+
+
+def defend_command(cfg: dict) -> int:
+    from abd_fast.defenses.stages import defend_stage
+    run = _Run(cfg, weights_flag="--checkpoint")
+    try:
+        summary = defend_stage(run)
+    except (ValueError, FileNotFoundError) as e:
+        if "--uap" in str(e):
+            raise UsageError(str(e)) from e
+        raise
+    _print_training(run, summary)
+    return 0
+
+
 def evaluate_command(cfg: dict) -> int:
     run = _Run(cfg, weights_flag="--checkpoint")
     loader = run.eval_loader()
@@ -574,7 +705,7 @@ def main(argv=None) -> int:
         args = ap.parse_args(argv)
         if args.command is None:
             args = ap.parse_args(["selfcheck"])
-        if args.command == "selfcheck":
+        if args.command not in STAGE_DEFAULTS:  # selfcheck and the attack tools
             return args.func(args)
         cfg = resolve_config(args, ap.stages[args.command])
         validate(cfg)
