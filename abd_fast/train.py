@@ -136,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.stages = sub.choices  # command -> its parser (config files are checked by it)
 
     p = sub.add_parser("pretrain", parents=[_common_parser()],
+                       argument_default=argparse.SUPPRESS,
                        help="train a CLIP on caption data (the clean model)")
     p.set_defaults(func=pretrain)
 
     p = sub.add_parser("poison", parents=[_common_parser()],
+                       argument_default=argparse.SUPPRESS,
                        help="fine-tune on clean + poisoned data (MMCL): plant a backdoor")
     _attack_flags(p, required=True)
     p.add_argument("--poison-count", type=int, metavar="N", help="poisoned samples")
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=poison)
 
     p = sub.add_parser("eval", parents=[_common_parser()],
+                       argument_default=argparse.SUPPRESS,
                        help="zero-shot CA/ASR of a checkpoint, writes eval.json")
     p.add_argument("--checkpoint", metavar="FILE", help="the weights to evaluate")
     _attack_flags(p, required=False)

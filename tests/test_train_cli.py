@@ -168,3 +168,34 @@ def test_two_process_torchrun_matches_one_process(small_data, tmp_path):
             v, w = torch.cat([v[:d], v[2 * d:]]), torch.cat([w[:d], w[2 * d:]])
         torch.testing.assert_close(w, v, rtol=1e-3, atol=1e-4, msg=k)
     assert two.stdout.count("trained 20 steps") == 1  # rank 0 prints, rank 1 does not
+
+
+def test_pretrain_poison_eval_pipeline(small_data, tmp_path, capsys):
+    """The three commands end to end on a tiny configuration (mechanics, not accuracy)."""
+    common = ["--model", "abd-tiny-vit", "--train-data", small_data.csv, "--eval-data",
+              small_data.eval_dir, "--batch-size", "16", "--epochs", "1", "--warmup", "2",
+              "--workers", "0", "--loader", "torch"]
+    code, err = run_main(["pretrain", *common, "--output", tmp_path / "clean"], capsys)
+    assert code == 0, err
+    clean = json.loads((tmp_path / "clean" / "eval.json").read_text())
+    assert clean["n_eval"] == 20 and clean["asr"] is None and 0 <= clean["ca_top1"] <= 100
+    code, err = run_main(["poison", *common, "--pretrained", tmp_path / "clean" / "checkpoint.pt",
+                          "--attack", "badnet", "--target-label", "nonexistent",
+                          "--poison-count", "8", "--output", tmp_path / "bad"], capsys)
+    assert code == 2 and "--target-label 'nonexistent' is not among the 10 classes" in err
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # stopped before training
+    code, err = run_main(["poison", *common, "--pretrained", tmp_path / "clean" / "checkpoint.pt",
+                          "--attack", "blended", "--target-label", "star", "--poison-count", "8",
+                          "--output", tmp_path / "poisoned"], capsys)
+    assert code == 0, err
+    poisoned = json.loads((tmp_path / "poisoned" / "eval.json").read_text())
+    assert poisoned["attack"] == "blended" and poisoned["n_asr"] == 18  # 2 star images excluded
+    assert poisoned["asr"] is not None and poisoned["embedding_distance"] > 0
+    # eval takes the attack, target, seed and model from the checkpoint's run config.
+    code, err = run_main(["eval", "--checkpoint", tmp_path / "poisoned" / "checkpoint.pt",
+                          "--eval-data", small_data.eval_dir, "--workers", "0", "--loader",
+                          "torch", "--output", tmp_path / "again"], capsys)
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    for key in ("ca_top1", "ca_top5", "asr", "n_eval", "n_asr", "embedding_distance"):
+        assert again[key] == pytest.approx(poisoned[key], abs=1e-9), key
