@@ -1,0 +1,104 @@
+"""The defense stages through the CLI on a tiny configuration (mechanics, not accuracy):
+uap (patch and L-inf, with and without the backdoor loss) and defend with every method,
+each writing its outputs and an eval.json with the attack's ASR; validation errors."""
+import json
+
+import pytest
+import torch
+
+from abd_fast.defenses.uap import UAP, patch_geometry
+from test_train_cli import run_main, small_data  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def victim(small_data, tmp_path_factory):  # noqa: F811
+    """A clean tiny ViT and a blended victim of it (one epoch each)."""
+    import abd_fast.train as cli
+    out = tmp_path_factory.mktemp("victim")
+    common = ["--model", "abd-tiny-vit", "--train-data", str(small_data.csv), "--eval-data",
+              str(small_data.eval_dir), "--batch-size", "16", "--epochs", "1", "--warmup", "2",
+              "--workers", "0", "--loader", "torch"]
+    assert cli.main(["pretrain", *common, "--output", str(out / "clean")]) == 0
+    assert cli.main(["poison", *common, "--pretrained", str(out / "clean" / "checkpoint.pt"),
+                     "--attack", "blended", "--target-label", "star", "--poison-count", "16",
+                     "--output", str(out / "poisoned")]) == 0
+    return out, common
+
+
+def test_uap_patch_with_backdoor_loss(victim, tmp_path, capsys):
+    out, common = victim
+    code, err = run_main(["uap", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+                          "--reference-model", out / "clean" / "checkpoint.pt", "--lr", "2e-4",
+                          "--output", tmp_path / "uap"], capsys)
+    assert code == 0, err
+    uap = UAP.load(tmp_path / "uap" / "uap.pt")
+    side, _ = patch_geometry(32)
+    assert uap.mode == "patch" and uap.perturbation.shape == (3, side, side)
+    assert 0 <= uap.perturbation.min() and uap.perturbation.max() <= 1
+    result = json.loads((tmp_path / "uap" / "eval.json").read_text())
+    assert result["asr"] is not None and result["embedding_distance"] > 0
+    assert (tmp_path / "uap" / "uap_examples.png").stat().st_size > 0
+    ckpt = torch.load(tmp_path / "uap" / "checkpoint.pt", weights_only=True)
+    assert "z" in ckpt["model"] and set(ckpt["extra"]) == {"discriminator", "d_optimizer"}
+    assert max(v.abs().max().item() for k, v in ckpt["extra"]["discriminator"].items()
+               if k.endswith("weight")) <= 0.01 + 1e-7  # clipped after every D step
+
+
+def test_uap_linf_without_backdoor_loss(victim, tmp_path, capsys):
+    out, common = victim
+    code, err = run_main(["uap", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+                          "--mode", "linf", "--eps", "0.05", "--no-backdoor-loss",
+                          "--output", tmp_path / "uap"], capsys)
+    assert code == 0, err
+    uap = UAP.load(tmp_path / "uap" / "uap.pt")
+    assert uap.mode == "linf" and uap.perturbation.shape == (3, 32, 32)
+    assert uap.perturbation.abs().max() <= 0.05 + 1e-7
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("abd", []), ("abd", ["--abd-objective", "replace"]), ("abd", ["--no-adv"]),
+    ("cleanclip", []), ("roclip", ["--epochs", "2", "--break-epoch", "2"]), ("ft", [])])
+def test_defend_methods_run_and_report_asr(victim, tmp_path, capsys, method, extra):
+    out, common = victim
+    uap_dir = tmp_path / "uap"
+    if method == "abd" and "--no-adv" not in extra:
+        code, err = run_main(["uap", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+                              "--output", uap_dir], capsys)
+        assert code == 0, err
+        extra = [*extra, "--uap", uap_dir / "uap.pt"]
+    code, err = run_main(["defend", *common, "--method", method,
+                          "--checkpoint", out / "poisoned" / "checkpoint.pt", *extra,
+                          "--output", tmp_path / "defended"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "defended" / "eval.json").read_text())
+    # The attack, target and seed come from the poisoned checkpoint's run.
+    assert result["attack"] == "blended" and result["target_label"] == "star"
+    assert result["asr"] is not None and result["n_asr"] == 18
+    ckpt = torch.load(tmp_path / "defended" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["method"] == method
+    if method == "roclip":
+        assert ckpt["extra"]["text_bank"]["count"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["uap", "--eps", "-0.1", "--mode", "linf"], "--eps must be in (0, 1], got -0.1"),
+    (["uap", "--patch-area", "0"], "--patch-area must be in (0, 1], got 0.0"),
+    (["uap", "--reference-model", "{tmp}/nope.pt"], "--reference-model {tmp}/nope.pt: no such"),
+    (["defend", "--method", "abd"], "--method abd needs --uap FILE"),
+    (["defend", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
+    (["defend", "--method", "roclip", "--break-epoch", "0"], "--break-epoch must be an integer"),
+    (["defend", "--method", "abd", "--uap", "{tmp}/none.pt"], "--uap {tmp}/none.pt: no such"),
+])
+def test_defense_flags_are_validated_before_any_work(victim, tmp_path, capsys, argv, message):
+    out, _ = victim
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, err = run_main([*argv, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+                          "--output", tmp_path / "o"], capsys)
+    assert code == 2, err
+    assert message.format(tmp=tmp_path) in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_defend_needs_the_poisoned_checkpoint(tmp_path, capsys):
+    code, err = run_main(["defend", "--method", "ft", "--output", tmp_path / "o"], capsys)
+    assert code == 2 and "--checkpoint is needed" in err
