@@ -84,6 +84,23 @@ def clamp_logit_scale(model, max_log: float = math.log(100.0)):
             scale.clamp_(0, max_log)
 
 
+class _WriteRecorder:
+    """A file's write(), remembering the OSError that made a write fail."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def atomic_save(obj, path: str | os.PathLike):
     """torch.save to a temporary file beside `path`, fsync, rename: a crash or a full disk
     never leaves a partial file under `path`, and the previous file stays valid."""
@@ -91,7 +108,15 @@ def atomic_save(obj, path: str | os.PathLike):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _WriteRecorder(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as e:
+                # torch's zip writer turns a failed write (ENOSPC, EIO) into a RuntimeError
+                # about stream positions: raise the OS error that caused it.
+                if writer.error is not None:
+                    raise writer.error from e
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -228,6 +253,10 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict:
     return ckpt
 
 
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (e.g. a full disk); the previous one is left intact."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
 
@@ -330,7 +359,16 @@ class Trainer:
     def save(self):
         state = self.state()
         if self.info.is_main:
-            atomic_save(state, self.checkpoint_path)
+            try:
+                atomic_save(state, self.checkpoint_path)
+            except OSError as e:
+                previous = (f"the previous checkpoint {self.checkpoint_path} (step "
+                            f"{self._saved_step()}) is intact"
+                            if self.checkpoint_path.exists() else "no earlier checkpoint exists")
+                raise CheckpointWriteError(
+                    f"could not write the checkpoint of step {self.step} to "
+                    f"{self.checkpoint_path}: {e.strerror or e}; {previous}. Free space (or fix "
+                    "the output directory) and rerun with --resume.") from e
 
     def _restore(self, ckpt: dict):
         mine = {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,

@@ -723,8 +723,8 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:
         from abd_fast.data import BadDataError
-        from abd_fast.engine import CheckpointError, NonFiniteLossError
-        if isinstance(e, (NonFiniteLossError, CheckpointError, BadDataError,
+        from abd_fast.engine import CheckpointError, CheckpointWriteError, NonFiniteLossError
+        if isinstance(e, (NonFiniteLossError, CheckpointError, CheckpointWriteError, BadDataError,
                           FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
