@@ -27,3 +27,19 @@ def device_of(backend):
 def _seed(request):
     # Different random inputs per test, the same in every run.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any connection to a non-loopback address fails the test: nothing may download weights
+    or data at run time (subprocesses, e.g. torchrun, are covered by HF_HUB_OFFLINE)."""
+    import socket
+    real = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("localhost", "127.0.0.1", "::1", "") \
+                and not host.startswith("/"):
+            raise AssertionError(f"a test tried to reach the network: {address}")
+        return real(self, address)
+    monkeypatch.setattr(socket.socket, "connect", connect)
