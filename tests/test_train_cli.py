@@ -139,8 +139,11 @@ def _losses(out: Path):
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(small_data, tmp_path):
     # The tiny ViT: the ResNet's BatchNorm normalizes per rank, which changes the math.
-    common = ["pretrain", "--model", "abd-tiny-vit", "--train-data", str(small_data.csv),
-              "--epochs", "2", "--lr", "2e-3", "--warmup", "2", "--workers", "0", "--seed", "5"]
+    # poison: the engine's path plus the poisoning view (seeded ids and triggers per rank).
+    common = ["poison", "--model", "abd-tiny-vit", "--train-data", str(small_data.csv),
+              "--attack", "badnet", "--target-label", "star", "--poison-count", "16",
+              "--epochs", "2", "--lr", "2e-3", "--warmup", "2", "--workers", "0", "--seed", "5",
+              "--loader", "torch"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "abd_fast.train", *common, "--batch-size", "16",
                           "--output", str(tmp_path / "one")], capture_output=True, text=True,
