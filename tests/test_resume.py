@@ -69,15 +69,17 @@ def stages(small_data, tmp_path_factory):  # noqa: F811
     _run([*uap, "--output", base / "uap"])
     defend = ["defend", *common, "--epochs", "3", "--checkpoint-every", "4", "--method", "abd",
               "--checkpoint", victim, "--uap", base / "uap" / "uap.pt"]
+    # The same poisoning decoded by the DALI engine (the default where it builds).
+    dali = [a if a != "torch" else "dali" for a in poison]
     return {"poison": (poison, base / "victim"), "uap": (uap, base / "uap"),
-            "defend": (defend, None)}
+            "defend": (defend, None), "poison-dali": (dali, None)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["poison", "uap", "defend"])
+@pytest.mark.parametrize("stage", ["poison", "uap", "defend", "poison-dali"])
 def test_sigkill_then_resume_gives_the_same_result(stages, tmp_path, stage):
     args, reference = stages[stage]
-    if reference is None:  # defend: run the uninterrupted reference here
+    if reference is None:  # run the uninterrupted reference here
         reference = tmp_path / "straight"
         _run([*args, "--output", reference])
     total = 3 * (160 // 16)
