@@ -709,6 +709,9 @@ def main(argv=None) -> int:
         if args.command is None:
             args = ap.parse_args(["selfcheck"])
         if args.command not in STAGE_DEFAULTS:  # selfcheck and the attack tools
+            for key, value in COMMON_DEFAULTS.items():
+                if not hasattr(args, key):
+                    setattr(args, key, value)
             return args.func(args)
         cfg = resolve_config(args, ap.stages[args.command])
         validate(cfg)

@@ -1,5 +1,4 @@
 """The attack commands (show-triggers, export-poison, badclip-trigger) end to end, small."""
-import argparse
 import csv
 import json
 
@@ -9,27 +8,13 @@ import torch
 from PIL import Image
 
 from abd_fast.attacks import load_patch, make_trigger
-from abd_fast.attacks.cli import add_commands
 from abd_fast.data import build_loader
 
 
-def parser():
-    """A stand-in for train.py's common flags (the ones these commands read)."""
-    common = argparse.ArgumentParser(add_help=False)
-    for flag in ("--train-data", "--eval-data", "--classnames", "--target-label", "--model",
-                 "--pretrained", "--output", "--loader"):
-        common.add_argument(flag, default=None)
-    for flag in ("--image-size", "--batch-size"):
-        common.add_argument(flag, type=int, default=None)
-    common.add_argument("--seed", type=int, default=0)
-    ap = argparse.ArgumentParser()
-    add_commands(ap.add_subparsers(dest="command"), common)
-    return ap
-
-
 def run(*argv):
-    args = parser().parse_args([str(a) for a in argv])
-    return args.func(args)
+    """Through train.py's real command line (its common flags and defaults)."""
+    from abd_fast.train import main
+    return main([str(a) for a in argv])
 
 
 @pytest.fixture
