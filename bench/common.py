@@ -42,12 +42,17 @@ def timeit(fn, device: str = "cpu", reps: int = 5, warmup: int = 1) -> dict:
     return timeit_interleaved({"fn": fn}, device, reps, warmup)["fn"]
 
 
-def timeit_interleaved(fns: dict, device: str = "cpu", reps: int = 15, warmup: int = 2) -> dict:
+def timeit_interleaved(fns: dict, device: str = "cpu", reps: int = 15, warmup: int = 2,
+                       settle: int = 1) -> dict:
     """Times several callables in alternation: round r runs each of them once, so a slow
-    phase of a shared machine hits all of them alike instead of whichever ran then. Returns
-    per name the statistics of _stats and, on CPU, the minor page faults per call (all
-    threads of the process). `reps` is an int or a dict name -> int (a slow baseline can run
-    fewer rounds; it then sits out the last ones). On a GPU, triton.testing.do_bench."""
+    phase of a shared machine hits all of them alike instead of whichever ran then. Each
+    timed call directly follows `settle` untimed calls of the same callable, so it finds the
+    memory state its own previous call left (on a VM with free-page reporting, memory freed
+    for ~2 s goes back to the host and costs a host fault per page when touched again; without
+    this, whichever callable runs after a slow one would pay for it). Returns per name the
+    statistics of _stats and, on CPU, the minor page faults per timed call (all threads of
+    the process). `reps` is an int or a dict name -> int (a slow baseline can run fewer
+    rounds; it then sits out the last ones). On a GPU, triton.testing.do_bench."""
     if device == "cuda":
         from triton.testing import do_bench
         out = {}
@@ -66,6 +71,8 @@ def timeit_interleaved(fns: dict, device: str = "cpu", reps: int = 15, warmup: i
         for name, fn in fns.items():
             if r >= n[name]:
                 continue
+            for _ in range(settle):
+                fn()
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             fn()

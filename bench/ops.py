@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, machine, measure_peak_in_subprocess, peak_extra_rss,  # noqa: E402
                     table, timeit_interleaved, write_json)
 
+sys.path.insert(0, str(ROOT))  # this checkout's abd_fast, not whichever one the venv installed
+
 from abd_fast.ops import apply_perturbation, apply_trigger, clip_loss, info_nce  # noqa: E402
 from abd_fast.ops import reference  # noqa: E402
 
@@ -267,7 +269,8 @@ def main():
                     help="keep the sections of --out that this run skips")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ops.json")
     args = ap.parse_args()
-    result = {"machine": machine(), "device": DEVICE,
+    import abd_fast
+    result = {"machine": machine(), "device": DEVICE, "abd_fast": str(Path(abd_fast.__file__).parent),
               "command": "python " + " ".join(sys.argv)}
     print(f"machine: {result['machine']}")
     if not args.skip_contrastive:

@@ -217,3 +217,18 @@ def test_warp_edge_sizes(backend, shape, in_dtype):
     out = apply_trigger(images, "warp", grid=grid, backend=backend)
     ref = reference.image_op(images, "warp", grid)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_warp_planes_of_several_tap_blocks(per_sample):
+    """The CPU warp kernel computes taps in blocks of 64K pixels: a plane of more than one
+    block (257 x 263), shared and per-sample grids, some rows unselected, uint8 -> fp32."""
+    b, c, h, w = 3, 2, 257, 263
+    images = torch.randint(1, 256, (b, c, h, w), dtype=torch.uint8)
+    grid = torch.rand(*((b,) if per_sample else ()), h, w, 2) * 2.2 - 1.1
+    rows = torch.tensor([True, False, True])
+    mean, std = (0.4, 0.5), (0.25, 0.3)
+    out = apply_trigger(images, "warp", grid=grid, rows=rows, mean=mean, std=std, backend="cpu")
+    ref = reference.image_op(images, "warp", grid, rows=rows, mean=torch.tensor(mean),
+                             std=torch.tensor(std))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
