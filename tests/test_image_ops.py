@@ -232,3 +232,27 @@ def test_warp_planes_of_several_tap_blocks(per_sample):
     ref = reference.image_op(images, "warp", grid, rows=rows, mean=torch.tensor(mean),
                              std=torch.tensor(std))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 37, 41), (2, 3, 64, 64)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_warp_smooth_grid(shape, per_sample):
+    """A WaNet-like grid (identity plus a smooth shift of under a pixel), where the CPU kernel
+    reads the taps of 16 neighbouring pixels from one 64-byte window of each row instead of
+    gathering them; more channels than it does at once (5 > 4), rows of 41 pixels (groups of
+    16 that straddle two rows), and the last plane of the batch (done without vectors)."""
+    b, c, h, w = shape
+    images = torch.randint(0, 256, shape, dtype=torch.uint8)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    lead = (b,) if per_sample else (1,)
+    phase = torch.rand(*lead, 1, 1) * 6.28
+    shift_x = 0.9 * torch.sin(3 * ys + phase) * 2 / (w - 1)  # under a pixel
+    shift_y = 0.9 * torch.cos(2 * xs + phase) * 2 / (h - 1)
+    grid = torch.stack([xs + shift_x, ys + shift_y], -1)
+    grid = grid if per_sample else grid[0]
+    rows = torch.rand(b) > 0.3
+    mean, std = tuple(torch.rand(c).tolist()), tuple((torch.rand(c) * 0.5 + 0.2).tolist())
+    out = apply_trigger(images, "warp", grid=grid, rows=rows, mean=mean, std=std, backend="cpu")
+    ref = reference.image_op(images, "warp", grid, rows=rows, mean=torch.tensor(mean),
+                             std=torch.tensor(std))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

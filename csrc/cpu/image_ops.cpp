@@ -89,6 +89,10 @@ struct WarpTaps {
   }
 };
 
+// Planes sharing taps are done together, up to kMaxPlanes (the channels of a sample), so
+// that the taps (20 bytes a pixel) are read from L2 once per group rather than per plane.
+constexpr int kMaxPlanes = 4;
+
 // Output pixel i of one plane from its taps (any element type). A zero-weight tap adds
 // exactly 0, even where its pixel is NaN or inf (as grid_sample).
 template <typename in_t, typename acc_t>
@@ -157,44 +161,57 @@ __attribute__((target("avx512vbmi"))) inline __m512i pick_bytes(__m512i idx, __m
   return _mm512_maskz_permutexvar_epi8(0x1111111111111111ULL, idx, row);  // into byte 0 of each dword
 }
 
+// Planes that share taps, done together.
+struct PlaneSet {
+  int n = 0;
+  const uint8_t* in[kMaxPlanes];
+  float* out[kMaxPlanes];
+  float m[kMaxPlanes], inv[kMaxPlanes];
+};
+
 template <bool vbmi>
-__attribute__((target("avx512vbmi"))) void warp_block_u8_avx512(
-    const uint8_t* plane, const WarpTaps<float>& t, int64_t n, int64_t W, float m, float inv,
-    float* o) {
+__attribute__((target("avx512vbmi"))) void warp_block_u8_avx512(const PlaneSet& ps,
+                                                                const WarpTaps<float>& t,
+                                                                int64_t n, int64_t W) {
   const __m512i lo = _mm512_set1_epi32(0xFF), one_i = _mm512_set1_epi32(1);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
-  const __m512 k255 = _mm512_set1_ps(1.f / 255.f), vm = _mm512_set1_ps(m), vinv = _mm512_set1_ps(inv);
+  const __m512 k255 = _mm512_set1_ps(1.f / 255.f);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512i b = _mm512_loadu_si512(t.base.data() + i);
-    __m512 p00, p01, p10, p11;  // taps (top, bottom row) x (left, right), 0..255
     const int32_t w0 = vbmi ? t.window[i / 16] : -1;
-    if (w0 >= 0) {
-      const __m512i idx = _mm512_sub_epi32(b, _mm512_set1_epi32(w0));
-      const __m512i idx1 = _mm512_add_epi32(idx, one_i);
-      const __m512i top = _mm512_loadu_si512(plane + w0), bot = _mm512_loadu_si512(plane + w0 + W);
-      p00 = _mm512_cvtepi32_ps(pick_bytes(idx, top));
-      p01 = _mm512_cvtepi32_ps(pick_bytes(idx1, top));
-      p10 = _mm512_cvtepi32_ps(pick_bytes(idx, bot));
-      p11 = _mm512_cvtepi32_ps(pick_bytes(idx1, bot));
-    } else {
-      const __m512i top = _mm512_i32gather_epi32(b, plane, 1);
-      const __m512i bot = _mm512_i32gather_epi32(b, plane + W, 1);
-      auto px = [&](__m512i v, int shift) {
-        return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), lo));
-      };
-      p00 = px(top, 0), p01 = px(top, 8), p10 = px(bot, 0), p11 = px(bot, 8);
-    }
+    const __m512i idx = _mm512_sub_epi32(b, _mm512_set1_epi32(w0));
+    const __m512i idx1 = _mm512_add_epi32(idx, one_i);
     const __m512 wx0 = _mm512_loadu_ps(t.wx0.data() + i), wx1 = _mm512_loadu_ps(t.wx1.data() + i);
-    const __m512 up = _mm512_add_ps(_mm512_mul_ps(wx0, p00), _mm512_mul_ps(wx1, p01));
-    const __m512 dn = _mm512_add_ps(_mm512_mul_ps(wx0, p10), _mm512_mul_ps(wx1, p11));
-    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(t.wy0.data() + i), up),
-                             _mm512_mul_ps(_mm512_loadu_ps(t.wy1.data() + i), dn));
-    v = _mm512_mul_ps(v, k255);
-    v = _mm512_min_ps(_mm512_max_ps(v, zero), one);
-    _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_sub_ps(v, vm), vinv));
+    const __m512 wy0 = _mm512_loadu_ps(t.wy0.data() + i), wy1 = _mm512_loadu_ps(t.wy1.data() + i);
+    for (int p = 0; p < ps.n; ++p) {
+      const uint8_t* plane = ps.in[p];
+      __m512 p00, p01, p10, p11;  // taps (top, bottom row) x (left, right), 0..255
+      if (w0 >= 0) {
+        const __m512i top = _mm512_loadu_si512(plane + w0), bot = _mm512_loadu_si512(plane + w0 + W);
+        p00 = _mm512_cvtepi32_ps(pick_bytes(idx, top));
+        p01 = _mm512_cvtepi32_ps(pick_bytes(idx1, top));
+        p10 = _mm512_cvtepi32_ps(pick_bytes(idx, bot));
+        p11 = _mm512_cvtepi32_ps(pick_bytes(idx1, bot));
+      } else {
+        const __m512i top = _mm512_i32gather_epi32(b, plane, 1);
+        const __m512i bot = _mm512_i32gather_epi32(b, plane + W, 1);
+        auto px = [&](__m512i v, int shift) {
+          return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), lo));
+        };
+        p00 = px(top, 0), p01 = px(top, 8), p10 = px(bot, 0), p11 = px(bot, 8);
+      }
+      const __m512 up = _mm512_add_ps(_mm512_mul_ps(wx0, p00), _mm512_mul_ps(wx1, p01));
+      const __m512 dn = _mm512_add_ps(_mm512_mul_ps(wx0, p10), _mm512_mul_ps(wx1, p11));
+      __m512 v = _mm512_add_ps(_mm512_mul_ps(wy0, up), _mm512_mul_ps(wy1, dn));
+      v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, k255), zero), one);
+      v = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(ps.m[p])), _mm512_set1_ps(ps.inv[p]));
+      _mm512_storeu_ps(ps.out[p] + i, v);
+    }
   }
-  for (; i < n; ++i) o[i] = (clamp01(warp_pixel(plane, t, i, 1, W)) - m) * inv;
+  for (int p = 0; p < ps.n; ++p)
+    for (int64_t k = i; k < n; ++k)
+      ps.out[p][k] = (clamp01(warp_pixel(ps.in[p], t, k, 1, W)) - ps.m[p]) * ps.inv[p];
 }
 
 inline bool cpu_has_vbmi() {
@@ -203,38 +220,56 @@ inline bool cpu_has_vbmi() {
 }
 #endif
 
-// One block of output pixels [i0, i0 + n) of plane bc from the taps of the block.
+// One block of output pixels [i0, i0 + n) of the planes [bc0, bc1) of sample b (bc1 - bc0
+// <= kMaxPlanes) from the taps of the block.
 template <typename in_t, typename acc_t, typename out_t>
-inline void warp_plane_block(const ImageGeom& g, const in_t* img, const WarpTaps<acc_t>& taps,
-                             int64_t i0, int64_t n, int64_t bc, const bool* rows,
-                             const float* mean, const float* stdv, out_t* out) {
-  const int64_t HW = g.H * g.W, W = g.W, b = bc / g.C, c = bc % g.C;
+void warp_planes_block(const ImageGeom& g, const in_t* img, const WarpTaps<acc_t>& taps,
+                       int64_t i0, int64_t n, int64_t bc0, int64_t bc1, const bool* rows,
+                       const float* mean, const float* stdv, out_t* out) {
+  const int64_t HW = g.H * g.W, W = g.W, b = bc0 / g.C;
   const int64_t dx = W >= 2 ? 1 : 0, dy = g.H >= 2 ? W : 0;  // neighbour offsets of a tap pair
-  const in_t* plane = img + bc * HW;
-  out_t* o = out + bc * HW + i0;
-  const acc_t m = mean ? acc_t(mean[c]) : acc_t(0);
-  const acc_t inv = mean ? acc_t(1) / acc_t(stdv[c]) : acc_t(1);
+  auto m_of = [&](int64_t bc) { return mean ? acc_t(mean[bc % g.C]) : acc_t(0); };
+  auto inv_of = [&](int64_t bc) { return mean ? acc_t(1) / acc_t(stdv[bc % g.C]) : acc_t(1); };
   if (rows && !rows[b]) {
-    emit(o, n, m, inv, [&](int64_t i) { return to_unit<acc_t>(plane[i0 + i]); });
+    for (int64_t bc = bc0; bc < bc1; ++bc) {
+      const in_t* plane = img + bc * HW + i0;
+      emit(out + bc * HW + i0, n, m_of(bc), inv_of(bc),
+           [&](int64_t i) { return to_unit<acc_t>(plane[i]); });
+    }
     return;
   }
+#if defined(__AVX512F__) || defined(__AVX2__)
   if constexpr (std::is_same_v<in_t, uint8_t> && std::is_same_v<acc_t, float> &&
                 std::is_same_v<out_t, float>) {
-    // the vector paths gather 4 bytes at a tap, 2 past the 2x2 window: not on the last plane
-    if (dx == 1 && dy == W && bc != g.B * g.C - 1) {
+    if (dx == 1 && dy == W) {
+      // the vector paths gather 4 bytes at a tap, 2 past the 2x2 window: not on the last
+      // plane of the batch, which the scalar loop below does
+      const int64_t vec_end = std::min(bc1, g.B * g.C - 1);
 #if defined(__AVX512F__)
+      PlaneSet ps;
+      for (int64_t bc = bc0; bc < vec_end; ++bc, ++ps.n) {
+        ps.in[ps.n] = img + bc * HW;
+        ps.out[ps.n] = out + bc * HW + i0;
+        ps.m[ps.n] = m_of(bc);
+        ps.inv[ps.n] = inv_of(bc);
+      }
       if (cpu_has_vbmi())
-        warp_block_u8_avx512<true>(plane, taps, n, W, m, inv, o);
+        warp_block_u8_avx512<true>(ps, taps, n, W);
       else
-        warp_block_u8_avx512<false>(plane, taps, n, W, m, inv, o);
-      return;
-#elif defined(__AVX2__)
-      warp_block_u8_avx2(plane, taps, n, W, m, inv, o);
-      return;
+        warp_block_u8_avx512<false>(ps, taps, n, W);
+#else
+      for (int64_t bc = bc0; bc < vec_end; ++bc)
+        warp_block_u8_avx2(img + bc * HW, taps, n, W, m_of(bc), inv_of(bc), out + bc * HW + i0);
 #endif
+      bc0 = std::max(bc0, vec_end);
     }
   }
-  emit(o, n, m, inv, [&](int64_t i) { return warp_pixel(plane, taps, i, dx, dy); });
+#endif
+  for (int64_t bc = bc0; bc < bc1; ++bc) {
+    const in_t* plane = img + bc * HW;
+    emit(out + bc * HW + i0, n, m_of(bc), inv_of(bc),
+         [&](int64_t i) { return warp_pixel(plane, taps, i, dx, dy); });
+  }
 }
 
 // Warp. The taps of a block of up to 64K output pixels (all of a 224x224 plane) are computed
@@ -259,9 +294,12 @@ void warp_forward(const ImageGeom g, const in_t* img, const acc_t* src, const bo
                      static_cast<int32_t>(W));
       });
       taps.find_windows(n, HW, dy);
-      at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bc = begin; bc < end; ++bc)
-          warp_plane_block(g, img, taps, i0, n, bc, rows, mean, stdv, out);
+      at::parallel_for(0, g.B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          for (int64_t c = 0; c < g.C; c += kMaxPlanes)
+            warp_planes_block(g, img, taps, i0, n, b * g.C + c,
+                              b * g.C + std::min<int64_t>(g.C, c + kMaxPlanes), rows, mean,
+                              stdv, out);
       });
     }
     return;
@@ -276,8 +314,10 @@ void warp_forward(const ImageGeom g, const in_t* img, const acc_t* src, const bo
                        static_cast<int32_t>(W));
           taps.find_windows(n, HW, dy);
         }
-        for (int64_t c = 0; c < g.C; ++c)
-          warp_plane_block(g, img, taps, i0, n, b * g.C + c, rows, mean, stdv, out);
+        for (int64_t c = 0; c < g.C; c += kMaxPlanes)
+          warp_planes_block(g, img, taps, i0, n, b * g.C + c,
+                            b * g.C + std::min<int64_t>(g.C, c + kMaxPlanes), rows, mean,
+                            stdv, out);
       }
     }
   });
