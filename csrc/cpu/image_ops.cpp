@@ -409,9 +409,9 @@ inline void pointwise_grad_run(acc_t* gs, const gout_t* go, const in_t* xin, con
 }
 
 // Gradient with respect to a pointwise src (blend, add). Per-sample src: each sample's plane
-// is its own gradient. Shared src: samples are summed in chunks of 8 (each chunk a task that
-// reads its planes in memory order into a partial sum), then the chunks are added in order;
-// the chunking depends on B only, so the result is the same on any number of threads.
+// is its own gradient. Shared src: a task owns a run of 4K pixels of the src and sums the
+// samples into it in order b = 0, 1, ..., so the result does not depend on the number of
+// threads (deterministic), and there are no partial sums to allocate and add up.
 template <Kind kind, typename in_t, typename acc_t, typename gout_t>
 void pointwise_backward(const ImageGeom g, const gout_t* gout, const in_t* img,
                         const acc_t* src, const bool* rows, acc_t alpha, acc_t eps,
@@ -431,25 +431,20 @@ void pointwise_backward(const ImageGeom g, const gout_t* gout, const in_t* img,
     });
     return;
   }
-  const int64_t per_chunk = 8, n_chunks = (g.B + per_chunk - 1) / per_chunk;
-  std::vector<acc_t> partial(n_chunks * C * HW, acc_t(0));
-  at::parallel_for(0, n_chunks * C, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t run = 4096;
+  const int64_t runs_per_plane = (HW + run - 1) / run;
+  at::parallel_for(0, C * runs_per_plane, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t k = t / C, c = t % C;
-      acc_t* gs = partial.data() + t * HW;
-      for (int64_t b = k * per_chunk; b < std::min(g.B, (k + 1) * per_chunk); ++b) {
+      const int64_t c = t / runs_per_plane, i0 = (t % runs_per_plane) * run;
+      const int64_t n = std::min(run, HW - i0);
+      acc_t* gs = gsrc + c * HW + i0;
+      std::fill(gs, gs + n, acc_t(0));
+      for (int64_t b = 0; b < g.B; ++b) {
         if (!selected(b)) continue;
-        const int64_t off = (b * C + c) * HW;
-        pointwise_grad_run<kind>(gs, gout + off, img + off, src + c * HW, HW, inv_std(c),
+        const int64_t off = (b * C + c) * HW + i0;
+        pointwise_grad_run<kind>(gs, gout + off, img + off, src + c * HW + i0, n, inv_std(c),
                                  alpha, eps);
       }
-    }
-  });
-  at::parallel_for(0, C * HW, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t sum = acc_t(0);
-      for (int64_t k = 0; k < n_chunks; ++k) sum += partial[k * C * HW + i];
-      gsrc[i] = sum;
     }
   });
 }
