@@ -256,3 +256,27 @@ def test_warp_smooth_grid(shape, per_sample):
     ref = reference.image_op(images, "warp", grid, rows=rows, mean=torch.tensor(mean),
                              std=torch.tensor(std))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["patch", "blend", "add"])
+def test_shared_src_gradient_is_deterministic(kind):
+    """The gradient of a shared patch/pattern sums over the batch in a fixed order: bitwise
+    the same on 1 and 2 threads and across calls."""
+    images = torch.randint(0, 256, (33, C, H, W), dtype=torch.uint8)
+    src, kw, _ = make_case(kind, False, "cpu")
+    src.requires_grad_(True)
+    kw = {k: (src if v is src else v) for k, v in kw.items()}
+    if kind == "patch":
+        kw.update(ys=torch.randint(-4, H - 2, (33,)), xs=torch.randint(-4, W - 2, (33,)))
+    upstream = torch.randn(images.shape)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            out = apply_trigger(images, kind, mean=MEAN, std=STD, backend="cpu", **kw)
+            grads.append(torch.autograd.grad((out * upstream).sum(), src)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].abs().sum() > 0
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])
