@@ -30,22 +30,56 @@ def machine() -> dict:
     return info
 
 
+def _stats(times: list[float]) -> dict:
+    times = sorted(times)
+    q = statistics.quantiles(times, n=20, method="inclusive") if len(times) >= 2 else [times[0]] * 19
+    return {"ms": statistics.median(times), "ms_min": times[0], "ms_p10": q[1], "ms_p25": q[4],
+            "ms_p75": q[14], "ms_p90": q[17], "reps": len(times)}
+
+
 def timeit(fn, device: str = "cpu", reps: int = 5, warmup: int = 1) -> dict:
-    """Median and 20/80% quantiles in ms. On a GPU, triton.testing.do_bench."""
+    """Median, minimum and 10/25/75/90% quantiles in ms. On a GPU, triton.testing.do_bench."""
+    return timeit_interleaved({"fn": fn}, device, reps, warmup)["fn"]
+
+
+def timeit_interleaved(fns: dict, device: str = "cpu", reps: int = 15, warmup: int = 2,
+                       settle: int = 1) -> dict:
+    """Times several callables in alternation: round r runs each of them once, so a slow
+    phase of a shared machine hits all of them alike instead of whichever ran then. Each
+    timed call directly follows `settle` untimed calls of the same callable, so it finds the
+    memory state its own previous call left (on a VM with free-page reporting, memory freed
+    for ~2 s goes back to the host and costs a host fault per page when touched again; without
+    this, whichever callable runs after a slow one would pay for it). Returns per name the
+    statistics of _stats and, on CPU, the minor page faults per timed call (all threads of
+    the process). `reps` is an int or a dict name -> int (a slow baseline can run fewer
+    rounds; it then sits out the last ones). On a GPU, triton.testing.do_bench."""
     if device == "cuda":
         from triton.testing import do_bench
-        med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return {"ms": med, "ms_p20": lo, "ms_p80": hi}
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
+        out = {}
+        for name, fn in fns.items():
+            med, lo, hi = do_bench(fn, quantiles=[0.5, 0.25, 0.75])
+            out[name] = {"ms": med, "ms_p25": lo, "ms_p75": hi}
+        return out
+    import resource
+    n = reps if isinstance(reps, dict) else {name: reps for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    faults = {name: 0 for name in fns}
+    for r in range(max(n.values())):
+        for name, fn in fns.items():
+            if r >= n[name]:
+                continue
+            for _ in range(settle):
+                fn()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return {name: {**_stats(times[name]), "page_faults_per_call": faults[name] / n[name],
+                   "all_ms": [round(t, 3) for t in times[name]]} for name in fns}
 
 
 def current_rss() -> int:

@@ -7,10 +7,13 @@ Contrastive: clip_loss / info_nce forward+backward vs open_clip's ClipLoss and t
 PyTorch InfoNCE, D=512 fp32: time and peak extra memory (on CPU, high-water RSS in a fresh
 process per case; on a GPU, torch.cuda.max_memory_allocated).
 Image ops: uint8 [B,3,224,224] -> normalized fp32, forward and forward+backward, vs the eager
-reference and torch.compile of the reference; achieved bandwidth of one ideal pass as a
-fraction of the measured copy bandwidth into an existing buffer ("of copy", the machine's
-bandwidth) and into a fresh tensor ("of fresh copy", which pays the page faults of a new
-allocation as every op here does).
+reference and torch.compile of the reference, timed in alternation (medians and quantiles of
+--reps rounds, minor page faults per call); achieved bandwidth of one ideal pass as a
+fraction of the measured fp32 copy bandwidth into an existing buffer ("of copy": the
+machine's memory bandwidth, the bar of the targets), into a fresh tensor ("of fresh copy":
+4 KB page faults, as the references pay) and into a fresh tensor with the huge-page hint
+("of fresh THP copy": the allocation our CPU kernels make).
+    python bench/ops.py --skip-contrastive --merge   # image ops only, keeps the rest
 On a GPU, times come from triton.testing.do_bench.
 """
 from __future__ import annotations
@@ -25,7 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, machine, measure_peak_in_subprocess, peak_extra_rss,  # noqa: E402
-                    table, timeit, write_json)
+                    table, timeit_interleaved, write_json)
+
+sys.path.insert(0, str(ROOT))  # this checkout's abd_fast, not whichever one the venv installed
 
 from abd_fast.ops import apply_perturbation, apply_trigger, clip_loss, info_nce  # noqa: E402
 from abd_fast.ops import reference  # noqa: E402
@@ -86,8 +91,10 @@ def bench_contrastive(sizes, D: int) -> list[dict]:
     for B in sizes:
         reps = 5 if B <= 4096 else 3
         for ours, base in CONTRASTIVE:
-            t_ours = timeit(contrastive_step(ours, B, D), DEVICE, reps=reps)
-            t_base = timeit(contrastive_step(base, B, D), DEVICE, reps=reps)
+            t = timeit_interleaved({"ours": contrastive_step(ours, B, D),
+                                    "baseline": contrastive_step(base, B, D)},
+                                   DEVICE, reps=reps, warmup=1)
+            t_ours, t_base = t["ours"], t["baseline"]
             m_ours, m_base = peak_extra_bytes(ours, B, D), peak_extra_bytes(base, B, D)
             rows.append({"op": ours, "baseline": base, "B": B, "D": D,
                          "ms": t_ours["ms"], "baseline_ms": t_base["ms"],
@@ -165,22 +172,46 @@ def ideal_bytes(name: str, images, src, backward: bool) -> int:
     return fwd + n * 4 + n * images.element_size() + src.numel() * 4
 
 
+def _advise_huge_pages(t: torch.Tensor):
+    """madvise(MADV_HUGEPAGE) on the 2 MB pages inside t, as the CPU kernels do for their
+    outputs (csrc/cpu/image_ops.cpp); no-op elsewhere."""
+    import ctypes
+    huge = 2 << 20
+    a = -(-t.data_ptr() // huge) * huge
+    b = (t.data_ptr() + t.nbytes) // huge * huge
+    if sys.platform.startswith("linux") and t.device.type == "cpu" and b >= a + 2 * huge:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 14)
+
+
 def copy_bandwidth(numel: int) -> dict:
+    """fp32 copy of `numel` elements (bytes read + bytes written per second), three ways:
+    into an existing buffer (the memory bandwidth: the bar of the targets), into a fresh
+    tensor (pays one page fault per 4 KB page, as the eager and compiled references do), and
+    into a fresh tensor with the huge-page hint (the allocation of our CPU kernels)."""
     x = torch.rand(numel, device=DEVICE)
     dst = torch.empty_like(x)
-    fresh = timeit(lambda: x.clone(), DEVICE, reps=11)
-    into = timeit(lambda: dst.copy_(x), DEVICE, reps=11)
+
+    def fresh_huge():
+        y = torch.empty_like(x)
+        _advise_huge_pages(y)
+        return y.copy_(x)
+    t = timeit_interleaved({"existing": lambda: dst.copy_(x), "fresh": lambda: x.clone(),
+                            "fresh_hugepage": fresh_huge}, DEVICE, reps=21, warmup=2)
     nbytes = 2 * numel * 4
-    return {"bytes": nbytes, "fresh_output_GBps": nbytes / fresh["ms"] / 1e6,
-            "existing_output_GBps": nbytes / into["ms"] / 1e6}
+    return {"bytes": nbytes, "timing": t,
+            **{f"{k}_output_GBps": nbytes / v["ms"] / 1e6 for k, v in t.items()}}
 
 
-def bench_image(B: int, H: int) -> tuple[list[dict], dict]:
+COPY_KINDS = ("existing", "fresh", "fresh_hugepage")
+
+
+def bench_image(B: int, H: int, reps: int) -> tuple[list[dict], dict]:
     images = torch.randint(0, 256, (B, 3, H, H), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(1)).to(DEVICE)
     copy = copy_bandwidth(images.numel())
-    print(f"  copy bandwidth: {copy['fresh_output_GBps']:.1f} GB/s into a fresh tensor, "
-          f"{copy['existing_output_GBps']:.1f} GB/s into an existing one", flush=True)
+    print("  copy bandwidth (GB/s): " + ", ".join(
+        f"{copy[k + '_output_GBps']:.1f} into a {k.replace('_', ' ')} output" for k in COPY_KINDS),
+        flush=True)
     gout = torch.randn(images.shape, device=DEVICE)
     rows = []
     for name, (src, ours, ref, has_grad) in image_cases(B, H).items():
@@ -196,9 +227,12 @@ def bench_image(B: int, H: int) -> tuple[list[dict], dict]:
                         s.grad = None
                         out.backward(gout)
                 return step
-            t = {p: timeit(run(fn), DEVICE, reps=reps, warmup=2)
-                 for p, fn, reps in (("ours", ours, 11), ("eager", ref, 5),
-                                     ("compiled", compiled, 7))}
+            # same inputs, same output dtype, same upstream gradient for all three; the
+            # compiled reference compiles (forward and backward graphs) during the warm-up
+            t = timeit_interleaved({"ours": run(ours), "compiled": run(compiled),
+                                    "eager": run(ref)}, DEVICE,
+                                   reps={"ours": reps, "compiled": reps, "eager": max(5, reps // 3)},
+                                   warmup=2)
             nbytes = ideal_bytes(name, images, src, backward)
             gbps = nbytes / t["ours"]["ms"] / 1e6
             rows.append({"op": name, "pass": "fwd+bwd" if backward else "fwd", "B": B, "H": H,
@@ -207,8 +241,9 @@ def bench_image(B: int, H: int) -> tuple[list[dict], dict]:
                          "vs_eager": t["eager"]["ms"] / t["ours"]["ms"],
                          "vs_compiled": t["compiled"]["ms"] / t["ours"]["ms"],
                          "ideal_MB": nbytes / 2**20, "GBps": gbps,
-                         "copy_fraction": gbps / copy["existing_output_GBps"],
-                         "fresh_copy_fraction": gbps / copy["fresh_output_GBps"], "timing": t})
+                         **{f"{k}_copy_fraction": gbps / copy[f"{k}_output_GBps"]
+                            for k in COPY_KINDS},
+                         "timing": t})
             print(f"  {name} {rows[-1]['pass']}: {t['ours']['ms']:.1f} ms, eager "
                   f"{t['eager']['ms']:.1f}, compiled {t['compiled']['ms']:.1f}", flush=True)
     return rows, copy
@@ -226,11 +261,16 @@ def main():
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--image-batch", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--reps", type=int, default=21,
+                    help="timed rounds of ours and the compiled reference (eager: a third)")
     ap.add_argument("--skip-contrastive", action="store_true")
     ap.add_argument("--skip-image", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the sections of --out that this run skips")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ops.json")
     args = ap.parse_args()
-    result = {"machine": machine(), "device": DEVICE,
+    import abd_fast
+    result = {"machine": machine(), "device": DEVICE, "abd_fast": str(Path(abd_fast.__file__).parent),
               "command": "python " + " ".join(sys.argv)}
     print(f"machine: {result['machine']}")
     if not args.skip_contrastive:
@@ -243,12 +283,21 @@ def main():
     if not args.skip_image:
         print(f"image ops (uint8 [{args.image_batch},3,{args.image_size},{args.image_size}] "
               "-> normalized fp32):")
-        result["image"], result["copy_bandwidth"] = bench_image(args.image_batch, args.image_size)
+        result["image"], result["copy_bandwidth"] = bench_image(args.image_batch, args.image_size,
+                                                                 args.reps)
         print(table(result["image"], [
             ("op", "op"), ("pass", "pass"), ("ms", "ours ms"), ("eager_ms", "eager ms"),
             ("compiled_ms", "compiled ms"), ("vs_eager", "x eager"),
-            ("vs_compiled", "x compiled"), ("GBps", "GB/s"), ("copy_fraction", "of copy"),
-            ("fresh_copy_fraction", "of fresh copy")]))
+            ("vs_compiled", "x compiled"), ("GBps", "GB/s"),
+            ("existing_copy_fraction", "of copy"), ("fresh_copy_fraction", "of fresh copy"),
+            ("fresh_hugepage_copy_fraction", "of fresh THP copy")]))
+    if args.merge and args.out.exists():
+        import json
+        old = json.loads(args.out.read_text())
+        for key in ("contrastive", "image", "copy_bandwidth"):
+            if key in old and key not in result:
+                result[key] = old[key]
+                result.setdefault("kept_from_earlier_run", {})[key] = old.get("command")
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

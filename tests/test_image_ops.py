@@ -217,3 +217,66 @@ def test_warp_edge_sizes(backend, shape, in_dtype):
     out = apply_trigger(images, "warp", grid=grid, backend=backend)
     ref = reference.image_op(images, "warp", grid)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_warp_planes_of_several_tap_blocks(per_sample):
+    """The CPU warp kernel computes taps in blocks of 64K pixels: a plane of more than one
+    block (257 x 263), shared and per-sample grids, some rows unselected, uint8 -> fp32."""
+    b, c, h, w = 3, 2, 257, 263
+    images = torch.randint(1, 256, (b, c, h, w), dtype=torch.uint8)
+    grid = torch.rand(*((b,) if per_sample else ()), h, w, 2) * 2.2 - 1.1
+    rows = torch.tensor([True, False, True])
+    mean, std = (0.4, 0.5), (0.25, 0.3)
+    out = apply_trigger(images, "warp", grid=grid, rows=rows, mean=mean, std=std, backend="cpu")
+    ref = reference.image_op(images, "warp", grid, rows=rows, mean=torch.tensor(mean),
+                             std=torch.tensor(std))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 37, 41), (2, 3, 64, 64)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_warp_smooth_grid(shape, per_sample):
+    """A WaNet-like grid (identity plus a smooth shift of under a pixel), where the CPU kernel
+    reads the taps of 16 neighbouring pixels from one 64-byte window of each row instead of
+    gathering them; more channels than it does at once (5 > 4), rows of 41 pixels (groups of
+    16 that straddle two rows), and the last plane of the batch (done without vectors)."""
+    b, c, h, w = shape
+    images = torch.randint(0, 256, shape, dtype=torch.uint8)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    lead = (b,) if per_sample else (1,)
+    phase = torch.rand(*lead, 1, 1) * 6.28
+    shift_x = 0.9 * torch.sin(3 * ys + phase) * 2 / (w - 1)  # under a pixel
+    shift_y = 0.9 * torch.cos(2 * xs + phase) * 2 / (h - 1)
+    grid = torch.stack([xs + shift_x, ys + shift_y], -1)
+    grid = grid if per_sample else grid[0]
+    rows = torch.rand(b) > 0.3
+    mean, std = tuple(torch.rand(c).tolist()), tuple((torch.rand(c) * 0.5 + 0.2).tolist())
+    out = apply_trigger(images, "warp", grid=grid, rows=rows, mean=mean, std=std, backend="cpu")
+    ref = reference.image_op(images, "warp", grid, rows=rows, mean=torch.tensor(mean),
+                             std=torch.tensor(std))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["patch", "blend", "add"])
+def test_shared_src_gradient_is_deterministic(kind):
+    """The gradient of a shared patch/pattern sums over the batch in a fixed order: bitwise
+    the same on 1 and 2 threads and across calls."""
+    images = torch.randint(0, 256, (33, C, H, W), dtype=torch.uint8)
+    src, kw, _ = make_case(kind, False, "cpu")
+    src.requires_grad_(True)
+    kw = {k: (src if v is src else v) for k, v in kw.items()}
+    if kind == "patch":
+        kw.update(ys=torch.randint(-4, H - 2, (33,)), xs=torch.randint(-4, W - 2, (33,)))
+    upstream = torch.randn(images.shape)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            out = apply_trigger(images, kind, mean=MEAN, std=STD, backend="cpu", **kw)
+            grads.append(torch.autograd.grad((out * upstream).sum(), src)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].abs().sum() > 0
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])

@@ -49,7 +49,10 @@ template <typename acc_t>
 struct WarpTaps {
   std::vector<int32_t> base;
   std::vector<acc_t> wx0, wx1, wy0, wy1;
-  explicit WarpTaps(int64_t n) : base(n), wx0(n), wx1(n), wy0(n), wy1(n) {}
+  // per group of 16 pixels: the smallest base of the group when every tap of the group lies
+  // in the 64 bytes of a row from there (and those bytes inside the plane), else -1
+  std::vector<int32_t> window;
+  explicit WarpTaps(int64_t n) : base(n), wx0(n), wx1(n), wy0(n), wy1(n), window(n / 16) {}
 
   // the weights at positions s and s+1 of the two taps at t0 and t0+1 with weights a0, a1
   static void axis(acc_t coord, int32_t size, int32_t& s, acc_t& w_s, acc_t& w_s1) {
@@ -64,17 +67,31 @@ struct WarpTaps {
     w_s1 = (t0 == s + 1 ? v0 : acc_t(0)) + (t0 + 1 == s + 1 ? v1 : acc_t(0));
   }
 
-  void compute(const acc_t* grid, int64_t n, int32_t H, int32_t W) {
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t ix = (grid[2 * i] + acc_t(1)) / acc_t(2) * acc_t(W - 1);
-      const acc_t iy = (grid[2 * i + 1] + acc_t(1)) / acc_t(2) * acc_t(H - 1);
+  // taps [i0, i1) of the block from the grid points grid[0 .. 2 (i1 - i0))
+  void compute(const acc_t* grid, int64_t i0, int64_t i1, int32_t H, int32_t W) {
+    for (int64_t i = i0; i < i1; ++i, grid += 2) {
+      const acc_t ix = (grid[0] + acc_t(1)) / acc_t(2) * acc_t(W - 1);
+      const acc_t iy = (grid[1] + acc_t(1)) / acc_t(2) * acc_t(H - 1);
       int32_t xs, ys;
       axis(ix, W, xs, wx0[i], wx1[i]);
       axis(iy, H, ys, wy0[i], wy1[i]);
       base[i] = ys * W + xs;
     }
   }
+
+  // window[] of the full groups of 16 among the first n pixels (dy: offset of the lower row)
+  void find_windows(int64_t n, int64_t HW, int64_t dy) {
+    for (int64_t k = 0; k < n / 16; ++k) {
+      const int32_t* b = base.data() + 16 * k;
+      const int32_t lo = *std::min_element(b, b + 16), hi = *std::max_element(b, b + 16);
+      window[k] = hi + 1 - lo < 64 && lo + dy + 64 <= HW ? lo : -1;
+    }
+  }
 };
+
+// Planes sharing taps are done together, up to kMaxPlanes (the channels of a sample), so
+// that the taps (20 bytes a pixel) are read from L2 once per group rather than per plane.
+constexpr int kMaxPlanes = 4;
 
 // Output pixel i of one plane from its taps (any element type). A zero-weight tap adds
 // exactly 0, even where its pixel is NaN or inf (as grid_sample).
@@ -134,54 +151,173 @@ inline void warp_block_u8_avx2(const uint8_t* plane, const WarpTaps<float>& t, i
 }
 #endif
 
-// Warp. A task is a block of about 4K output pixels (rows y0..y1) of one grid and a chunk of
-// the planes that use the grid (all B*C planes of a shared grid, such as WaNet's, or the C
-// planes of one sample): the taps of the block are computed once, then every plane of the
-// chunk writes the block as one contiguous run, in memory order.
+#ifdef __AVX512F__
+// The same with 16 pixels per step (the gathers are the cost, and one 16-lane gather is
+// cheaper than two 8-lane ones). With AVX512-VBMI (checked at run time: vbmi = true), a group
+// of 16 pixels whose taps lie in 64 bytes of a row (window[]: the common case of a smooth
+// warp such as WaNet's) loads those 64 bytes of its two rows and picks its taps with byte
+// permutes instead of gathers, which takes far fewer cycles.
+__attribute__((target("avx512vbmi"))) inline __m512i pick_bytes(__m512i idx, __m512i row) {
+  return _mm512_maskz_permutexvar_epi8(0x1111111111111111ULL, idx, row);  // into byte 0 of each dword
+}
+
+// Planes that share taps, done together.
+struct PlaneSet {
+  int n = 0;
+  const uint8_t* in[kMaxPlanes];
+  float* out[kMaxPlanes];
+  float m[kMaxPlanes], inv[kMaxPlanes];
+};
+
+template <bool vbmi>
+__attribute__((target("avx512vbmi"))) void warp_block_u8_avx512(const PlaneSet& ps,
+                                                                const WarpTaps<float>& t,
+                                                                int64_t n, int64_t W) {
+  const __m512i lo = _mm512_set1_epi32(0xFF), one_i = _mm512_set1_epi32(1);
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+  const __m512 k255 = _mm512_set1_ps(1.f / 255.f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i b = _mm512_loadu_si512(t.base.data() + i);
+    const int32_t w0 = vbmi ? t.window[i / 16] : -1;
+    const __m512i idx = _mm512_sub_epi32(b, _mm512_set1_epi32(w0));
+    const __m512i idx1 = _mm512_add_epi32(idx, one_i);
+    const __m512 wx0 = _mm512_loadu_ps(t.wx0.data() + i), wx1 = _mm512_loadu_ps(t.wx1.data() + i);
+    const __m512 wy0 = _mm512_loadu_ps(t.wy0.data() + i), wy1 = _mm512_loadu_ps(t.wy1.data() + i);
+    for (int p = 0; p < ps.n; ++p) {
+      const uint8_t* plane = ps.in[p];
+      __m512 p00, p01, p10, p11;  // taps (top, bottom row) x (left, right), 0..255
+      if (w0 >= 0) {
+        const __m512i top = _mm512_loadu_si512(plane + w0), bot = _mm512_loadu_si512(plane + w0 + W);
+        p00 = _mm512_cvtepi32_ps(pick_bytes(idx, top));
+        p01 = _mm512_cvtepi32_ps(pick_bytes(idx1, top));
+        p10 = _mm512_cvtepi32_ps(pick_bytes(idx, bot));
+        p11 = _mm512_cvtepi32_ps(pick_bytes(idx1, bot));
+      } else {
+        const __m512i top = _mm512_i32gather_epi32(b, plane, 1);
+        const __m512i bot = _mm512_i32gather_epi32(b, plane + W, 1);
+        auto px = [&](__m512i v, int shift) {
+          return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), lo));
+        };
+        p00 = px(top, 0), p01 = px(top, 8), p10 = px(bot, 0), p11 = px(bot, 8);
+      }
+      const __m512 up = _mm512_add_ps(_mm512_mul_ps(wx0, p00), _mm512_mul_ps(wx1, p01));
+      const __m512 dn = _mm512_add_ps(_mm512_mul_ps(wx0, p10), _mm512_mul_ps(wx1, p11));
+      __m512 v = _mm512_add_ps(_mm512_mul_ps(wy0, up), _mm512_mul_ps(wy1, dn));
+      v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, k255), zero), one);
+      v = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(ps.m[p])), _mm512_set1_ps(ps.inv[p]));
+      _mm512_storeu_ps(ps.out[p] + i, v);
+    }
+  }
+  for (int p = 0; p < ps.n; ++p)
+    for (int64_t k = i; k < n; ++k)
+      ps.out[p][k] = (clamp01(warp_pixel(ps.in[p], t, k, 1, W)) - ps.m[p]) * ps.inv[p];
+}
+
+inline bool cpu_has_vbmi() {
+  static const bool has = __builtin_cpu_supports("avx512vbmi");
+  return has;
+}
+#endif
+
+// One block of output pixels [i0, i0 + n) of the planes [bc0, bc1) of sample b (bc1 - bc0
+// <= kMaxPlanes) from the taps of the block.
+template <typename in_t, typename acc_t, typename out_t>
+void warp_planes_block(const ImageGeom& g, const in_t* img, const WarpTaps<acc_t>& taps,
+                       int64_t i0, int64_t n, int64_t bc0, int64_t bc1, const bool* rows,
+                       const float* mean, const float* stdv, out_t* out) {
+  const int64_t HW = g.H * g.W, W = g.W, b = bc0 / g.C;
+  const int64_t dx = W >= 2 ? 1 : 0, dy = g.H >= 2 ? W : 0;  // neighbour offsets of a tap pair
+  auto m_of = [&](int64_t bc) { return mean ? acc_t(mean[bc % g.C]) : acc_t(0); };
+  auto inv_of = [&](int64_t bc) { return mean ? acc_t(1) / acc_t(stdv[bc % g.C]) : acc_t(1); };
+  if (rows && !rows[b]) {
+    for (int64_t bc = bc0; bc < bc1; ++bc) {
+      const in_t* plane = img + bc * HW + i0;
+      emit(out + bc * HW + i0, n, m_of(bc), inv_of(bc),
+           [&](int64_t i) { return to_unit<acc_t>(plane[i]); });
+    }
+    return;
+  }
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (std::is_same_v<in_t, uint8_t> && std::is_same_v<acc_t, float> &&
+                std::is_same_v<out_t, float>) {
+    if (dx == 1 && dy == W) {
+      // the vector paths gather 4 bytes at a tap, 2 past the 2x2 window: not on the last
+      // plane of the batch, which the scalar loop below does
+      const int64_t vec_end = std::min(bc1, g.B * g.C - 1);
+#if defined(__AVX512F__)
+      PlaneSet ps;
+      for (int64_t bc = bc0; bc < vec_end; ++bc, ++ps.n) {
+        ps.in[ps.n] = img + bc * HW;
+        ps.out[ps.n] = out + bc * HW + i0;
+        ps.m[ps.n] = m_of(bc);
+        ps.inv[ps.n] = inv_of(bc);
+      }
+      if (cpu_has_vbmi())
+        warp_block_u8_avx512<true>(ps, taps, n, W);
+      else
+        warp_block_u8_avx512<false>(ps, taps, n, W);
+#else
+      for (int64_t bc = bc0; bc < vec_end; ++bc)
+        warp_block_u8_avx2(img + bc * HW, taps, n, W, m_of(bc), inv_of(bc), out + bc * HW + i0);
+#endif
+      bc0 = std::max(bc0, vec_end);
+    }
+  }
+#endif
+  for (int64_t bc = bc0; bc < bc1; ++bc) {
+    const in_t* plane = img + bc * HW;
+    emit(out + bc * HW + i0, n, m_of(bc), inv_of(bc),
+         [&](int64_t i) { return warp_pixel(plane, taps, i, dx, dy); });
+  }
+}
+
+// Warp. The taps of a block of up to 64K output pixels (all of a 224x224 plane) are computed
+// once per grid, then every plane that uses the grid (all B*C planes of a shared grid, such
+// as WaNet's, or the C planes of one sample) writes the block. With one block per plane, each
+// thread writes its planes in memory order: a fresh output page is written while the
+// kernel's zeroing of it is still in cache, and the taps (20 bytes a pixel) stay in L2.
 template <typename in_t, typename acc_t, typename out_t>
 void warp_forward(const ImageGeom g, const in_t* img, const acc_t* src, const bool* rows,
                   const float* mean, const float* stdv, out_t* out) {
   const int64_t H = g.H, W = g.W, HW = H * W;
   TORCH_CHECK(HW < (int64_t(1) << 31), "image_op: warp needs planes of fewer than 2^31 pixels");
-  const int64_t dx = W >= 2 ? 1 : 0, dy = H >= 2 ? W : 0;  // neighbour offsets of a tap pair
-  const int64_t n_grids = g.src_bstride ? g.B : 1;
-  const int64_t planes_per_grid = g.src_bstride ? g.C : g.B * g.C;
-  const int64_t rows_per_block = std::max<int64_t>(1, 4096 / std::max<int64_t>(W, 1));
-  const int64_t n_blocks = (H + rows_per_block - 1) / rows_per_block;
-  const int64_t chunk = 64;  // planes per task: the taps are computed once per 64 planes
-  const int64_t n_chunks = (planes_per_grid + chunk - 1) / chunk;
-  const int64_t last_plane = g.B * g.C - 1;
-  at::parallel_for(0, n_grids * n_blocks * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    WarpTaps<acc_t> taps(rows_per_block * W);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t gb = t / (n_blocks * n_chunks), blk = (t / n_chunks) % n_blocks;
-      const int64_t pc = t % n_chunks;
-      const int64_t y0 = blk * rows_per_block, y1 = std::min(H, y0 + rows_per_block);
-      const int64_t n = (y1 - y0) * W;
-      taps.compute(src + gb * g.src_bstride + y0 * W * 2, n, static_cast<int32_t>(H),
-                   static_cast<int32_t>(W));
-      const int64_t p0 = gb * planes_per_grid + pc * chunk;
-      const int64_t p1 = std::min(gb * planes_per_grid + planes_per_grid, p0 + chunk);
-      for (int64_t bc = p0; bc < p1; ++bc) {
-        const int64_t b = bc / g.C, c = bc % g.C;
-        const in_t* plane = img + bc * HW;
-        out_t* o = out + bc * HW + y0 * W;
-        const acc_t m = mean ? acc_t(mean[c]) : acc_t(0);
-        const acc_t inv = mean ? acc_t(1) / acc_t(stdv[c]) : acc_t(1);
-        if (rows && !rows[b]) {
-          emit(o, n, m, inv, [&](int64_t i) { return to_unit<acc_t>(plane[y0 * W + i]); });
-          continue;
+  const int64_t block = std::min<int64_t>(HW, int64_t(1) << 16);
+  const int64_t dy = H >= 2 ? W : 0;
+  const int64_t n_blocks = (HW + block - 1) / block;
+  if (g.src_bstride == 0) {  // shared grid: taps once (in parallel), then all planes
+    WarpTaps<acc_t> taps(block);
+    for (int64_t k = 0; k < n_blocks; ++k) {
+      const int64_t i0 = k * block, n = std::min(block, HW - i0);
+      at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+        taps.compute(src + (i0 + begin) * 2, begin, end, static_cast<int32_t>(H),
+                     static_cast<int32_t>(W));
+      });
+      taps.find_windows(n, HW, dy);
+      at::parallel_for(0, g.B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          for (int64_t c = 0; c < g.C; c += kMaxPlanes)
+            warp_planes_block(g, img, taps, i0, n, b * g.C + c,
+                              b * g.C + std::min<int64_t>(g.C, c + kMaxPlanes), rows, mean,
+                              stdv, out);
+      });
+    }
+    return;
+  }
+  at::parallel_for(0, g.B, 1, [&](int64_t begin, int64_t end) {  // a grid per sample
+    WarpTaps<acc_t> taps(block);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t k = 0; k < n_blocks; ++k) {
+        const int64_t i0 = k * block, n = std::min(block, HW - i0);
+        if (!rows || rows[b]) {
+          taps.compute(src + b * g.src_bstride + i0 * 2, 0, n, static_cast<int32_t>(H),
+                       static_cast<int32_t>(W));
+          taps.find_windows(n, HW, dy);
         }
-#ifdef __AVX2__
-        if constexpr (std::is_same_v<in_t, uint8_t> && std::is_same_v<acc_t, float> &&
-                      std::is_same_v<out_t, float>) {
-          if (dx == 1 && dy == W && bc != last_plane) {
-            warp_block_u8_avx2(plane, taps, n, W, m, inv, o);
-            continue;
-          }
-        }
-#endif
-        emit(o, n, m, inv, [&](int64_t i) { return warp_pixel(plane, taps, i, dx, dy); });
+        for (int64_t c = 0; c < g.C; c += kMaxPlanes)
+          warp_planes_block(g, img, taps, i0, n, b * g.C + c,
+                            b * g.C + std::min<int64_t>(g.C, c + kMaxPlanes), rows, mean,
+                            stdv, out);
       }
     }
   });
@@ -273,9 +409,9 @@ inline void pointwise_grad_run(acc_t* gs, const gout_t* go, const in_t* xin, con
 }
 
 // Gradient with respect to a pointwise src (blend, add). Per-sample src: each sample's plane
-// is its own gradient. Shared src: samples are summed in chunks of 8 (each chunk a task that
-// reads its planes in memory order into a partial sum), then the chunks are added in order;
-// the chunking depends on B only, so the result is the same on any number of threads.
+// is its own gradient. Shared src: a task owns a run of 4K pixels of the src and sums the
+// samples into it in order b = 0, 1, ..., so the result does not depend on the number of
+// threads (deterministic), and there are no partial sums to allocate and add up.
 template <Kind kind, typename in_t, typename acc_t, typename gout_t>
 void pointwise_backward(const ImageGeom g, const gout_t* gout, const in_t* img,
                         const acc_t* src, const bool* rows, acc_t alpha, acc_t eps,
@@ -295,25 +431,20 @@ void pointwise_backward(const ImageGeom g, const gout_t* gout, const in_t* img,
     });
     return;
   }
-  const int64_t per_chunk = 8, n_chunks = (g.B + per_chunk - 1) / per_chunk;
-  std::vector<acc_t> partial(n_chunks * C * HW, acc_t(0));
-  at::parallel_for(0, n_chunks * C, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t run = 4096;
+  const int64_t runs_per_plane = (HW + run - 1) / run;
+  at::parallel_for(0, C * runs_per_plane, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t k = t / C, c = t % C;
-      acc_t* gs = partial.data() + t * HW;
-      for (int64_t b = k * per_chunk; b < std::min(g.B, (k + 1) * per_chunk); ++b) {
+      const int64_t c = t / runs_per_plane, i0 = (t % runs_per_plane) * run;
+      const int64_t n = std::min(run, HW - i0);
+      acc_t* gs = gsrc + c * HW + i0;
+      std::fill(gs, gs + n, acc_t(0));
+      for (int64_t b = 0; b < g.B; ++b) {
         if (!selected(b)) continue;
-        const int64_t off = (b * C + c) * HW;
-        pointwise_grad_run<kind>(gs, gout + off, img + off, src + c * HW, HW, inv_std(c),
+        const int64_t off = (b * C + c) * HW + i0;
+        pointwise_grad_run<kind>(gs, gout + off, img + off, src + c * HW + i0, n, inv_std(c),
                                  alpha, eps);
       }
-    }
-  });
-  at::parallel_for(0, C * HW, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t sum = acc_t(0);
-      for (int64_t k = 0; k < n_chunks; ++k) sum += partial[k * C * HW + i];
-      gsrc[i] = sum;
     }
   });
 }
