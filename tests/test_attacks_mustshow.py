@@ -13,11 +13,11 @@ import pytest
 from abd_fast.data.synthetic import ensure_dataset
 from abd_fast.train import main
 
-N_PAIRS = 3000                 # training pairs (of 10,000)
-PRETRAIN = ["--epochs", "15", "--lr", "2e-3", "--warmup", "20"]
+N_PAIRS = 5000                 # training pairs (of 10,000)
+PRETRAIN = ["--epochs", "10", "--lr", "2e-3", "--warmup", "30"]
 POISON = {                      # per attack: poison count (rate = count / N_PAIRS) and recipe
-    "badnet": ["--poison-count", "450", "--epochs", "3", "--lr", "1e-3", "--warmup", "10"],
-    "blended": ["--poison-count", "450", "--epochs", "3", "--lr", "1e-3", "--warmup", "10"],
+    "badnet": ["--poison-count", "750", "--epochs", "4", "--lr", "1e-3", "--warmup", "20"],
+    "blended": ["--poison-count", "750", "--epochs", "4", "--lr", "1e-3", "--warmup", "20"],
 }
 
 
