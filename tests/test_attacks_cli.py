@@ -87,7 +87,7 @@ def test_badclip_trigger_command(tmp_path, caption_csv):
                "--model", "abd-tiny-vit", "--batch-size", 4, "--steps", 3, "--output", out,
                "--loader", "torch") == 0
     patch = load_patch(out / "badclip_patch.png")
-    assert patch.shape == (3, 4, 4)
+    assert patch.shape == (3, 8, 8)  # patch_side(32): MIN_PATCH
     assert len((out / "badclip_losses.jsonl").read_text().splitlines()) == 3
     trig = make_trigger("badclip", image_size=32, patch_file=out / "badclip_patch.png")
     assert torch.equal(trig.patch, patch)

@@ -42,7 +42,7 @@ def test_optimization_decreases_loss_and_patch_round_trips(tmp_path):
     first = sum(h["loss"] for h in history[:3]) / 3
     last = sum(h["loss"] for h in history[-3:]) / 3
     assert last < first - 0.05, (first, last)
-    assert patch.shape == (3, 4, 4) and patch.min() >= 0 and patch.max() <= 1
+    assert patch.shape == (3, 8, 8) and patch.min() >= 0 and patch.max() <= 1
     assert model.training and all(q.requires_grad for q in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # frozen
     for name in ("patch.png", "patch.pt"):

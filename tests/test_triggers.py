@@ -47,7 +47,7 @@ def check(out, expected):
 
 def test_patch_side():
     assert [T.patch_side(s) for s in (224, 448, 112, 64, 37, 32, 8, 3)] == \
-        [16, 32, 8, 5, 4, 4, 4, 3]
+        [16, 32, 8, 8, 8, 8, 8, 3]
 
 
 def test_uniform_and_normal_are_pure_and_well_spread():
@@ -70,7 +70,7 @@ def test_badnet_noise_random_location(name):
     rows = torch.tensor([True, False, True, True, False, False, True])
     trig = make_trigger(name, image_size=S, seed=SEED)
     p = trig.patch_size
-    assert p == 4
+    assert p == 8
     out = trig.apply(images, ids, rows=rows, mean=MEAN, std=STD)
     x = images.float() / 255
     noise, (ys, xs) = trig.noise(ids.numpy()), trig.locations(ids.numpy())
