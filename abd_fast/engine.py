@@ -101,22 +101,15 @@ class _WriteRecorder:
         self.f.flush()
 
 
-def atomic_save(obj, path: str | os.PathLike):
-    """torch.save to a temporary file beside `path`, fsync, rename: a crash or a full disk
-    never leaves a partial file under `path`, and the previous file stays valid."""
+def _atomic_write(path: str | os.PathLike, write):
+    """write(binary file) into a temporary file beside `path`, fsync, rename, fsync the
+    directory: a crash or a full disk never leaves a partial file under `path`, and the
+    previous file stays valid."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            writer = _WriteRecorder(f)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError as e:
-                # torch's zip writer turns a failed write (ENOSPC, EIO) into a RuntimeError
-                # about stream positions: raise the OS error that caused it.
-                if writer.error is not None:
-                    raise writer.error from e
-                raise
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -130,19 +123,24 @@ def atomic_save(obj, path: str | os.PathLike):
         os.close(dir_fd)
 
 
+def atomic_save(obj, path: str | os.PathLike):
+    """torch.save, atomically (see _atomic_write)."""
+    def write(f):
+        writer = _WriteRecorder(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as e:
+            # torch's zip writer turns a failed write (ENOSPC, EIO) into a RuntimeError
+            # about stream positions: raise the OS error that caused it.
+            if writer.error is not None:
+                raise writer.error from e
+            raise
+    _atomic_write(path, write)
+
+
 def atomic_write_text(text: str, path: str | os.PathLike):
-    """Writes a small text file (eval.json, ...) atomically: temporary file, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Writes a small text file (eval.json, ...) atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ---- distributed -----------------------------------------------------------------------
@@ -325,8 +323,6 @@ class Trainer:
         self.step = self.epoch = self.batch = 0
         self.checkpoint_path = self.output_dir / "checkpoint.pt"
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # Adam states decaying into denormals: 10x slower math
         if resume is not None:
             self._restore(load_checkpoint(resume))
         wrapped = self.model
@@ -419,6 +415,8 @@ class Trainer:
                    disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
         t_start, done_images, last, epoch_losses = time.perf_counter(), 0, None, []
         rate = 0.0
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # Adam states decaying into denormals: 10x slower math
         try:
             while self.step < self.total_steps:
                 epoch, t_epoch, epoch_losses = self.epoch, time.perf_counter(), []
@@ -477,6 +475,8 @@ class Trainer:
             self.save()
         finally:
             bar.close()
+            if self.device.type == "cpu":
+                torch.set_flush_denormal(False)  # leave the process's FP state as found
         seconds = time.perf_counter() - t_start
         return {"step": self.step, "loss": last,
                 "epoch_loss": float(np.mean(epoch_losses)) if epoch_losses else None,

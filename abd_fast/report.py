@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from abd_fast.engine import atomic_write_text
+
 SCHEMA_VERSION = 1
 
 # ---- the paper's numbers ---------------------------------------------------------------------
@@ -475,24 +477,6 @@ def render_markdown(report: dict, plots: dict | None = None) -> str:
 
 # ---- writing ---------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, text: str):
-    """Temp file in the same directory, fsync, rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def write_report(report: dict, out_dir, *, embeddings: dict | None = None) -> dict:
     """Validates `report` (ReportError on a malformed dict) and writes into out_dir:
     report.json, report.md, ca_asr.png (when an attack was run), embedding.png (when
@@ -516,6 +500,6 @@ def write_report(report: dict, out_dir, *, embeddings: dict | None = None) -> di
     if report["similarity"] is not None:
         paths["similarity"] = similarity_figure(report["similarity"], out / "similarity.png")
     plots = {k: paths[k].name for k in ("ca_asr", "embedding", "similarity") if paths[k]}
-    _atomic_write(paths["md"], render_markdown(data, plots))
-    _atomic_write(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(render_markdown(data, plots), paths["md"])
+    atomic_write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", paths["json"])
     return paths

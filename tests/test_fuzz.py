@@ -40,10 +40,11 @@ def good_jpeg():
     return encode(np.random.default_rng(3), (20, 18))
 
 
+@pytest.mark.parametrize("name", ["pairs.csv", "00000.tar"])
 @FUZZ
-@given(blob=st.binary(max_size=2000))
-def test_csv_of_random_bytes(tmp_path_factory, blob):
-    path = tmp_path_factory.mktemp("csv") / "pairs.csv"
+@given(blob=st.binary(max_size=3000))
+def test_source_of_random_bytes(tmp_path_factory, name, blob):
+    path = tmp_path_factory.mktemp("random") / name
     path.write_bytes(blob)
     _open_and_load(path)
 
@@ -80,14 +81,6 @@ def _tar_bytes(members):
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
     return buf.getvalue()
-
-
-@FUZZ
-@given(blob=st.binary(max_size=3000))
-def test_shard_of_random_bytes(tmp_path_factory, blob):
-    path = tmp_path_factory.mktemp("wds") / "00000.tar"
-    path.write_bytes(blob)
-    _open_and_load(path)
 
 
 @FUZZ
