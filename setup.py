@@ -26,7 +26,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _simd_flags():
-    """The widest of AVX-512 (F/BW/VL/DQ) or AVX2/FMA/F16C that the build machine has: two to
+    """The widest of AVX-512 (F/BW/VL/DQ, + VBMI) or AVX2/FMA/F16C the build machine has: two to
     three times the throughput of the SSE2 baseline in the image kernels. The flags are
     recorded in abd_fast/_build_config.json, which abd_fast checks before loading the
     extension, so a build moved to an older CPU fails with a message instead of an illegal
@@ -41,7 +41,8 @@ def _simd_flags():
         return []
     avx2 = ["avx2", "fma", "f16c"]
     avx512 = avx2 + ["avx512f", "avx512bw", "avx512vl", "avx512dq"]
-    for tier in (avx512, avx2):
+    avx512_vbmi = avx512 + ["avx512vbmi"]  # byte permutes: the CPU warp kernel's fast path
+    for tier in (avx512_vbmi, avx512, avx2):
         if set(tier) <= have:
             return tier
     return []

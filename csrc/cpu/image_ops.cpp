@@ -153,13 +153,19 @@ inline void warp_block_u8_avx2(const uint8_t* plane, const WarpTaps<float>& t, i
 
 #ifdef __AVX512F__
 // The same with 16 pixels per step (the gathers are the cost, and one 16-lane gather is
-// cheaper than two 8-lane ones). With AVX512-VBMI (checked at run time: vbmi = true), a group
-// of 16 pixels whose taps lie in 64 bytes of a row (window[]: the common case of a smooth
-// warp such as WaNet's) loads those 64 bytes of its two rows and picks its taps with byte
+// cheaper than two 8-lane ones). Built with AVX512-VBMI (setup.py's widest tier), a group of
+// 16 pixels whose taps lie in 64 bytes of a row (window[]: the common case of a smooth warp
+// such as WaNet's) loads those 64 bytes of its two rows and picks its taps with byte
 // permutes instead of gathers, which takes far fewer cycles.
-__attribute__((target("avx512vbmi"))) inline __m512i pick_bytes(__m512i idx, __m512i row) {
-  return _mm512_maskz_permutexvar_epi8(0x1111111111111111ULL, idx, row);  // into byte 0 of each dword
+#ifdef __AVX512VBMI__
+constexpr bool kVbmi = true;
+inline __m512i pick_bytes(__m512i idx, __m512i row) {  // into byte 0 of each dword
+  return _mm512_maskz_permutexvar_epi8(0x1111111111111111ULL, idx, row);
 }
+#else
+constexpr bool kVbmi = false;
+inline __m512i pick_bytes(__m512i, __m512i row) { return row; }  // never called
+#endif
 
 // Planes that share taps, done together.
 struct PlaneSet {
@@ -169,17 +175,15 @@ struct PlaneSet {
   float m[kMaxPlanes], inv[kMaxPlanes];
 };
 
-template <bool vbmi>
-__attribute__((target("avx512vbmi"))) void warp_block_u8_avx512(const PlaneSet& ps,
-                                                                const WarpTaps<float>& t,
-                                                                int64_t n, int64_t W) {
+inline void warp_block_u8_avx512(const PlaneSet& ps, const WarpTaps<float>& t, int64_t n,
+                                 int64_t W) {
   const __m512i lo = _mm512_set1_epi32(0xFF), one_i = _mm512_set1_epi32(1);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
   const __m512 k255 = _mm512_set1_ps(1.f / 255.f);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512i b = _mm512_loadu_si512(t.base.data() + i);
-    const int32_t w0 = vbmi ? t.window[i / 16] : -1;
+    const int32_t w0 = kVbmi ? t.window[i / 16] : -1;
     const __m512i idx = _mm512_sub_epi32(b, _mm512_set1_epi32(w0));
     const __m512i idx1 = _mm512_add_epi32(idx, one_i);
     const __m512 wx0 = _mm512_loadu_ps(t.wx0.data() + i), wx1 = _mm512_loadu_ps(t.wx1.data() + i);
@@ -214,10 +218,6 @@ __attribute__((target("avx512vbmi"))) void warp_block_u8_avx512(const PlaneSet& 
       ps.out[p][k] = (clamp01(warp_pixel(ps.in[p], t, k, 1, W)) - ps.m[p]) * ps.inv[p];
 }
 
-inline bool cpu_has_vbmi() {
-  static const bool has = __builtin_cpu_supports("avx512vbmi");
-  return has;
-}
 #endif
 
 // One block of output pixels [i0, i0 + n) of the planes [bc0, bc1) of sample b (bc1 - bc0
@@ -253,10 +253,7 @@ void warp_planes_block(const ImageGeom& g, const in_t* img, const WarpTaps<acc_t
         ps.m[ps.n] = m_of(bc);
         ps.inv[ps.n] = inv_of(bc);
       }
-      if (cpu_has_vbmi())
-        warp_block_u8_avx512<true>(ps, taps, n, W);
-      else
-        warp_block_u8_avx512<false>(ps, taps, n, W);
+      warp_block_u8_avx512(ps, taps, n, W);
 #else
       for (int64_t bc = bc0; bc < vec_end; ++bc)
         warp_block_u8_avx2(img + bc * HW, taps, n, W, m_of(bc), inv_of(bc), out + bc * HW + i0);
