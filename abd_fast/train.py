@@ -110,7 +110,7 @@ STAGE_DEFAULTS = {
     "pretrain": dict(COMMON_DEFAULTS, output="runs/pretrain", epochs=10),
     "poison": dict(COMMON_DEFAULTS, output="runs/poison", attack=None, poison_count=None,
                    poison_rate=None, trigger_file=None, trigger_option=None, epochs=3,
-                   lr=1e-3, warmup=50),  # demo: blended at 10% -> ASR 96% (docs/ATTACKS.md)
+                   lr=1e-3, warmup=50),  # demo: 10% poisons -> ASR 96-99% (docs/ATTACKS.md)
     "eval": dict(COMMON_DEFAULTS, checkpoint=None, attack=None, trigger_file=None,
                  trigger_option=None, batch_size=250, output=None),
     # The attack flags of uap/defend only drive the evaluation (ASR); by default they come

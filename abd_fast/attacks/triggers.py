@@ -68,8 +68,8 @@ def patch_side(image_size: int, at_224: int = 16) -> int:
     Scaling keeps the patch's share of the image (0.5% of the area) from ~112 px up. Below
     that the scaled patch is too small to be learned at a random location: the tiny ResNet
     at 32 px averages 4 x 4 pixels in its stem (stride 4), so a 4-px patch is one or a few
-    mixed stem cells, and poisoning it reached ASR 7-10% where 8 px reached 84-93%
-    (docs/ATTACKS.md, same clean model, poisons and recipe). MIN_PATCH = 8 covers at least one whole
+    mixed stem cells: with 10% poisons, 4 px reached ASR 60.6% and 8 px 99.1% (same
+    clean model and recipe, docs/ATTACKS.md). MIN_PATCH = 8 covers at least one whole
     stem cell (and a whole 8-px token of the tiny ViT's area) wherever it lands."""
     return min(image_size, max(MIN_PATCH, round(at_224 * image_size / 224)))
 
