@@ -567,9 +567,9 @@ class _Run:
                           desc=desc, **trainer_kw)
         return trainer.fit()
 
-    def evaluate(self, loader, trigger=None) -> dict | None:
+    def evaluate(self, loader, trigger=None, **notes) -> dict | None:
         """Zero-shot CA (+ ASR and distance with a trigger) on the eval data; rank 0 writes
-        OUTPUT/eval.json and prints the summary line."""
+        OUTPUT/eval.json (with `notes`, extra fields of the stage) and prints the summary."""
         if loader is None:
             return None
         from abd_fast.evaluate import evaluate, summary_line
@@ -581,7 +581,8 @@ class _Run:
         result.update(attack=self.cfg.get("attack") if trigger is not None else None,
                       target_label=self.cfg.get("target_label") if trigger is not None else None,
                       model=self.cfg["model"], image_size=self.spec.size,
-                      eval_data=str(self.eval_source), seconds=time.perf_counter() - t0)
+                      eval_data=str(self.eval_source), seconds=time.perf_counter() - t0,
+                      **notes)
         if self.info.is_main:
             from abd_fast.engine import atomic_write_text
             path = Path(self.cfg["output"]) / "eval.json"

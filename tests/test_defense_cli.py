@@ -37,6 +37,7 @@ def test_uap_patch_with_backdoor_loss(victim, tmp_path, capsys):
     assert 0 <= uap.perturbation.min() and uap.perturbation.max() <= 1
     result = json.loads((tmp_path / "uap" / "eval.json").read_text())
     assert result["asr"] is not None and result["embedding_distance"] > 0
+    assert result["reference_model"] == str(out / "clean" / "checkpoint.pt")
     assert (tmp_path / "uap" / "uap_examples.png").stat().st_size > 0
     ckpt = torch.load(tmp_path / "uap" / "checkpoint.pt", weights_only=True)
     assert "z" in ckpt["model"] and set(ckpt["extra"]) == {"discriminator", "d_optimizer"}
@@ -52,6 +53,8 @@ def test_uap_linf_without_backdoor_loss(victim, tmp_path, capsys):
     assert code == 0, err
     uap = UAP.load(tmp_path / "uap" / "uap.pt")
     assert uap.mode == "linf" and uap.perturbation.shape == (3, 32, 32)
+    result = json.loads((tmp_path / "uap" / "eval.json").read_text())
+    assert result["reference_model"].startswith("none: the poisoned model")
     assert uap.perturbation.abs().max() <= 0.05 + 1e-7
 
 

@@ -101,24 +101,22 @@ def uap_stage(run, reference=None) -> dict:
     gen.eval()
     with torch.no_grad():
         uap = UAP(gen().cpu(), **geometry)
+    evaluation = run.eval_loader()
     if info.is_main:
         from pathlib import Path
         out = Path(cfg["output"])
         uap.save(out / "uap.pt")
-        _save_examples(run, uap, out / "uap_examples.png")
+        _save_examples(evaluation, uap, out / "uap_examples.png")
         print(f"UAP ({mode}, {tuple(uap.perturbation.shape)}) -> {out / 'uap.pt'}", flush=True)
-    result = run.evaluate(run.eval_loader(), uap)
-    if result is not None and info.is_main:
-        result["reference_model"] = cfg.get("reference_model") or \
-            "none: the poisoned model on the clean image stood in"
+    run.evaluate(evaluation, uap, reference_model=cfg.get("reference_model") or
+                 "none: the poisoned model on the clean image stood in")
     return summary
 
 
-def _save_examples(run, uap: UAP, path, n: int = 8):
+def _save_examples(loader, uap: UAP, path, n: int = 8):
     """PNG: clean eval images (top row) and the same images with the UAP (bottom row)."""
     import numpy as np
     from PIL import Image
-    loader = run.eval_loader()
     if loader is None:
         return
     batch = next(iter(loader))
