@@ -116,14 +116,16 @@ class _Feeder:
         data = [self._read(i) for i in p.positions.tolist()]
         positions = [np.array(i, np.int64) for i in p.positions]
         if self.dims is not None:
+            # Uniform per-sample shapes go in as one [B, ...] array each: DALI then converts
+            # one array per input instead of B (the feeder runs on the consumer's thread).
             box = p.boxes.astype(np.int64)
             margin = np.ceil(2 * np.maximum(box[:, 2:] / self.size, 1)).astype(np.int64) + 2
             lo = np.maximum(box[:, :2] - margin, 0)
             hi = np.minimum(box[:, :2] + box[:, 2:] + margin, self.dims[p.positions])
             par = np.concatenate([box[:, :2] - lo, box[:, :2] + box[:, 2:] - lo,
                                   p.flips[:, None]], 1).astype(np.float32)
-            return (data, list(lo.astype(np.float32)), list((hi - lo).astype(np.float32)),
-                    list(par), positions)
+            return (data, lo.astype(np.float32), (hi - lo).astype(np.float32), par,
+                    p.positions.astype(np.int64))
         anchors = [b[:2].astype(np.float32) for b in p.boxes]
         shapes = [b[2:].astype(np.float32) for b in p.boxes]
         flips = [np.array(f, np.int32) for f in p.flips]
