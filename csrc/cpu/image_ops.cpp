@@ -89,9 +89,10 @@ struct WarpTaps {
   }
 };
 
-// Planes sharing taps are done together, up to kMaxPlanes (the channels of a sample), so
-// that the taps (20 bytes a pixel) are read from L2 once per group rather than per plane.
-constexpr int kMaxPlanes = 4;
+// Planes sharing taps are done together, up to kMaxPlanes (the channels of a sample, or of
+// two to eight samples of a shared grid), so that the taps (20 bytes a pixel) are read from
+// L2 once per group rather than per plane.
+constexpr int kMaxPlanes = 8;
 
 // Output pixel i of one plane from its taps (any element type). A zero-weight tap adds
 // exactly 0, even where its pixel is NaN or inf (as grid_sample).
@@ -220,24 +221,25 @@ inline void warp_block_u8_avx512(const PlaneSet& ps, const WarpTaps<float>& t, i
 
 #endif
 
-// One block of output pixels [i0, i0 + n) of the planes [bc0, bc1) of sample b (bc1 - bc0
-// <= kMaxPlanes) from the taps of the block.
+// One block of output pixels [i0, i0 + n) of the planes [bc0, bc1) (bc1 - bc0 <= kMaxPlanes,
+// of one or several samples) from the taps of the block; planes of unselected rows get the
+// clean image.
 template <typename in_t, typename acc_t, typename out_t>
 void warp_planes_block(const ImageGeom& g, const in_t* img, const WarpTaps<acc_t>& taps,
                        int64_t i0, int64_t n, int64_t bc0, int64_t bc1, const bool* rows,
                        const float* mean, const float* stdv, out_t* out) {
-  const int64_t HW = g.H * g.W, W = g.W, b = bc0 / g.C;
+  const int64_t HW = g.H * g.W, W = g.W;
   const int64_t dx = W >= 2 ? 1 : 0, dy = g.H >= 2 ? W : 0;  // neighbour offsets of a tap pair
   auto m_of = [&](int64_t bc) { return mean ? acc_t(mean[bc % g.C]) : acc_t(0); };
   auto inv_of = [&](int64_t bc) { return mean ? acc_t(1) / acc_t(stdv[bc % g.C]) : acc_t(1); };
-  if (rows && !rows[b]) {
-    for (int64_t bc = bc0; bc < bc1; ++bc) {
-      const in_t* plane = img + bc * HW + i0;
-      emit(out + bc * HW + i0, n, m_of(bc), inv_of(bc),
-           [&](int64_t i) { return to_unit<acc_t>(plane[i]); });
-    }
-    return;
+  auto selected = [&](int64_t bc) { return !rows || rows[bc / g.C]; };
+  for (int64_t bc = bc0; bc < bc1; ++bc) {
+    if (selected(bc)) continue;
+    const in_t* plane = img + bc * HW + i0;
+    emit(out + bc * HW + i0, n, m_of(bc), inv_of(bc),
+         [&](int64_t i) { return to_unit<acc_t>(plane[i]); });
   }
+  int64_t scalar_from = bc0;  // the selected planes from here on are done without vectors
 #if defined(__AVX512F__) || defined(__AVX2__)
   if constexpr (std::is_same_v<in_t, uint8_t> && std::is_same_v<acc_t, float> &&
                 std::is_same_v<out_t, float>) {
@@ -247,22 +249,26 @@ void warp_planes_block(const ImageGeom& g, const in_t* img, const WarpTaps<acc_t
       const int64_t vec_end = std::min(bc1, g.B * g.C - 1);
 #if defined(__AVX512F__)
       PlaneSet ps;
-      for (int64_t bc = bc0; bc < vec_end; ++bc, ++ps.n) {
+      for (int64_t bc = bc0; bc < vec_end; ++bc) {
+        if (!selected(bc)) continue;
         ps.in[ps.n] = img + bc * HW;
         ps.out[ps.n] = out + bc * HW + i0;
         ps.m[ps.n] = m_of(bc);
         ps.inv[ps.n] = inv_of(bc);
+        ++ps.n;
       }
-      warp_block_u8_avx512(ps, taps, n, W);
+      if (ps.n) warp_block_u8_avx512(ps, taps, n, W);
 #else
       for (int64_t bc = bc0; bc < vec_end; ++bc)
-        warp_block_u8_avx2(img + bc * HW, taps, n, W, m_of(bc), inv_of(bc), out + bc * HW + i0);
+        if (selected(bc))
+          warp_block_u8_avx2(img + bc * HW, taps, n, W, m_of(bc), inv_of(bc), out + bc * HW + i0);
 #endif
-      bc0 = std::max(bc0, vec_end);
+      scalar_from = std::max(bc0, vec_end);
     }
   }
 #endif
-  for (int64_t bc = bc0; bc < bc1; ++bc) {
+  for (int64_t bc = scalar_from; bc < bc1; ++bc) {
+    if (!selected(bc)) continue;
     const in_t* plane = img + bc * HW;
     emit(out + bc * HW + i0, n, m_of(bc), inv_of(bc),
          [&](int64_t i) { return warp_pixel(plane, taps, i, dx, dy); });
@@ -291,12 +297,12 @@ void warp_forward(const ImageGeom g, const in_t* img, const acc_t* src, const bo
                      static_cast<int32_t>(W));
       });
       taps.find_windows(n, HW, dy);
+      // a thread's samples as one run of planes, kMaxPlanes at a time across samples: one
+      // read of a group's taps serves up to kMaxPlanes planes, not the C of one sample
       at::parallel_for(0, g.B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b)
-          for (int64_t c = 0; c < g.C; c += kMaxPlanes)
-            warp_planes_block(g, img, taps, i0, n, b * g.C + c,
-                              b * g.C + std::min<int64_t>(g.C, c + kMaxPlanes), rows, mean,
-                              stdv, out);
+        for (int64_t bc = begin * g.C; bc < end * g.C; bc += kMaxPlanes)
+          warp_planes_block(g, img, taps, i0, n, bc, std::min(end * g.C, bc + kMaxPlanes),
+                            rows, mean, stdv, out);
       });
     }
     return;
