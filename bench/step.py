@@ -36,10 +36,15 @@ median images/s over repeats per path, their ratio, and the median per-part ms.
     flock /tmp/abd_cpu.lock .venv/bin/python bench/step.py --setting demo
     .venv/bin/python bench/step.py --demo-report runs/demo/report.json --setting none
 
-Settings: demo = the `defend` stage's defaults on the synthetic dataset (abd-tiny-rn, 32 px,
-batch 128, patch UAP of 3% area); 224 = abd-tiny-rn forced to 224 px, batch 64, on the
-256x256 JPEG shards of bench/loaders.py (a full RN50/ViT-B-32 step takes tens of seconds on
-2 cores; the tiny ResNet keeps the run tractable while the pixels are at real size).
+Settings (--setting, repeatable; default demo and 224-vit):
+  demo     the `defend` stage's defaults on the synthetic dataset (abd-tiny-rn, 32 px,
+           batch 128, patch UAP of 3% area; 64-px JPEG sources)
+  224-vit  batch 64 of 224 px from the 256x256 JPEG shards of bench/loaders.py, model
+           bench-vit-b32-tiny: ViT-B/32's geometry (32-px patches, 49 tokens) at the tiny
+           models' width 128 and depth 4 (a real ViT-B/32 or RN50 step takes tens of seconds
+           on 2 cores; this keeps the pixel and loader work of a 224-px run)
+  224-rn   abd-tiny-rn forced to 224 px, batch 64, same shards: a convolutional tower whose
+           cost grows with the pixels (~10 s per step here; fewer steps and repeats)
 --demo-report adds the per-stage wall times of a `python -m abd_fast.train` demo run
 (report.json's "timing": {stage: seconds}). Writes bench/results/step.json.
 """
@@ -62,10 +67,31 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import ROOT, machine, table, write_json  # noqa: E402
 
 PARTS = ("loader", "views", "text", "forward", "loss", "backward", "optimizer")
+# Per setting: model, image side, batch, data, and (warm-up, timed steps, repeats) defaults.
 SETTINGS = {
-    "demo": dict(model="abd-tiny-rn", image_size=32, batch_size=128, data="synthetic"),
-    "224": dict(model="abd-tiny-rn", image_size=224, batch_size=64, data="shards-256"),
+    "demo": dict(model="abd-tiny-rn", image_size=32, batch_size=128, data="synthetic",
+                 schedule=(3, 10, 6)),
+    "224-vit": dict(model="bench-vit-b32-tiny", image_size=224, batch_size=64,
+                    data="shards-256", schedule=(3, 10, 6)),
+    "224-rn": dict(model="abd-tiny-rn", image_size=224, batch_size=64, data="shards-256",
+                   schedule=(1, 3, 2)),
 }
+# ViT-B/32's geometry (224 px, 32 px patches: 49 tokens) at the tiny models' width and depth:
+# the pixels and the loader's work are those of a real 224-px run, the transformer is small.
+BENCH_VIT = {"embed_dim": 128,
+             "vision_cfg": {"image_size": 224, "layers": 4, "width": 128, "head_width": 32,
+                            "patch_size": 32},
+             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4,
+                          "layers": 2}}
+
+
+def _register_bench_model():
+    import tempfile
+
+    import open_clip
+    d = Path(tempfile.mkdtemp(prefix="abd-bench-"))
+    (d / "bench-vit-b32-tiny.json").write_text(json.dumps(BENCH_VIT))
+    open_clip.add_model_config(d)
 
 
 # ---- the two ways of computing the ABD step's views and loss -----------------------------
@@ -202,6 +228,10 @@ def run_setting(name: str, cfg: dict, args) -> dict:
     from abd_fast.models import create_model, get_tokenizer, image_spec
     from abd_fast.text import EDA
     torch.manual_seed(0)
+    if cfg["model"] == "bench-vit-b32-tiny":
+        _register_bench_model()
+    warmup, steps, repeats = (a if a is not None else d for a, d in
+                              zip((args.warmup, args.steps, args.repeats), cfg["schedule"]))
     source = _data(cfg["data"])
     base = create_model(cfg["model"], image_size=cfg["image_size"])
     state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -216,24 +246,25 @@ def run_setting(name: str, cfg: dict, args) -> dict:
         model.load_state_dict(state)
         loader = build_loader(source, train=True, batch_size=B, image_size=spec.size,
                               loader=engine, seed=0, num_workers=args.workers)
-        if args.warmup + args.steps > len(loader):
-            raise SystemExit(f"--warmup + --steps ({args.warmup + args.steps}) exceed the "
+        if warmup + steps > len(loader):
+            raise SystemExit(f"--warmup + --steps ({warmup + steps}) exceed the "
                              f"{len(loader)} batches of an epoch of {source}")
         paths[pname] = TrainPath(pname, loader, model, views, loss, tok, EDA(seed=0), mean, std,
                              uap, lr=1e-4)
     engine_note = {"dali_resize_operator": getattr(paths["fused"].loader, "fast_resize", None)}
     print(f"[{name}] {cfg['model']} {spec.size} px, batch {B} ({2 * B} images + {2 * B} "
-          f"captions per forward), UAP {args.mode}, {args.repeats} repeats x {args.steps} "
-          f"steps (+{args.warmup} warm-up)", flush=True)
+          f"captions per forward), UAP {args.mode}, {repeats} repeats x {steps} "
+          f"steps (+{warmup} warm-up)", flush=True)
     runs = {p: [] for p in paths}
-    for r in range(args.repeats):
+    for r in range(repeats):
         order = ("fused", "reference") if r % 2 == 0 else ("reference", "fused")
         for p in order:
-            res = paths[p].run(r, args.warmup, args.steps)
+            res = paths[p].run(r, warmup, steps)
             runs[p].append(res)
             print(f"  repeat {r} {p:9s} {res['images_per_s']:7.1f} images/s "
                   f"({res['step_ms']:.0f} ms/step)", flush=True)
-    out = {"settings": {**cfg, "source": source, "uap_mode": args.mode, "workers": args.workers
+    out = {"machine": machine(), "settings": {**cfg, "warmup": warmup, "steps": steps, "repeats": repeats,
+                        "source": source, "uap_mode": args.mode, "workers": args.workers
                         or os.cpu_count(), **engine_note},
            "runs": runs, "paths": {}}
     for p, rs in runs.items():
@@ -246,7 +277,10 @@ def run_setting(name: str, cfg: dict, args) -> dict:
 
 
 def read_demo_report(path) -> dict:
-    """{stage: seconds} (with "total") from a demo report.json's "timing"."""
+    """A demo report.json's "timing" ({stage: seconds}, maybe with "total"): returns
+    {"stages": {stage: seconds}, "total": the report's total or None, "sum_of_stages"}.
+    Both totals are kept: a demo that reused cached stages reports their original seconds
+    per stage but only its own wall time as the total."""
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"--demo-report {p}: no such file (`python -m abd_fast.train` writes "
@@ -258,31 +292,32 @@ def read_demo_report(path) -> dict:
     if not isinstance(timing, dict) or not all(isinstance(v, (int, float))
                                               for v in timing.values()):
         raise SystemExit(f"--demo-report {p}: no 'timing' dict of stage -> seconds")
-    timing = {str(k): float(v) for k, v in timing.items()}
-    if "total" not in timing:
-        timing["total"] = sum(timing.values())
-    return timing
+    stages = {str(k): float(v) for k, v in timing.items() if k != "total"}
+    total = float(timing["total"]) if "total" in timing else None
+    return {"stages": stages, "total": total, "sum_of_stages": sum(stages.values())}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", action="append", choices=[*SETTINGS, "none"],
-                    help="demo, 224 (default: both); none: only --demo-report")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per repeat")
-    ap.add_argument("--repeats", type=int, default=4, help="repeats per path (interleaved)")
+                    help="demo, 224-vit, 224-rn (default: demo and 224-vit); none: only "
+                         "--demo-report. Repeat the flag for several.")
+    ap.add_argument("--steps", type=int, help="timed steps per repeat (default: per setting)")
+    ap.add_argument("--warmup", type=int, help="untimed steps per repeat (default: per setting)")
+    ap.add_argument("--repeats", type=int, help="repeats per path, interleaved (default: per "
+                    "setting)")
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: cores)")
     ap.add_argument("--mode", choices=["patch", "linf"], default="patch", help="UAP form")
     ap.add_argument("--demo-report", metavar="PATH", help="a demo run's report.json")
     ap.add_argument("--out", default=str(ROOT / "bench/results/step.json"))
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
+    if any(v is not None and v < 1 for v in (args.steps, args.warmup, args.repeats)):
         raise SystemExit("--steps, --warmup and --repeats must be at least 1")
     torch.set_flush_denormal(True)
     payload = {"machine": machine(), "args": vars(args), "settings": {}}
     rows = []
-    for name in [s for s in (args.setting or list(SETTINGS)) if s != "none"]:
+    for name in [s for s in (args.setting or ["demo", "224-vit"]) if s != "none"]:
         res = run_setting(name, SETTINGS[name], args)
         payload["settings"][name] = res
         for p in ("fused", "reference"):
@@ -297,12 +332,17 @@ def main(argv=None):
         timing = read_demo_report(args.demo_report)
         payload["demo_timing"] = {"report": str(args.demo_report), "seconds": timing}
         print(f"\ndemo wall time per stage ({args.demo_report}):")
-        print(table([{"stage": k, "seconds": v} for k, v in timing.items()],
-                    [("stage", "stage"), ("seconds", "seconds")]))
+        rows_t = [{"stage": k, "seconds": v} for k, v in timing["stages"].items()]
+        rows_t.append({"stage": "sum of stages", "seconds": timing["sum_of_stages"]})
+        if timing["total"] is not None:
+            rows_t.append({"stage": "total (report)", "seconds": timing["total"]})
+        print(table(rows_t, [("stage", "stage"), ("seconds", "seconds")]))
     out = Path(args.out)
-    if out.exists() and not rows and "demo_timing" in payload:  # keep the step results
+    if out.exists():  # settings measured by earlier runs stay in the file
         old = json.loads(out.read_text())
-        payload = {**old, "demo_timing": payload["demo_timing"]}
+        payload["settings"] = {**old.get("settings", {}), **payload["settings"]}
+        if "demo_timing" not in payload and "demo_timing" in old:
+            payload["demo_timing"] = old["demo_timing"]
     write_json(out, payload)
     print(f"-> {out}")
 

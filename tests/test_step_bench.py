@@ -46,7 +46,11 @@ def test_losses_and_gradients_match():
 def test_demo_report(tmp_path):
     p = tmp_path / "report.json"
     p.write_text('{"timing": {"pretrain": 181.5, "poison": 60.25}, "clean": {}}')
-    assert read_demo_report(p) == {"pretrain": 181.5, "poison": 60.25, "total": 241.75}
+    assert read_demo_report(p) == {"stages": {"pretrain": 181.5, "poison": 60.25},
+                                   "total": None, "sum_of_stages": 241.75}
+    p.write_text('{"timing": {"pretrain": 181.5, "poison": 60.25, "total": 3.5}}')
+    assert read_demo_report(p) == {"stages": {"pretrain": 181.5, "poison": 60.25},
+                                   "total": 3.5, "sum_of_stages": 241.75}
     p.write_text('{"clean": {}}')
     with pytest.raises(SystemExit, match="timing"):
         read_demo_report(p)
