@@ -41,8 +41,9 @@ Settings (--setting, repeatable; default demo and 224-vit):
            batch 128, patch UAP of 3% area; 64-px JPEG sources)
   224-vit  batch 64 of 224 px from the 256x256 JPEG shards of bench/loaders.py, model
            bench-vit-b32-tiny: ViT-B/32's geometry (32-px patches, 49 tokens) at the tiny
-           models' width 128 and depth 4 (a real ViT-B/32 or RN50 step takes tens of seconds
-           on 2 cores; this keeps the pixel and loader work of a 224-px run)
+           models' width 128 and depth 4 (a real ViT-B/32 step, ~1.7 TFLOP for 128 images,
+           would take well over 10 s on 2 cores, estimated; this keeps the pixel and loader
+           work of a 224-px run)
   224-rn   abd-tiny-rn forced to 224 px, batch 64, same shards: a convolutional tower whose
            cost grows with the pixels (~10 s per step here; fewer steps and repeats)
 --demo-report adds the per-stage wall times of a `python -m abd_fast.train` demo run
