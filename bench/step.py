@@ -45,7 +45,7 @@ Settings (--setting, repeatable; default demo and 224-vit):
            would take well over 10 s on 2 cores, estimated; this keeps the pixel and loader
            work of a 224-px run)
   224-rn   abd-tiny-rn forced to 224 px, batch 64, same shards: a convolutional tower whose
-           cost grows with the pixels (~10 s per step here; fewer steps and repeats)
+           cost grows with the pixels (7-10 s per step here; fewer steps and repeats)
 --demo-report adds the per-stage wall times of a `python -m abd_fast.train` demo run
 (report.json's "timing": {stage: seconds}). Writes bench/results/step.json.
 """
@@ -75,7 +75,7 @@ SETTINGS = {
     "224-vit": dict(model="bench-vit-b32-tiny", image_size=224, batch_size=64,
                     data="shards-256", schedule=(3, 10, 6)),
     "224-rn": dict(model="abd-tiny-rn", image_size=224, batch_size=64, data="shards-256",
-                   schedule=(1, 3, 2)),
+                   schedule=(2, 3, 4)),
 }
 # ViT-B/32's geometry (224 px, 32 px patches: 49 tokens) at the tiny models' width and depth:
 # the pixels and the loader's work are those of a real 224-px run, the transformer is small.
