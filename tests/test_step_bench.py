@@ -1,0 +1,58 @@
+"""bench/step.py compares like with like: its fused and reference paths compute the same
+image views, the same ABD loss and the same gradients on the same batch."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.step import (eager_views, fused_loss, fused_views, make_uap,  # noqa: E402
+                        read_demo_report, reference_loss)
+
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+
+
+@pytest.mark.parametrize("mode,size", [("patch", 37), ("linf", 29)])
+def test_views_match(mode, size):
+    images = torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8)
+    ids = torch.arange(5)
+    uap = make_uap(size, mode, seed=3)
+    fused = fused_views(images, ids, uap, MEAN, STD)
+    eager = eager_views(images, ids, uap, MEAN, STD)
+    assert not torch.equal(fused[0], fused[1])  # the UAP changed the adversarial view
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_losses_and_gradients_match():
+    n, d = 7, 19
+    feats = [torch.nn.functional.normalize(torch.randn(n, d), dim=-1) for _ in range(4)]
+    scale = torch.tensor(13.7)
+    out = []
+    for make in (fused_loss, reference_loss):
+        leaves = [f.clone().requires_grad_() for f in feats] + [scale.clone().requires_grad_()]
+        loss = make(lambda1=0.8, lambda2=1.3)(*leaves)
+        loss.backward()
+        out.append((loss.detach(), [v.grad for v in leaves]))
+    (lf, gf), (lr, gr) = out
+    torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_demo_report(tmp_path):
+    p = tmp_path / "report.json"
+    p.write_text('{"timing": {"pretrain": 181.5, "poison": 60.25}, "clean": {}}')
+    assert read_demo_report(p) == {"stages": {"pretrain": 181.5, "poison": 60.25},
+                                   "total": None, "sum_of_stages": 241.75}
+    p.write_text('{"timing": {"pretrain": 181.5, "poison": 60.25, "total": 3.5}}')
+    assert read_demo_report(p) == {"stages": {"pretrain": 181.5, "poison": 60.25},
+                                   "total": 3.5, "sum_of_stages": 241.75}
+    p.write_text('{"clean": {}}')
+    with pytest.raises(SystemExit, match="timing"):
+        read_demo_report(p)
+    with pytest.raises(SystemExit, match="no such file"):
+        read_demo_report(tmp_path / "missing.json")
