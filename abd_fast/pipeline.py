@@ -45,7 +45,7 @@ QUICK_OVERRIDES = {
 }
 BADCLIP_STEPS = 200          # badclip-trigger's own default
 SIMILARITY_BATCHES = 4       # x 250 caption pairs for the similarity analysis
-EMBEDDING_IMAGES = 500       # eval images drawn in embedding.png
+EMBEDDING_IMAGES = 500       # eval images in embedding.png, evenly spaced over the eval set
 DEFAULT_ATTACKS = ("badnet", "blended", "badclip")
 DEFAULT_DEFENSES = ("ft", "cleanclip", "roclip", "abd")
 CACHE_VERSION = 1            # bump when pretrain's meaning changes: old cached models are ignored
@@ -85,11 +85,13 @@ class Stages:
         self.work_s = self.work_cost = 0.0
         self.timing, self.skipped = {}, []
 
-    def _line(self, name, status):
+    def _line(self, name, status, current: bool = False):
+        """`[stage k/N] name: status | elapsed m:ss | ETA m:ss` (current: the stage is
+        still to run, so its cost counts in the ETA)."""
         elapsed = time.perf_counter() - self.t0
-        left = sum(c for n, c in list(self.plan.items())[self.k:])
-        eta = (f"ETA {_fmt_s(left * self.work_s / self.work_cost)}" if self.work_cost and left
-               else "ETA ?" if left else "done")
+        left = sum(c for n, c in list(self.plan.items())[self.k - current:])
+        eta = ("ETA 0:00" if not left else f"ETA {_fmt_s(left * self.work_s / self.work_cost)}"
+               if self.work_cost else "ETA ?")
         self.log(f"[stage {self.k}/{len(self.plan)}] {name}: {status} | elapsed "
                  f"{_fmt_s(elapsed)} | {eta}", flush=True)
 
@@ -118,7 +120,7 @@ class Stages:
             self.plan[name] = 0
             self._line(name, f"done before ({meta['seconds']:.0f} s then), skipped")
             return d
-        self._line(name, "running")
+        self._line(name, "running", current=True)
         resume = []
         try:  # interrupted with the same flags: continue from its checkpoint
             meta = json.loads((d / "stage.json").read_text())
@@ -559,16 +561,14 @@ def _analyse(cfg, data, out: Path, victims, uaps, results) -> dict:
     labels = {"victim": f"victim ({a})", "ft": f"FT ({a})", "abd": f"ABD ({a})"}
     for name, path in models.items():
         model = victim if name == "victim" else load(path)
-        clean, trig, n = [], [], 0
-        with torch.no_grad():
+        clean, trig = [], []
+        with torch.no_grad():  # every eval image: the listing is sorted by class
             for batch in evaluation:
                 x = normalize_images(batch.images, mean, std)
                 xt = trigger.apply(batch.images, batch.ids, mean=mean, std=std)
                 clean.append(F.normalize(model.encode_image(x).float(), dim=-1))
                 trig.append(F.normalize(model.encode_image(xt).float(), dim=-1))
-                n += len(x)
-                if n >= EMBEDDING_IMAGES:
-                    break
-        embeddings[labels[name]] = (torch.cat(clean)[:EMBEDDING_IMAGES],
-                                    torch.cat(trig)[:EMBEDDING_IMAGES])
+        clean, trig = torch.cat(clean), torch.cat(trig)
+        keep = torch.linspace(0, len(clean) - 1, min(EMBEDDING_IMAGES, len(clean))).long()
+        embeddings[labels[name]] = (clean[keep], trig[keep])
     return {"similarity": sim, "embeddings": embeddings}

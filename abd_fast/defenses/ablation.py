@@ -66,12 +66,15 @@ def run_tables(stages, *, attack: str, checkpoint, common: list, reference_model
     victim = ["--checkpoint", checkpoint]
     rows2, rows3 = {}, {}
 
+    files = {"uap_bd": uap_bd} if uap_bd is not None else {}
+
     def uap_file(row):
-        if row == "uap_bd" and uap_bd is not None:
-            return uap_bd
+        if row in files:
+            return files[row]
         d = stages.run(prefix + UAP_DIRS[row], ["uap", *common, *victim, *ref, *TABLE3[row],
                                                 *uap_flags], outputs=("uap.pt", "eval.json"))
-        return str(d / "uap.pt")
+        files[row] = str(d / "uap.pt")
+        return files[row]
 
     def defend(row, flags, uap=None):
         argv = ["defend", *common, *victim, *flags, *(["--uap", uap] if uap else []),
