@@ -96,6 +96,8 @@ class Stages:
                  f"{_fmt_s(elapsed)} | {eta}", flush=True)
 
     def done(self, name, argv, outputs) -> bool:
+        """True when root/name completed with these flags and its outputs exist."""
+        argv = [str(a) for a in argv]
         d = self.root / name
         try:
             meta = json.loads((d / "stage.json").read_text())
@@ -335,7 +337,11 @@ def _data(cfg) -> dict:
 def pipeline_command(args) -> int:
     cfg = _settings(args)
     data = _data(cfg)
-    run_pipeline(cfg, data)
+    try:
+        run_pipeline(cfg, data)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -492,8 +498,10 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
     if quick:
         notes.append("--quick: a smoke run on a small synthetic set with 1-2 epochs per stage; "
                      "its numbers are not meaningful.")
-    timing = dict(st.timing)
-    timing["total"] = time.perf_counter() - t_start
+    timing = dict(st.timing)  # report.md adds their sum as the total
+    wall = time.perf_counter() - t_start
+    if st.skipped:
+        notes.append(f"This invocation took {wall:.0f} s.")
     report = {
         "clean": results["clean"], "attacks": results["attacks"],
         "ablations": tables, "similarity": report_stage.get("similarity"),
@@ -512,7 +520,7 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
     paths = write_report(report, out, embeddings=report_stage.get("embeddings"))
     print(f"report: {paths['md']} and {paths['json']}; plots: "
           + ", ".join(str(p) for k, p in paths.items() if k not in ("md", "json") and p)
-          + f" | total {_fmt_s(timing['total'])}", flush=True)
+          + f" | {_fmt_s(wall)} in this invocation", flush=True)
     return report
 
 

@@ -599,6 +599,10 @@ class _Run:
 
 def _print_training(run: _Run, summary: dict):
     if run.info.is_main:
+        if summary.get("loss") is None:  # resumed from the final checkpoint: nothing to train
+            print(f"no steps left to train at step {summary['step']} -> "
+                  f"{summary['checkpoint']}", flush=True)
+            return
         print(f"trained {summary['step']} steps, final loss {summary['loss']:.4f}, "
               f"{summary['images_per_s']:.0f} images/s, {summary['seconds']:.0f} s -> "
               f"{summary['checkpoint']}", flush=True)

@@ -9,7 +9,16 @@ import torch
 from abd_fast.pipeline import DEFAULT_ATTACKS, DEFAULT_DEFENSES
 from abd_fast.report import TABLE2_ROWS, TABLE3_ROWS, validate_report
 from test_defense_cli import victim  # noqa: F401 (fixture)
+from abd_fast.train import main
 from test_train_cli import run_main, small_data  # noqa: F401 (fixture)
+
+
+def _run(argv, capsys):
+    """(exit status, stdout) of an in-process run."""
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return captured.out
 
 
 @pytest.fixture
@@ -64,7 +73,7 @@ def test_pipeline_user_data_flags(small_data, tmp_path, capsys):  # noqa: F811
 @pytest.mark.slow
 def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_main(["--quick", "--output", out], capsys)[0] == 0
+    text = _run(["--quick", "--output", out], capsys)
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
     assert list(report["attacks"]) == list(DEFAULT_ATTACKS)
@@ -83,14 +92,12 @@ def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
     for plot in ("ca_asr.png", "embedding.png", "similarity.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stages = [d.name for d in out.iterdir() if (d / "stage.json").exists()]
-    assert set(report["timing"]) == set(stages) | {"total"}
+    assert set(report["timing"]) == set(stages)
     assert "badnet-abd" in stages and "ablation-badnet-uap" in stages
-    text = capsys.readouterr().out
     assert f"[stage {len(stages)}/{len(stages)}] report" in text and "ETA" in text
 
     # A re-run skips every completed stage (same flags) and writes the same numbers.
-    assert run_main(["--quick", "--output", out], capsys)[0] == 0
-    text = capsys.readouterr().out
+    text = _run(["--quick", "--output", out], capsys)
     assert text.count("), skipped") == len(stages) - 1  # all but the report
     again = json.loads((out / "report.json").read_text())
     assert again["attacks"] == report["attacks"] and again["ablations"] == report["ablations"]
@@ -101,8 +108,7 @@ def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
     meta = json.loads((stage / "stage.json").read_text())
     (stage / "stage.json").write_text(json.dumps(dict(meta, complete=False)))
     (stage / "eval.json").unlink()
-    assert run_main(["--quick", "--output", out], capsys)[0] == 0
-    text = capsys.readouterr().out
+    text = _run(["--quick", "--output", out], capsys)
     assert "resuming blended-roclip" in text and text.count("), skipped") == len(stages) - 2
     assert json.loads((out / "report.json").read_text())["attacks"]["blended"]["roclip"][
         "asr"] == report["attacks"]["blended"]["roclip"]["asr"]
@@ -111,12 +117,10 @@ def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
 def test_clean_model_cache_on_user_data(cache, small_data, tmp_path, capsys):  # noqa: F811
     argv = ["pipeline", *_user_flags(small_data), "--attacks", "badnet", "--defenses", "ft",
             "--no-ablations", "--quick"]
-    assert run_main([*argv, "--output", tmp_path / "a"], capsys)[0] == 0
-    first = capsys.readouterr().out
+    first = _run([*argv, "--output", tmp_path / "a"], capsys)
     assert "reusing the clean model" not in first and "pretrain" in first
     assert len(list((cache / "clean-models").iterdir())) == 1
-    assert run_main([*argv, "--output", tmp_path / "b"], capsys)[0] == 0
-    second = capsys.readouterr().out
+    second = _run([*argv, "--output", tmp_path / "b"], capsys)
     assert "reusing the clean model" in second
     a, b = (torch.load(tmp_path / d / "clean" / "checkpoint.pt", weights_only=True)["model"]
             for d in "ab")
@@ -126,8 +130,8 @@ def test_clean_model_cache_on_user_data(cache, small_data, tmp_path, capsys):  #
     assert report["ablations"] == {"table2": None, "table3": None}
     assert set(report["attacks"]["badnet"]) == {"victim", "ft"}
     # Another seed is another clean model: trained, not taken from the cache.
-    assert run_main([*argv, "--seed", "1", "--output", tmp_path / "c"], capsys)[0] == 0
-    assert "reusing the clean model" not in capsys.readouterr().out
+    assert "reusing the clean model" not in _run([*argv, "--seed", "1", "--output",
+                                                  tmp_path / "c"], capsys)
     assert len(list((cache / "clean-models").iterdir())) == 2
 
 
@@ -161,3 +165,16 @@ def test_ablation_tables_2_and_3(victim, tmp_path, capsys):  # noqa: F811
     code, err = run_main(["ablation", "--table", "2", "--checkpoint", clean,
                           "--output", tmp_path / "t4"], capsys)
     assert code == 2 and "not a poisoned model's checkpoint" in err
+
+
+def test_main_command_as_a_user_runs_it(tmp_path):
+    """`python -m abd_fast.train [flags]` is the pipeline; its usage errors exit with status 2
+    and a message (the module runs as __main__, the pipeline imports abd_fast.train)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "abd_fast.train", "--attacks", "badnet,nope",
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --attacks 'badnet,nope': unknown attack 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 TABLE2 = {  # row -> defend flags (the UAP flag is added for rows with the adversarial view)
@@ -133,7 +134,7 @@ def add_command(subparsers, common_parent):
 
 
 def ablation_command(args) -> int:
-    from abd_fast.pipeline import Stages
+    from abd_fast.pipeline import Stages, StageError
     from abd_fast.train import UsageError, _check_output, _check_path, _yaml_values
     given = {k: v for k, v in vars(args).items()
              if k not in ("func", "command", "own_config") and not k.startswith("_")}
@@ -168,9 +169,13 @@ def ablation_command(args) -> int:
     out = Path(cfg["output"])
     rows = planned_rows((table,), uap_bd_given=cfg.get("uap") is not None)
     stages = Stages(out, {r: 1 for r in rows})
-    tables = run_tables(stages, attack=attack, checkpoint=cfg["checkpoint"], common=common,
-                        reference_model=cfg.get("reference_model"), uap_bd=cfg.get("uap"),
-                        tables=(table,))
+    try:
+        tables = run_tables(stages, attack=attack, checkpoint=cfg["checkpoint"], common=common,
+                            reference_model=cfg.get("reference_model"), uap_bd=cfg.get("uap"),
+                            tables=(table,))
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     key = f"table{table}"
     from abd_fast.engine import atomic_write_text
     from abd_fast.report import validate_report
