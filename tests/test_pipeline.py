@@ -114,6 +114,7 @@ def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
         "asr"] == report["attacks"]["blended"]["roclip"]["asr"]
 
 
+@pytest.mark.slow
 def test_clean_model_cache_on_user_data(cache, small_data, tmp_path, capsys):  # noqa: F811
     argv = ["pipeline", *_user_flags(small_data), "--attacks", "badnet", "--defenses", "ft",
             "--no-ablations", "--quick"]
@@ -135,6 +136,7 @@ def test_clean_model_cache_on_user_data(cache, small_data, tmp_path, capsys):  #
     assert len(list((cache / "clean-models").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_ablation_tables_2_and_3(victim, tmp_path, capsys):  # noqa: F811
     out, common = victim
     ckpt, clean = out / "poisoned" / "checkpoint.pt", out / "clean" / "checkpoint.pt"
