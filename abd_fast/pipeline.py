@@ -380,17 +380,14 @@ def _known_rows(cfg, attack) -> set:
 
 
 def run_pipeline(cfg: dict, data: dict) -> dict:
-    import torch
     from abd_fast.defenses.ablation import run_tables
     out = Path(cfg["output"])
     t_start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     quick = cfg["quick"]
     common = ["--train-data", data["train"], "--eval-data", data["eval"], "--model",
               cfg["model"], "--seed", cfg["seed"]]
-    for key in ("classnames", ):
-        if data[key]:
-            common += ["--classnames", data[key]]
+    if data["classnames"]:
+        common += ["--classnames", data["classnames"]]
     for key in ("image_size", "loader", "workers"):
         if cfg[key] is not None:
             common += [f"--{key.replace('_', '-')}", cfg[key]]
