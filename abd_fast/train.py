@@ -1,11 +1,15 @@
 """Command line of abd_fast: python -m abd_fast.train COMMAND [flags].
 
-Commands:
+Commands (no command: `pipeline` on the embedded demo data into runs/demo):
+  pipeline   the whole job: clean model -> victims -> UAP -> defenses -> ablations -> report
+  ablation   ABD's Table II (--table 2) or Table III (--table 3) on a victim
   pretrain   train a CLIP on caption data, from scratch or from --pretrained weights (the
              clean model); without --train-data, on the embedded synthetic dataset
   poison     fine-tune a CLIP on clean + poisoned caption data with MMCL (plant a backdoor)
   eval       zero-shot CA top-1/top-5, ASR and the clean/triggered embedding distance
-  selfcheck  check the fused ops against their PyTorch references (the default command)
+  uap        train ABD's universal adversarial perturbation against a poisoned model
+  defend     fine-tune a poisoned model with ft, cleanclip, roclip or abd
+  selfcheck  check the fused ops against their PyTorch references
 
 Every stage takes the common flags (--help of a command lists them) and --config FILE, a
 YAML mapping of flag names to values (`batch-size: 64`); flags given on the command line
@@ -207,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=selfcheck)
     from abd_fast.attacks.cli import add_commands  # show-triggers, export-poison, badclip-trigger
     add_commands(sub, _common_parser())
+    from abd_fast.pipeline import add_commands as add_pipeline_commands  # pipeline, ablation
+    add_pipeline_commands(sub, _common_parser())
     return ap
 
 
@@ -593,6 +599,10 @@ class _Run:
 
 def _print_training(run: _Run, summary: dict):
     if run.info.is_main:
+        if summary.get("loss") is None:  # resumed from the final checkpoint: nothing to train
+            print(f"no steps left to train at step {summary['step']} -> "
+                  f"{summary['checkpoint']}", flush=True)
+            return
         print(f"trained {summary['step']} steps, final loss {summary['loss']:.4f}, "
               f"{summary['images_per_s']:.0f} images/s, {summary['seconds']:.0f} s -> "
               f"{summary['checkpoint']}", flush=True)
@@ -706,10 +716,15 @@ def selfcheck(args) -> int:
 
 def main(argv=None) -> int:
     ap = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv and argv[0].startswith("--") and argv[0] != "--help":
+        argv = ["pipeline", *argv]  # flags without a command: the pipeline's (README)
     try:
         args = ap.parse_args(argv)
-        if args.command is None:
-            args = ap.parse_args(["selfcheck"])
+        if args.command is None:  # the README's main command: the whole demo
+            args = ap.parse_args(["pipeline"])
+        if getattr(args, "own_config", False):  # pipeline, ablation: resolve their settings
+            return args.func(args)
         if args.command not in STAGE_DEFAULTS:  # selfcheck and the attack tools
             for key, value in COMMON_DEFAULTS.items():
                 if not hasattr(args, key):
@@ -737,4 +752,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module's importable copy: the pipeline imports abd_fast.train, and its
+    # UsageError must be the class main() catches (not __main__'s twin).
+    from abd_fast.train import main as _main
+    sys.exit(_main())

@@ -1,0 +1,182 @@
+"""The one-command pipeline and the ablation command: flag validation before any work, the
+--quick smoke run (report, plots, every stage), skipping completed stages and resuming an
+interrupted one, the clean-model cache on user data (CSV + ImageFolder), Table II and III."""
+import json
+
+import pytest
+import torch
+
+from abd_fast.pipeline import DEFAULT_ATTACKS, DEFAULT_DEFENSES
+from abd_fast.report import TABLE2_ROWS, TABLE3_ROWS, validate_report
+from test_defense_cli import victim  # noqa: F401 (fixture)
+from abd_fast.train import main
+from test_train_cli import run_main, small_data  # noqa: F401 (fixture)
+
+
+def _run(argv, capsys):
+    """(exit status, stdout) of an in-process run."""
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return captured.out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private abd_fast cache (synthetic data, clean models) for the test."""
+    monkeypatch.setenv("ABD_FAST_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _user_flags(data):
+    return ["--train-data", data.csv, "--eval-data", data.eval_dir, "--target-label", "star",
+            "--workers", "0", "--loader", "torch"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attacks", "badnet,trojan"], "--attacks 'badnet,trojan': unknown attack 'trojan'; "
+                                     "choose from badnet, blended"),
+    (["--attacks", ""], "--attacks '': empty"),
+    (["--defenses", "ft,prune"], "--defenses 'ft,prune': unknown defense 'prune'"),
+    (["--defenses", "abd,abd"], "--defenses 'abd,abd': names a defense twice"),
+    (["--model", "RN9000"], "--model 'RN9000' is not a known architecture"),
+    (["--pretrained", "{tmp}/none.pt"], "--pretrained {tmp}/none.pt: no such file"),
+    (["--image-size", "0"], "--image-size must be an integer >= 1, got 0"),
+    (["--config", "{tmp}/absent.yaml"], "--config {tmp}/absent.yaml: cannot read"),
+])
+def test_pipeline_flags_stop_before_any_work(tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, err = run_main(["pipeline", "--output", tmp_path / "out", *argv], capsys)
+    assert code == 2 and f"error: {message.format(tmp=tmp_path)}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_user_data_flags(small_data, tmp_path, capsys):  # noqa: F811
+    out = ["--output", tmp_path / "out"]
+    code, err = run_main(["pipeline", *out, "--train-data", small_data.csv], capsys)
+    assert code == 2 and "error: --train-data needs --eval-data" in err
+    code, err = run_main(["pipeline", *out, "--train-data", small_data.csv, "--eval-data",
+                          small_data.eval_dir], capsys)
+    assert code == 2 and "error: --target-label is needed with your own data" in err
+    code, err = run_main(["pipeline", *out, *_user_flags(small_data)[:4], "--target-label",
+                          "banana"], capsys)
+    assert code == 2 and "error: --target-label 'banana' is not a class of the evaluation " \
+        "data (arrow, circle" in err
+    # Flags without a command are the pipeline's (the README's main command).
+    code, err = run_main([*out, "--attacks", "nope"], capsys)
+    assert code == 2 and "--attacks 'nope': unknown attack" in err
+    (tmp_path / "p.yaml").write_text("attacks: badnet\ndefenses: shield\n")
+    code, err = run_main(["pipeline", *out, "--config", tmp_path / "p.yaml"], capsys)
+    assert code == 2 and "--defenses 'shield': unknown defense" in err
+
+
+@pytest.mark.slow
+def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    text = _run(["--quick", "--output", out], capsys)
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert list(report["attacks"]) == list(DEFAULT_ATTACKS)
+    for attack, models in report["attacks"].items():
+        assert set(models) == {"victim", *DEFAULT_DEFENSES}
+        for name, r in models.items():  # every victim and defense evaluated with the attack
+            assert r["attack"] == attack and r["asr"] is not None and r["n_eval"] == 100, name
+    assert report["clean"]["asr"] is None
+    t2, t3 = report["ablations"]["table2"], report["ablations"]["table3"]
+    assert t2["attack"] == t3["attack"] == "badnet"
+    assert set(t2["rows"]) == set(TABLE2_ROWS) and set(t3["rows"]) == set(TABLE3_ROWS)
+    assert all(r["asr"] is not None for r in [*t2["rows"].values(), *t3["rows"].values()])
+    assert t2["rows"]["ft"] == report["attacks"]["badnet"]["ft"]  # reused, not recomputed
+    sim = report["similarity"]
+    assert sim["attack"] == "badnet" and sim["adversarial_backdoor_caption"] is not None
+    for plot in ("ca_asr.png", "embedding.png", "similarity.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stages = [d.name for d in out.iterdir() if (d / "stage.json").exists()]
+    assert set(report["timing"]) == set(stages)
+    assert "badnet-abd" in stages and "ablation-badnet-uap" in stages
+    assert f"[stage {len(stages)}/{len(stages)}] report" in text and "ETA" in text
+
+    # A re-run skips every completed stage (same flags) and writes the same numbers.
+    text = _run(["--quick", "--output", out], capsys)
+    assert text.count("), skipped") == len(stages) - 1  # all but the report
+    again = json.loads((out / "report.json").read_text())
+    assert again["attacks"] == report["attacks"] and again["ablations"] == report["ablations"]
+
+    # A stage killed after its last checkpoint (no eval.json, stage.json incomplete) resumes
+    # from that checkpoint; the stages before and after it are kept.
+    stage = out / "blended-roclip"
+    meta = json.loads((stage / "stage.json").read_text())
+    (stage / "stage.json").write_text(json.dumps(dict(meta, complete=False)))
+    (stage / "eval.json").unlink()
+    text = _run(["--quick", "--output", out], capsys)
+    assert "resuming blended-roclip" in text and text.count("), skipped") == len(stages) - 2
+    assert json.loads((out / "report.json").read_text())["attacks"]["blended"]["roclip"][
+        "asr"] == report["attacks"]["blended"]["roclip"]["asr"]
+
+
+@pytest.mark.slow
+def test_clean_model_cache_on_user_data(cache, small_data, tmp_path, capsys):  # noqa: F811
+    argv = ["pipeline", *_user_flags(small_data), "--attacks", "badnet", "--defenses", "ft",
+            "--no-ablations", "--quick"]
+    first = _run([*argv, "--output", tmp_path / "a"], capsys)
+    assert "reusing the clean model" not in first and "pretrain" in first
+    assert len(list((cache / "clean-models").iterdir())) == 1
+    second = _run([*argv, "--output", tmp_path / "b"], capsys)
+    assert "reusing the clean model" in second
+    a, b = (torch.load(tmp_path / d / "clean" / "checkpoint.pt", weights_only=True)["model"]
+            for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert any("reused from the cache" in n for n in report["notes"])
+    assert report["ablations"] == {"table2": None, "table3": None}
+    assert set(report["attacks"]["badnet"]) == {"victim", "ft"}
+    # Another seed is another clean model: trained, not taken from the cache.
+    assert "reusing the clean model" not in _run([*argv, "--seed", "1", "--output",
+                                                  tmp_path / "c"], capsys)
+    assert len(list((cache / "clean-models").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_ablation_tables_2_and_3(victim, tmp_path, capsys):  # noqa: F811
+    out, common = victim
+    ckpt, clean = out / "poisoned" / "checkpoint.pt", out / "clean" / "checkpoint.pt"
+    code, err = run_main(["ablation", "--table", "2", *common, "--checkpoint", ckpt,
+                          "--reference-model", clean, "--output", tmp_path / "t2"], capsys)
+    assert code == 0, err
+    t2 = json.loads((tmp_path / "t2" / "table2.json").read_text())
+    assert t2["attack"] == "blended" and set(t2["rows"]) == set(TABLE2_ROWS)
+    assert all(r["asr"] is not None and r["n_asr"] == 18 for r in t2["rows"].values())
+    assert "| FT + I_adv + T_eda |" in (tmp_path / "t2" / "table2.md").read_text()
+    # The rows ran the intended defend flags (stage.json records them).
+    flags = {row: json.loads((tmp_path / "t2" / row / "stage.json").read_text())["argv"]
+             for row in TABLE2_ROWS}
+    assert "--no-eda" in flags["i_adv"] and "--no-adv" in flags["t_eda"]
+    assert "--uap" not in flags["t_eda"] and "--uap" in flags["i_adv_t_eda"]
+    assert flags["ft"][flags["ft"].index("--method") + 1] == "ft"
+    uap_bd = tmp_path / "t2" / "uap-bd-file" / "uap.pt"
+    code, err = run_main(["ablation", "--table", "3", *common, "--checkpoint", ckpt,
+                          "--uap", uap_bd, "--output", tmp_path / "t3"], capsys)
+    assert code == 0, err
+    t3 = json.loads((tmp_path / "t3" / "table3.json").read_text())
+    assert set(t3["rows"]) == set(TABLE3_ROWS)
+    uap_argv = json.loads((tmp_path / "t3" / "uap-file" / "stage.json").read_text())["argv"]
+    assert "--no-backdoor-loss" in uap_argv
+    assert not (tmp_path / "t3" / "uap-bd-file").exists()  # --uap given: not retrained
+    code, err = run_main(["ablation", "--table", "3", "--output", tmp_path / "t4"], capsys)
+    assert code == 2 and "--checkpoint is needed" in err
+    code, err = run_main(["ablation", "--table", "2", "--checkpoint", clean,
+                          "--output", tmp_path / "t4"], capsys)
+    assert code == 2 and "not a poisoned model's checkpoint" in err
+
+
+def test_main_command_as_a_user_runs_it(tmp_path):
+    """`python -m abd_fast.train [flags]` is the pipeline; its usage errors exit with status 2
+    and a message (the module runs as __main__, the pipeline imports abd_fast.train)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "abd_fast.train", "--attacks", "badnet,nope",
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --attacks 'badnet,nope': unknown attack 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr
