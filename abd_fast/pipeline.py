@@ -253,9 +253,10 @@ def _settings(args) -> dict:
                model="abd-tiny-rn", pretrained=None, image_size=None,
                attacks=",".join(DEFAULT_ATTACKS), defenses=",".join(DEFAULT_DEFENSES),
                no_ablations=False, quick=False, seed=0, loader=None, workers=None, recipe=None,
-               output=None, config=None, resume=False)
+               output=None, config=None, resume=False, stage_flags={})
     if given.get("config"):
-        cfg.update(_yaml_values(given["config"], args._parser))
+        cfg.update(_yaml_values(given["config"], args._parser, raw=("stage-flags",)))
+        cfg["stage_flags"] = _stage_flags(cfg.get("stage_flags"), f"--config {given['config']}")
     cfg.update(given)
     from abd_fast.attacks import ATTACKS
     from abd_fast.defenses.stages import METHODS
@@ -294,6 +295,50 @@ def _settings(args) -> dict:
                          "abd-tiny-vit, RN50, ViT-B-32, ...)")
     _check_output(cfg)
     return cfg
+
+
+# Per-command flags a --config may add (`stage-flags:`, e.g. the paper's recipe in
+# configs/paper/pipeline.yaml): `defend: {...}` for every defense, then `defend:abd: {...}`
+# for one method (likewise `poison:<attack>`); appended last, so they override the demo's
+# settings. The pipeline wires models, attacks and outputs between stages: those stay its own.
+STAGE_COMMANDS = ("pretrain", "badclip-trigger", "poison", "uap", "defend")
+VARIANTS = {"poison": ("badnet", "blended", "wanet", "sig", "label-consistent", "badclip"),
+            "defend": ("ft", "cleanclip", "roclip", "abd")}  # `defend:abd` etc. come last
+PIPELINE_OWNED = ("output", "config", "resume", "checkpoint", "pretrained", "reference-model",
+                  "attack", "trigger-file", "method", "uap", "target-label", "model",
+                  "no-backdoor-loss", "no-adv", "no-eda")
+
+
+def _stage_flags(value, where: str) -> dict:
+    """{command: {flag: value}} of a config's `stage-flags`, each flag checked by the
+    command's own parser."""
+    from abd_fast.train import UsageError, build_parser, check_flag_values
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: stage-flags must map a command ({', '.join(STAGE_COMMANDS)}) "
+                         "to its flags, e.g. `defend: {lr: 3.0e-6, epochs: 10}`")
+    parsers = build_parser().stages
+    out = {}
+    for cmd, flags in value.items():
+        base, _, variant = str(cmd).partition(":")
+        if base not in STAGE_COMMANDS or (variant and variant not in VARIANTS.get(base, ())):
+            raise UsageError(f"{where}: stage-flags: unknown key {cmd!r}; keys are "
+                             f"{', '.join(STAGE_COMMANDS)}, poison:<attack> "
+                             f"({', '.join(VARIANTS['poison'])}) and defend:<method> "
+                             f"({', '.join(VARIANTS['defend'])})")
+        if not isinstance(flags, dict):
+            raise UsageError(f"{where}: stage-flags: {cmd}: expected a mapping of flag names to "
+                             "values")
+        flags = {str(k).replace("_", "-"): v for k, v in flags.items()}
+        owned = [k for k in flags if k in PIPELINE_OWNED]
+        if owned:
+            raise UsageError(f"{where}: stage-flags: {cmd}: {owned[0]} is set by the pipeline "
+                             "(it wires the stages together); use the pipeline's own flag if "
+                             "it has one")
+        check_flag_values(flags, parsers[base], f"{where}: stage-flags: {cmd}")
+        out[cmd] = flags
+    return out
 
 
 def _data(cfg) -> dict:
@@ -372,7 +417,8 @@ def _known_rows(cfg, attack) -> set:
     """Ablation rows the attack's main defense runs already give (Table II ft / i_adv_t_eda,
     Table III uap_bd)."""
     out = set()
-    if "ft" in cfg["defenses"]:
+    sf = cfg["stage_flags"]  # the table's rows all run with ABD's recipe
+    if "ft" in cfg["defenses"] and sf.get("defend:ft", {}) == sf.get("defend:abd", {}):
         out.add("ft")
     if "abd" in cfg["defenses"]:
         out |= {"i_adv_t_eda", "uap_bd_file", "uap_bd"}
@@ -392,6 +438,9 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
         if cfg[key] is not None:
             common += [f"--{key.replace('_', '-')}", cfg[key]]
     q = _flags(QUICK_OVERRIDES["common"]) if quick else []
+
+    def extra(key):  # the config's stage-flags of a command or a `command:variant`
+        return _flags(cfg["stage_flags"].get(key, {}))
     target = data["target"]
     plan = _plan(cfg)
     print(f"pipeline: {len(plan)} stages into {out} (attacks {', '.join(cfg['attacks'])}; "
@@ -406,7 +455,7 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
         clean_ckpt = cfg["pretrained"]
     else:
         argv = ["pretrain", *common, *q,
-                *(_flags(QUICK_OVERRIDES["pretrain"]) if quick else [])]
+                *(_flags(QUICK_OVERRIDES["pretrain"]) if quick else []), *extra("pretrain")]
         key = clean_cache_key(argv, data["version"])
         cached = clean_cache_dir() / key
 
@@ -430,32 +479,38 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
     if "badclip" in cfg["attacks"]:
         steps = QUICK_OVERRIDES["badclip-trigger"] if quick else {"steps": BADCLIP_STEPS}
         d = st.run("badclip-trigger", ["badclip-trigger", *common, "--target-label", target,
-                                       "--pretrained", clean_ckpt, *_flags(steps)],
+                                       "--pretrained", clean_ckpt, *_flags(steps),
+                                       *extra("badclip-trigger")],
                    outputs=("badclip_patch.png",))
         patch = str(d / "badclip_patch.png")
     victims = {}
+    # A config's own poison count or rate replaces POISON's (the stage takes exactly one).
     for a in cfg["attacks"]:
         trig = ["--trigger-file", patch] if a == "badclip" else []
+        own = {**cfg["stage_flags"].get("poison", {}), **cfg["stage_flags"].get(f"poison:{a}", {})}
+        poison_flags = [] if {"poison-count", "poison-rate"} & set(own) else _flags(POISON)
         d = st.run(f"poison-{a}", ["poison", *stage_flags, "--pretrained", clean_ckpt,
-                                   "--attack", a, *_flags(POISON), *trig])
+                                   "--attack", a, *poison_flags, *trig, *extra("poison"),
+                                   *extra(f"poison:{a}")])
         victims[a] = str(d / "checkpoint.pt")
 
     # 3. UAP and defenses per victim
-    uap_flags = _flags(DEMO_OVERRIDES["uap"])
-    defend_flags = _flags(DEMO_OVERRIDES["defend"])
+    uap_flags = _flags(DEMO_OVERRIDES["uap"]) + q + extra("uap")
+    defend_flags = _flags(DEMO_OVERRIDES["defend"]) + q + extra("defend")
     results = {"clean": read_eval(out / "clean"), "attacks": {}}
     uaps = {}
     for a in cfg["attacks"]:
         results["attacks"][a] = {"victim": read_eval(out / f"poison-{a}")}
         if "abd" in cfg["defenses"]:
             d = st.run(f"uap-{a}", ["uap", *stage_flags, "--checkpoint", victims[a],
-                                    "--reference-model", clean_ckpt, *uap_flags, *q],
+                                    "--reference-model", clean_ckpt, *uap_flags],
                        outputs=("uap.pt", "eval.json"))
             uaps[a] = str(d / "uap.pt")
         for m in cfg["defenses"]:
-            extra = ["--uap", uaps[a]] if m == "abd" else []
+            uap_flag = ["--uap", uaps[a]] if m == "abd" else []
             d = st.run(f"{a}-{m}", ["defend", *stage_flags, "--checkpoint", victims[a],
-                                    "--method", m, *extra, *defend_flags, *q])
+                                    "--method", m, *uap_flag, *defend_flags,
+                                    *extra(f"defend:{m}")])
             results["attacks"][a][m] = read_eval(d)
 
     # 4. ablations on the first attack, reusing the runs above
@@ -468,7 +523,7 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
             known["uap_bd"] = results["attacks"][a]["abd"]
         tables = run_tables(st, attack=a, checkpoint=victims[a], reference_model=clean_ckpt,
                             common=stage_flags, uap_bd=uaps.get(a), known=known,
-                            uap_flags=uap_flags + q, defend_flags=defend_flags + q,
+                            uap_flags=uap_flags, defend_flags=defend_flags + extra("defend:abd"),
                             prefix=f"ablation-{a}-")
 
     # 5. similarity analysis, embeddings, report
@@ -492,6 +547,9 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
         f"Victims: {POISON} poisoned pairs, poison-stage defaults otherwise; defenses: "
         f"uap/defend stage defaults with the demo overrides {DEMO_OVERRIDES}.",
     ]
+    if cfg["stage_flags"]:
+        notes.append(f"Per-stage flags of the config (last, so they override the above): "
+                     f"{cfg['stage_flags']}.")
     if quick:
         notes.append("--quick: a smoke run on a small synthetic set with 1-2 epochs per stage; "
                      "its numbers are not meaningful.")
@@ -509,7 +567,7 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
                      "target_label": target, "attacks": cfg["attacks"],
                      "defenses": cfg["defenses"], "seed": cfg["seed"], "quick": quick,
                      "pretrained": cfg["pretrained"], "poison": POISON,
-                     "demo_overrides": DEMO_OVERRIDES,
+                     "demo_overrides": DEMO_OVERRIDES, "stage_flags": cfg["stage_flags"],
                      **({"quick_overrides": QUICK_OVERRIDES} if quick else {})},
         "notes": notes,
     }

@@ -218,8 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- config: defaults < checkpoint (eval) < YAML < flags -----------------------------------
 
-def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict:
-    """{dest: value} of a YAML config, each value checked by the flag's own parser."""
+def _yaml_values(path: str, parser: argparse.ArgumentParser, raw=()) -> dict:
+    """{dest: value} of a YAML config, each value checked by the flag's own parser; keys in
+    `raw` (not flags, e.g. the pipeline's `stage-flags` mapping) are returned unchecked."""
+    data = _yaml_mapping(path)
+    out = {k.replace("-", "_"): data.pop(k) for k in raw if k in data}
+    return {**check_flag_values(data, parser, f"--config {path}"), **out}
+
+
+def _yaml_mapping(path: str) -> dict:
     import yaml
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -233,6 +240,12 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values "
                          "(e.g. `batch-size: 64`)")
+    return data
+
+
+def check_flag_values(data: dict, parser: argparse.ArgumentParser, where: str) -> dict:
+    """{dest: value} of a {flag name: value} mapping, each value checked by the flag's own
+    parser; errors start with `where` (e.g. the config file)."""
     flags = {o: a for a in parser._actions for o in a.option_strings}
     out = {}
     for key, value in data.items():
@@ -241,11 +254,11 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict:
         if action is None or flag in ("--config", "--help"):
             known = sorted(f[2:] for f in flags if f.startswith("--") and f not in
                            ("--config", "--help"))
-            raise UsageError(f"--config {path}: unknown key {key!r}; keys are flag names: "
+            raise UsageError(f"{where}: unknown key {key!r}; keys are flag names: "
                              f"{', '.join(known)}")
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
-                raise UsageError(f"--config {path}: {key} must be true or false, got {value!r}")
+                raise UsageError(f"{where}: {key} must be true or false, got {value!r}")
             out[action.dest] = value
             continue
         values = value if isinstance(value, list) and action.nargs is None and isinstance(
@@ -256,7 +269,7 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict:
         try:
             ns = parser.parse_args(argv)
         except UsageError as e:
-            raise UsageError(f"--config {path}: {key}: {e}") from e
+            raise UsageError(f"{where}: {key}: {e}") from e
         out[action.dest] = getattr(ns, action.dest)
     return out
 

@@ -70,6 +70,45 @@ def test_pipeline_user_data_flags(small_data, tmp_path, capsys):  # noqa: F811
     assert code == 2 and "--defenses 'shield': unknown defense" in err
 
 
+@pytest.mark.parametrize("yaml,message", [
+    ("stage-flags: {prune: {lr: 1}}", "stage-flags: unknown key 'prune'; keys are pretrain"),
+    ("stage-flags: {defend:shield: {lr: 1}}", "stage-flags: unknown key 'defend:shield'"),
+    ("stage-flags: {defend: {lr: fast}}", "stage-flags: defend: lr: argument --lr: invalid "
+                                          "float value: 'fast'"),
+    ("stage-flags: {uap: {warp: 3}}", "stage-flags: uap: unknown key 'warp'"),
+    ("stage-flags: {defend: {method: ft}}", "stage-flags: defend: method is set by the "
+                                            "pipeline"),
+    ("stage-flags: [1, 2]", "stage-flags must map a command"),
+])
+def test_pipeline_stage_flags_are_checked(tmp_path, capsys, yaml, message):
+    (tmp_path / "p.yaml").write_text(yaml + "\n")
+    code, err = run_main(["pipeline", "--output", tmp_path / "out", "--config",
+                          tmp_path / "p.yaml"], capsys)
+    assert code == 2 and f"error: --config {tmp_path / 'p.yaml'}: {message}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_stage_flags_reach_their_stages(cache, small_data, tmp_path, capsys):  # noqa: F811
+    """A config's per-command flags (the paper recipe's mechanism) go last on the stage's
+    command line; a poison count replaces the pipeline's poison rate."""
+    (tmp_path / "p.yaml").write_text(
+        "attacks: badnet\ndefenses: ft,cleanclip\nno-ablations: true\nquick: true\n"
+        "stage-flags:\n  poison: {poison-count: 24}\n  defend: {lr: 3.0e-4}\n"
+        "  defend:ft: {lr: 5.0e-4, warmup: 1}\n")
+    _run(["pipeline", *_user_flags(small_data), "--config", tmp_path / "p.yaml", "--output",
+          tmp_path / "out"], capsys)
+
+    def argv(stage):
+        return json.loads((tmp_path / "out" / stage / "stage.json").read_text())["argv"]
+    poison = argv("poison-badnet")
+    assert poison[-2:] == ["--poison-count", "24"] and "--poison-rate" not in poison
+    assert argv("badnet-ft")[-6:] == ["--lr", "0.0003", "--lr", "0.0005", "--warmup", "1"]
+    assert argv("badnet-cleanclip")[-2:] == ["--lr", "0.0003"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["stage_flags"]["defend:ft"] == {"lr": 0.0005, "warmup": 1}
+
+
 @pytest.mark.slow
 def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
     out = tmp_path / "run"
