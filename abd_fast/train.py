@@ -62,6 +62,9 @@ def _common_parser() -> argparse.ArgumentParser:
                         "checkpoint.pt)")
     g.add_argument("--image-size", type=int, metavar="PX", help="image side (default: model's)")
     g.add_argument("--batch-size", type=int, metavar="N", help="per-process batch size")
+    g.add_argument("--max-samples", type=int, metavar="N",
+                   help="train on the N lowest sample ids of the training data only (the same "
+                        "subset under both loaders; default: all)")
     g.add_argument("--epochs", type=int, metavar="N", help="passes over the training data")
     g.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
     g.add_argument("--warmup", type=int, metavar="STEPS", help="linear warmup steps")
@@ -105,7 +108,7 @@ COMMON_DEFAULTS = dict(config=None, train_data=None, eval_data=None, classnames=
                        target_label=None, model="abd-tiny-rn", pretrained=None,
                        image_size=None, batch_size=128, epochs=7, lr=2e-3, warmup=50, seed=0,
                        loader=None, workers=None, output=None, resume=None, compile=False,
-                       checkpoint_every=0, recipe=None)
+                       checkpoint_every=0, recipe=None, max_samples=None)
 STAGE_DEFAULTS = {
     "pretrain": dict(COMMON_DEFAULTS, output="runs/pretrain", epochs=10),
     "poison": dict(COMMON_DEFAULTS, output="runs/poison", attack=None, poison_count=None,
@@ -334,6 +337,10 @@ def validate(cfg: dict):
                              f"got {v!r}")
     for key in ("batch_size", "epochs", "image_size"):
         positive_int(key)
+    n = cfg.get("max_samples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < cfg["batch_size"]):
+        raise UsageError(f"--max-samples must be an integer >= --batch-size "
+                         f"({cfg['batch_size']}): training takes whole batches; got {n!r}")
     for key in ("warmup", "workers", "checkpoint_every"):
         positive_int(key, 0)
     lr = cfg.get("lr")
@@ -493,6 +500,16 @@ class _Run:
     def train_loader(self):
         from abd_fast.data import build_loader
         source = self.cfg.get("train_data") or self.synthetic.shards
+        n = self.cfg.get("max_samples")
+        if n is not None:  # a subset of the manifest, so both engines read the same samples
+            import numpy as np
+
+            from abd_fast.attacks.cli import _subset
+            from abd_fast.data.sources import open_source
+            manifest = open_source(source)
+            if n < len(manifest):
+                source = _subset(manifest, np.sort(np.argsort(manifest.ids, kind="stable")[:n]),
+                                 f"first{n}")
         return build_loader(source, train=True, batch_size=self.cfg["batch_size"],
                             image_size=self.spec.size, loader=self.cfg.get("loader"),
                             seed=self.cfg["seed"], rank=self.info.rank,
