@@ -194,12 +194,17 @@ def test_ablation_tables_2_and_3(victim, tmp_path, capsys):  # noqa: F811
     assert flags["ft"][flags["ft"].index("--method") + 1] == "ft"
     uap_bd = tmp_path / "t2" / "uap-bd-file" / "uap.pt"
     code, err = run_main(["ablation", "--table", "3", *common, "--checkpoint", ckpt,
-                          "--uap", uap_bd, "--output", tmp_path / "t3"], capsys)
+                          "--uap", uap_bd, "--max-samples", "32", "--output", tmp_path / "t3"],
+                         capsys)
     assert code == 0, err
     t3 = json.loads((tmp_path / "t3" / "table3.json").read_text())
     assert set(t3["rows"]) == set(TABLE3_ROWS)
     uap_argv = json.loads((tmp_path / "t3" / "uap-file" / "stage.json").read_text())["argv"]
     assert "--no-backdoor-loss" in uap_argv
+    # --max-samples limits the defenses' fine-tuning data, not the UAP's training data.
+    assert "--max-samples" not in uap_argv
+    defend_argv = json.loads((tmp_path / "t3" / "uap" / "stage.json").read_text())["argv"]
+    assert defend_argv[-2:] == ["--max-samples", "32"]
     assert not (tmp_path / "t3" / "uap-bd-file").exists()  # --uap given: not retrained
     code, err = run_main(["ablation", "--table", "3", "--output", tmp_path / "t4"], capsys)
     assert code == 2 and "--checkpoint is needed" in err

@@ -14,8 +14,8 @@ Table III rows (the UAP's backdoor loss L_bd), each `uap` then `defend --method 
 Sub-runs go to DIR/<row>/ (UAPs to DIR/uap-file/ and DIR/uap-bd-file/, unless --uap gives
 ABD's UAP); each is skipped on a re-run when done with the same flags. Writes DIR/table<N>.json
 ({"attack", "rows": {row: eval result}}, report.json's ablation schema) and DIR/table<N>.md.
-Common flags (data, model, batch size, epochs, lr, ...) go to every sub-run; without them each
-sub-run uses its command's defaults.
+Common flags (data, model, batch size, epochs, lr, ...) go to every sub-run (--max-samples to
+the defend runs only); without them each sub-run uses its command's defaults.
 """
 from __future__ import annotations
 
@@ -170,9 +170,11 @@ def ablation_command(args) -> int:
     rows = planned_rows((table,), uap_bd_given=cfg.get("uap") is not None)
     stages = Stages(out, {r: 1 for r in rows})
     try:
+        # --max-samples limits the fine-tuning data (the defend runs), not the UAP's.
+        subset = ["--max-samples", str(cfg["max_samples"])] if cfg.get("max_samples") else []
         tables = run_tables(stages, attack=attack, checkpoint=cfg["checkpoint"], common=common,
                             reference_model=cfg.get("reference_model"), uap_bd=cfg.get("uap"),
-                            tables=(table,))
+                            tables=(table,), defend_flags=subset)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
