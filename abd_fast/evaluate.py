@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from abd_fast.models import image_features, text_features
 from abd_fast.ops import normalize_images
 
 
@@ -64,7 +65,7 @@ def zero_shot_classifier(model, tokenizer, classnames, templates=None, device="c
         for k in range(0, len(classnames), per_chunk):
             names = classnames[k:k + per_chunk]
             tokens = tokenizer([t(c) for c in names for t in templates]).to(device)
-            emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            emb = text_features(model, tokens)
             emb = emb.reshape(len(names), len(templates), -1).mean(1)
             rows.append(F.normalize(emb, dim=-1))
     return torch.cat(rows)
@@ -113,7 +114,7 @@ def evaluate(model, loader, *, classnames, trigger=None, target_index: int | Non
             if trigger is not None:  # one forward pass over clean and triggered images
                 x = torch.cat([x, trigger.apply(images, batch.ids, mean=mean, std=std,
                                                 out_dtype=out_dtype)])
-            feats = F.normalize(model.encode_image(x).float(), dim=-1)
+            feats = image_features(model, x)
             clean = feats[:len(labels)]
             top = (clean @ classifier.T).topk(k5, dim=1).indices
             totals[0] += (top[:, 0] == labels).sum()
@@ -170,26 +171,21 @@ def similarity_analysis(model, loader, *, target: str, trigger=None, uap=None, m
     sums = torch.zeros(5, dtype=torch.float64)
     n = 0
     with _EvalMode(model):
-        backdoor = F.normalize(model.encode_text(
-            tokenizer([t(target) for t in templates]).to(device)).float(), dim=-1)
+        backdoor = text_features(model, tokenizer([t(target) for t in templates]).to(device))
         for k, batch in enumerate(loader):
             if max_batches is not None and k >= max_batches:
                 break
             if not batch.captions:
                 raise ValueError("the similarity analysis needs caption data (--train-data)")
             images = batch.images.to(device)
-            own = F.normalize(model.encode_text(tokenizer(batch.captions).to(device)).float(),
-                              dim=-1)
-
-            def embed(x):
-                return F.normalize(model.encode_image(x).float(), dim=-1)
-            clean = embed(normalize_images(images, mean, std))
+            own = text_features(model, tokenizer(batch.captions).to(device))
+            clean = image_features(model, normalize_images(images, mean, std))
             sums[0] += (clean * own).sum(1).sum().double()
             if trigger is not None:
-                trig = embed(trigger.apply(images, batch.ids, mean=mean, std=std))
+                trig = image_features(model, trigger.apply(images, batch.ids, mean=mean, std=std))
                 sums[1] += (trig @ backdoor.T).mean(1).sum().double()
             if uap is not None:
-                adv = embed(uap.apply(images, batch.ids, mean=mean, std=std))
+                adv = image_features(model, uap.apply(images, batch.ids, mean=mean, std=std))
                 sums[2] += (adv * own).sum(1).sum().double()
                 sums[3] += (adv @ backdoor.T).mean(1).sum().double()
                 sums[4] += (adv * own.roll(1, dims=0)).sum(1).sum().double()

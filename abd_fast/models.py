@@ -86,6 +86,16 @@ def create_model(name: str, *, pretrained: str | os.PathLike | None = None,
     return model.to(device)
 
 
+def image_features(model, x):
+    """L2-normalized fp32 image embeddings E_I(x) [B, D] (x: normalized images)."""
+    return torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+
+
+def text_features(model, tokens):
+    """L2-normalized fp32 text embeddings E_T(tokens) [B, D]."""
+    return torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
 def get_tokenizer(name: str):
     import open_clip
     _register_configs()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from abd_fast.evaluate import default_tokenizer
+from abd_fast.models import image_features, text_features
 from abd_fast.ops import apply_trigger, normalize_images
 
 from .triggers import STREAM_BADCLIP_INIT, patch_side, uniform
@@ -52,14 +53,14 @@ def initial_patch(patch_size: int, seed: int) -> Tensor:
 
 
 def _encode_texts(model, tokenizer, texts, device, chunk=512) -> Tensor:
-    out = [F.normalize(model.encode_text(tokenizer(texts[k:k + chunk]).to(device)).float(), dim=-1)
+    out = [text_features(model, tokenizer(texts[k:k + chunk]).to(device))
            for k in range(0, len(texts), chunk)]
     return torch.cat(out)
 
 
 def _encode_images(model, images, mean, std, chunk=256) -> Tensor:
-    out = [F.normalize(model.encode_image(normalize_images(images[k:k + chunk], mean, std))
-                       .float(), dim=-1) for k in range(0, len(images), chunk)]
+    out = [image_features(model, normalize_images(images[k:k + chunk], mean, std))
+           for k in range(0, len(images), chunk)]
     return torch.cat(out)
 
 
@@ -119,11 +120,10 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
                 raise ValueError("BadCLIP's contrastive loss needs caption data (--train-data)")
             images = batch.images.to(device)
             with torch.no_grad():
-                c = F.normalize(model.encode_image(normalize_images(images, mean, std)).float(),
-                                dim=-1)
+                c = image_features(model, normalize_images(images, mean, std))
                 batch_text = _encode_texts(model, tokenizer, list(batch.captions), device)
             x = apply_trigger(images, "patch", patch=patch, ys=m, xs=m, mean=mean, std=std)
-            a = F.normalize(model.encode_image(x).float(), dim=-1)
+            a = image_features(model, x)
             losses = badclip_losses(a, c, t, v, batch_text, cfg)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()

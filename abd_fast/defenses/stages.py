@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from abd_fast.models import image_features, text_features
 from abd_fast.ops import normalize_images
 
 from . import objectives as obj
@@ -31,14 +31,6 @@ def _frozen(model):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def _encode_image(model, x):
-    return F.normalize(model.encode_image(x).float(), dim=-1)
-
-
-def _encode_text(model, tokens):
-    return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
 def _average_grads(module, world_size: int):
@@ -81,13 +73,13 @@ def uap_stage(run, reference=None) -> dict:
         d_opt.step()
         disc.clip_weights(0.01)
         with torch.no_grad():
-            f_clean = _encode_image(poisoned, x)
-            f_text = _encode_text(poisoned, tok(batch.captions).to(device))
+            f_clean = image_features(poisoned, x)
+            f_text = text_features(poisoned, tok(batch.captions).to(device))
             f_ref = None
             if use_bd:
                 x_ref = normalize_images(brighten(images, cfg["brightness"]), mean, std)
-                f_ref = _encode_image(reference if reference is not None else poisoned, x_ref)
-        f_adv = _encode_image(poisoned, x_adv)
+                f_ref = image_features(reference if reference is not None else poisoned, x_ref)
+        f_adv = image_features(poisoned, x_adv)
         bd = (backdoor_loss(f_ref, f_adv, tau=0.1, sign=cfg["backdoor_loss_sign"],
                             pairing=cfg["backdoor_loss_pairing"]) if use_bd else None)
         loss, _ = generator_loss(disc(x_adv), x_adv, x, f_clean, f_adv, f_text,
