@@ -247,21 +247,32 @@ def add_commands(subparsers, common_parent):
     return p
 
 
+PIPELINE_DEFAULTS = dict(
+    train_data=None, eval_data=None, classnames=None, target_label=None, model="abd-tiny-rn",
+    pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
+    defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, loader=None,
+    workers=None, recipe=None, output=None, config=None, resume=False, stage_flags=None)
+
+
+def own_settings(args, defaults: dict, raw=()) -> dict:
+    """defaults < --config FILE < the flags given, for the commands that resolve their own
+    settings (pipeline, ablation: `own_config`); raw: non-flag config keys (_yaml_values)."""
+    from abd_fast.train import _yaml_values
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("func", "command", "own_config") and not k.startswith("_")}
+    cfg = dict(defaults)
+    if given.get("config"):
+        cfg.update(_yaml_values(given["config"], args._parser, raw=raw))
+    cfg.update(given)
+    return cfg
+
+
 def _settings(args) -> dict:
     """Flags given > --config > defaults, validated before any work (UsageError names the
     flag)."""
-    from abd_fast.train import UsageError, _check_output, _check_path, _yaml_values
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("func", "command", "own_config") and not k.startswith("_")}
-    cfg = dict(train_data=None, eval_data=None, classnames=None, target_label=None,
-               model="abd-tiny-rn", pretrained=None, image_size=None,
-               attacks=",".join(DEFAULT_ATTACKS), defenses=",".join(DEFAULT_DEFENSES),
-               no_ablations=False, quick=False, seed=0, loader=None, workers=None, recipe=None,
-               output=None, config=None, resume=False, stage_flags={})
-    if given.get("config"):
-        cfg.update(_yaml_values(given["config"], args._parser, raw=("stage-flags",)))
-        cfg["stage_flags"] = _stage_flags(cfg.get("stage_flags"), f"--config {given['config']}")
-    cfg.update(given)
+    from abd_fast.train import UsageError, _check_output, _check_path
+    cfg = own_settings(args, PIPELINE_DEFAULTS, raw=("stage-flags",))
+    cfg["stage_flags"] = _stage_flags(cfg["stage_flags"], f"--config {cfg['config']}")
     from abd_fast.attacks import ATTACKS
     from abd_fast.defenses.stages import METHODS
     for key, known in (("attacks", ATTACKS), ("defenses", METHODS)):
@@ -593,14 +604,13 @@ def _analyse(cfg, data, out: Path, victims, uaps, results) -> dict:
     """Similarity analysis (ABD Fig. 2) on the first attack's victim with its UAP, and the
     clean/triggered image embeddings of the victim, FT and ABD for embedding.png."""
     import torch
-    import torch.nn.functional as F
 
     from abd_fast.attacks import make_trigger
     from abd_fast.data import build_loader
     from abd_fast.defenses.uap import UAP
     from abd_fast.engine import load_checkpoint
     from abd_fast.evaluate import similarity_analysis
-    from abd_fast.models import create_model, get_tokenizer, image_spec
+    from abd_fast.models import create_model, get_tokenizer, image_features, image_spec
     from abd_fast.ops import normalize_images
     from abd_fast.train import _trigger_options
     a = cfg["attacks"][0]
@@ -639,8 +649,8 @@ def _analyse(cfg, data, out: Path, victims, uaps, results) -> dict:
             for batch in evaluation:
                 x = normalize_images(batch.images, mean, std)
                 xt = trigger.apply(batch.images, batch.ids, mean=mean, std=std)
-                clean.append(F.normalize(model.encode_image(x).float(), dim=-1))
-                trig.append(F.normalize(model.encode_image(xt).float(), dim=-1))
+                clean.append(image_features(model, x))
+                trig.append(image_features(model, xt))
         clean, trig = torch.cat(clean), torch.cat(trig)
         keep = torch.linspace(0, len(clean) - 1, min(EMBEDDING_IMAGES, len(clean))).long()
         embeddings[labels[name]] = (clean[keep], trig[keep])

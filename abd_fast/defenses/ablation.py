@@ -134,12 +134,9 @@ def add_command(subparsers, common_parent):
 
 
 def ablation_command(args) -> int:
-    from abd_fast.pipeline import Stages, StageError
-    from abd_fast.train import UsageError, _check_output, _check_path, _yaml_values
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("func", "command", "own_config") and not k.startswith("_")}
-    cfg = _yaml_values(given["config"], args._parser) if given.get("config") else {}
-    cfg.update(given)
+    from abd_fast.pipeline import Stages, StageError, own_settings
+    from abd_fast.train import UsageError, _check_output, _check_path
+    cfg = own_settings(args, {})
     if cfg.get("table") is None:
         raise UsageError("--table is needed: 2 (ABD's views) or 3 (UAP vs UAP + L_bd)")
     if cfg.get("checkpoint") is None:
