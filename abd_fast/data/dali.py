@@ -114,7 +114,6 @@ class _Feeder:
         p = self.plan[self.k]
         self.k += 1
         data = [self._read(i) for i in p.positions.tolist()]
-        positions = [np.array(i, np.int64) for i in p.positions]
         if self.dims is not None:
             # Uniform per-sample shapes go in as one [B, ...] array each: DALI then converts
             # one array per input instead of B (the feeder runs on the consumer's thread).
@@ -130,6 +129,7 @@ class _Feeder:
         shapes = [b[2:].astype(np.float32) for b in p.boxes]
         flips = [np.array(f, np.int32) for f in p.flips]
         resize = [np.array((b[2], b[3]) != (self.size, self.size)) for b in p.boxes]
+        positions = [np.array(i, np.int64) for i in p.positions]
         return data, anchors, shapes, flips, resize, positions
 
     def _read(self, i):
