@@ -12,7 +12,8 @@ reference and torch.compile of the reference, timed in alternation (medians and 
 fraction of the measured fp32 copy bandwidth into an existing buffer ("of copy": the
 machine's memory bandwidth, the bar of the targets), into a fresh tensor ("of fresh copy":
 4 KB page faults, as the references pay) and into a fresh tensor with the huge-page hint
-("of fresh THP copy": the allocation our CPU kernels make).
+("of fresh THP copy"). On CPU ours is also timed with its output pool off ("pool off":
+every call gets a fresh huge-page-hinted block, as before the pool).
     python bench/ops.py --skip-contrastive --merge   # image ops only, keeps the rest
 On a GPU, times come from triton.testing.do_bench.
 """
@@ -32,7 +33,8 @@ from common import (ROOT, machine, measure_peak_in_subprocess, peak_extra_rss,  
 
 sys.path.insert(0, str(ROOT))  # this checkout's abd_fast, not whichever one the venv installed
 
-from abd_fast.ops import apply_perturbation, apply_trigger, clip_loss, info_nce  # noqa: E402
+from abd_fast.ops import (apply_perturbation, apply_trigger, clip_loss, info_nce,  # noqa: E402
+                          set_cpu_pool_limit)
 from abd_fast.ops import reference  # noqa: E402
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -173,8 +175,8 @@ def ideal_bytes(name: str, images, src, backward: bool) -> int:
 
 
 def _advise_huge_pages(t: torch.Tensor):
-    """madvise(MADV_HUGEPAGE) on the 2 MB pages inside t, as the CPU kernels do for their
-    outputs (csrc/cpu/image_ops.cpp); no-op elsewhere."""
+    """madvise(MADV_HUGEPAGE) on the 2 MB pages inside t, as the CPU kernels do for the blocks
+    of their output pool (csrc/cpu/output_pool.cpp); no-op elsewhere."""
     import ctypes
     huge = 2 << 20
     a = -(-t.data_ptr() // huge) * huge
@@ -187,7 +189,7 @@ def copy_bandwidth(numel: int) -> dict:
     """fp32 copy of `numel` elements (bytes read + bytes written per second), three ways:
     into an existing buffer (the memory bandwidth: the bar of the targets), into a fresh
     tensor (pays one page fault per 4 KB page, as the eager and compiled references do), and
-    into a fresh tensor with the huge-page hint (the allocation of our CPU kernels)."""
+    into a fresh tensor with the huge-page hint (our CPU kernels' allocation, pool off)."""
     x = torch.rand(numel, device=DEVICE)
     dst = torch.empty_like(x)
 
@@ -203,6 +205,17 @@ def copy_bandwidth(numel: int) -> dict:
 
 
 COPY_KINDS = ("existing", "fresh", "fresh_hugepage")
+
+
+def pool_off(step):
+    """`step` with the CPU output pool off (limit 0), as the ops ran before the pool."""
+    def run():
+        old = set_cpu_pool_limit(0)
+        try:
+            step()
+        finally:
+            set_cpu_pool_limit(old)
+    return run
 
 
 def bench_image(B: int, H: int, reps: int) -> tuple[list[dict], dict]:
@@ -227,14 +240,22 @@ def bench_image(B: int, H: int, reps: int) -> tuple[list[dict], dict]:
                         s.grad = None
                         out.backward(gout)
                 return step
-            # same inputs, same output dtype, same upstream gradient for all three; the
-            # compiled reference compiles (forward and backward graphs) during the warm-up
-            t = timeit_interleaved({"ours": run(ours), "compiled": run(compiled),
-                                    "eager": run(ref)}, DEVICE,
-                                   reps={"ours": reps, "compiled": reps, "eager": max(5, reps // 3)},
+            # same inputs, same output dtype, same upstream gradient for all; the compiled
+            # reference compiles (forward and backward graphs) during the warm-up
+            fns = {"ours": run(ours), "compiled": run(compiled), "eager": run(ref)}
+            if DEVICE == "cpu":
+                fns["ours, pool off"] = pool_off(run(ours))
+            t = timeit_interleaved(fns, DEVICE, reps={"ours": reps, "ours, pool off": reps,
+                                                      "compiled": reps, "eager": max(5, reps // 3)},
                                    warmup=2)
             nbytes = ideal_bytes(name, images, src, backward)
             gbps = nbytes / t["ours"]["ms"] / 1e6
+            off = {}
+            if "ours, pool off" in t:
+                off_gbps = nbytes / t["ours, pool off"]["ms"] / 1e6
+                off = {"pool_off_ms": t["ours, pool off"]["ms"], "pool_off_GBps": off_gbps,
+                       **{f"pool_off_{k}_copy_fraction": off_gbps / copy[f"{k}_output_GBps"]
+                          for k in COPY_KINDS}}
             rows.append({"op": name, "pass": "fwd+bwd" if backward else "fwd", "B": B, "H": H,
                          "ms": t["ours"]["ms"], "eager_ms": t["eager"]["ms"],
                          "compiled_ms": t["compiled"]["ms"],
@@ -243,7 +264,7 @@ def bench_image(B: int, H: int, reps: int) -> tuple[list[dict], dict]:
                          "ideal_MB": nbytes / 2**20, "GBps": gbps,
                          **{f"{k}_copy_fraction": gbps / copy[f"{k}_output_GBps"]
                             for k in COPY_KINDS},
-                         "timing": t})
+                         **off, "timing": t})
             print(f"  {name} {rows[-1]['pass']}: {t['ours']['ms']:.1f} ms, eager "
                   f"{t['eager']['ms']:.1f}, compiled {t['compiled']['ms']:.1f}", flush=True)
     return rows, copy
@@ -289,15 +310,17 @@ def main():
             ("op", "op"), ("pass", "pass"), ("ms", "ours ms"), ("eager_ms", "eager ms"),
             ("compiled_ms", "compiled ms"), ("vs_eager", "x eager"),
             ("vs_compiled", "x compiled"), ("GBps", "GB/s"),
-            ("existing_copy_fraction", "of copy"), ("fresh_copy_fraction", "of fresh copy"),
-            ("fresh_hugepage_copy_fraction", "of fresh THP copy")]))
+            ("existing_copy_fraction", "of copy"), ("pool_off_ms", "pool off ms"),
+            ("pool_off_existing_copy_fraction", "pool off: of copy"),
+            ("pool_off_fresh_hugepage_copy_fraction", "pool off: of fresh THP copy")]))
     if args.merge and args.out.exists():
         import json
         old = json.loads(args.out.read_text())
         for key in ("contrastive", "image", "copy_bandwidth"):
             if key in old and key not in result:
                 result[key] = old[key]
-                result.setdefault("kept_from_earlier_run", {})[key] = old.get("command")
+                made_by = old.get("kept_from_earlier_run", {}).get(key, old.get("command"))
+                result.setdefault("kept_from_earlier_run", {})[key] = made_by
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

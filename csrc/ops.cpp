@@ -3,10 +3,58 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/output_pool.h"
+
+namespace {
+
+// Runs f, turning a C++ exception (a bad ABD_FAST_CPU_POOL_MB, say) into a Python error.
+template <typename F>
+PyObject* guarded(F&& f) {
+  try {
+    return f();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyObject* cpu_pool_stats(PyObject*, PyObject*) {
+  return guarded([] {
+    const auto s = abd_fast::pool_stats();
+    return Py_BuildValue("{sLsLsLsLsL}", "cached_bytes", (long long)s.cached_bytes, "live_bytes",
+                         (long long)s.live_bytes, "reused", (long long)s.reused, "fresh",
+                         (long long)s.fresh, "limit_bytes", (long long)s.limit_bytes);
+  });
+}
+
+PyObject* release_cpu_pool(PyObject*, PyObject*) {
+  return guarded([] {
+    abd_fast::release_pool();
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* set_cpu_pool_limit(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  return guarded([&] { return PyLong_FromLongLong(abd_fast::set_pool_limit(bytes)); });
+}
+
+PyMethodDef methods[] = {
+    {"set_cpu_pool_limit", set_cpu_pool_limit, METH_O,
+     "Sets the bytes of unused blocks the pool keeps; returns the previous limit."},
+    {"cpu_pool_stats", cpu_pool_stats, METH_NOARGS, "Counters of the CPU output pool."},
+    {"release_cpu_pool", release_cpu_pool, METH_NOARGS, "Frees the pool's unused blocks."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// An importable module whose only job is to run the static registrations below.
+// Importing the module runs the static registrations below; it also exposes the pool.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -194,3 +194,37 @@ def normalize_images(images: Tensor, mean: Norm, std: Norm,
     """uint8 or [0,1] images -> clamp -> (x - mean) / std in out_dtype, in one pass."""
     return _image_op(images, "none", None, None, None, 0.0, math.inf, mean, std, out_dtype,
                      backend)
+
+
+# ---- the CPU output pool (csrc/cpu/output_pool.h) -------------------------------------------
+# The CPU kernels take outputs of 1 MB or more from a pool that keeps a block after its tensor
+# dies, for the next call of the same size: a training loop then writes into memory it already
+# has instead of a fresh mapping the OS must fault in and zero (40 % of the op at 224 px).
+# It keeps at most ABD_FAST_CPU_POOL_MB megabytes of unused blocks (default 1024; 0: off).
+
+def _pool():
+    err = extension("_C")
+    if err is not None:
+        raise RuntimeError(f"abd_fast's C++ extension is not built ({err}); the CPU output pool "
+                           "is part of it. Run scripts/setup.sh.")
+    from abd_fast import _C
+    return _C
+
+
+def cpu_pool_stats() -> dict:
+    """{"cached_bytes": unused blocks kept, "live_bytes": blocks behind live tensors,
+    "reused" / "fresh": allocations served from a kept block / newly mapped, "limit_bytes"}."""
+    return _pool().cpu_pool_stats()
+
+
+def set_cpu_pool_limit(megabytes: float) -> float:
+    """Keeps at most `megabytes` of unused blocks from now on (0 turns the pool off), freeing
+    the oldest kept blocks over it. Returns the previous limit in megabytes."""
+    if not megabytes >= 0:
+        raise ValueError(f"the CPU output pool limit must be >= 0 megabytes, got {megabytes}")
+    return _pool().set_cpu_pool_limit(int(megabytes * 2**20)) / 2**20
+
+
+def release_cpu_pool() -> None:
+    """Gives every unused block back to the OS (the limit stays)."""
+    _pool().release_cpu_pool()

@@ -9,29 +9,13 @@
 #endif
 #include <cmath>
 #include <vector>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "common/checks.h"
 #include "cpu/dispatch.h"
+#include "cpu/output_pool.h"
 
 namespace abd_fast {
 namespace {
-
-// A fresh output is faulted in by the kernel 4 KB page by page, which costs more than the
-// pass itself for a large batch. Asking for transparent huge pages (granted on request where
-// THP is in "madvise" mode, the common default) cuts the faults 512-fold. A hint only: the
-// results are the same either way.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t b = (start + t.nbytes()) & ~(kHuge - 1);
-  if (b >= a + 2 * kHuge) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
-#endif
-}
 
 // Writes out[i] = (clamp(value(i), 0, 1) - m) * inv for i < n: the last step of every kind,
 // a straight loop the compiler vectorizes once value() is inlined.
@@ -504,8 +488,7 @@ at::Tensor image_op_cpu(const at::Tensor& images, std::string_view kind_name,
                         at::ScalarType out_dtype) {
   const Kind kind = parse_kind(std::string(kind_name));
   const ImageGeom g = check_image_op(images, kind, src, loc, rows, mean, stdv, out_dtype);
-  auto out = at::empty(images.sizes(), images.options().dtype(out_dtype));
-  advise_huge_pages(out);
+  auto out = pooled_empty(images.sizes(), out_dtype);
   const bool dbl = images.scalar_type() == at::kDouble ||
                    (src.has_value() && src->scalar_type() == at::kDouble);
   dispatch_acc(dbl, [&](auto acc_tag) {
@@ -537,7 +520,7 @@ at::Tensor image_op_backward_cpu(const at::Tensor& grad_out, const at::Tensor& i
   const ImageGeom g = check_image_op(images, kind, src, loc, rows, stdv, stdv, grad_out.scalar_type());
   TORCH_CHECK(grad_out.sizes() == images.sizes(), "image_op_backward: grad_out must match images");
   const auto gout = grad_out.contiguous();
-  auto gsrc = at::empty_like(src);
+  auto gsrc = pooled_empty(src.sizes(), src.scalar_type());
   dispatch_acc(src.scalar_type() == at::kDouble, [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     dispatch_image_dtype(images.scalar_type(), [&](auto in_tag) {
