@@ -139,7 +139,10 @@ def test_pooled_tensors_behave_like_any_tensor():
     out.resize_(2 * out.numel())  # storage grows through the pool
     torch.testing.assert_close(out[: expected.numel()].view_as(expected), expected,
                                rtol=1e-5, atol=1e-5)
-    out.add_(1)  # writable, and dies cleanly after the resize
+    out.add_(1)  # writable
+    live = cpu_pool_stats()["live_bytes"]
+    out.untyped_storage().resize_(0)  # the block goes back to the pool at once
+    assert cpu_pool_stats()["live_bytes"] == live - math.ceil(out.nbytes / 2**21) * 2**21
 
 
 def test_threads_share_the_pool():

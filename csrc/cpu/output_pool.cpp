@@ -41,6 +41,7 @@ class Pool final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
+    if (n == 0) return {nullptr, nullptr, &Pool::deleter, c10::Device(c10::kCPU)};
     const size_t bytes = (n + kHuge - 1) / kHuge * kHuge;
     void* p = take(bytes);
     if (p == nullptr) {
