@@ -2,8 +2,9 @@
 align), fused vs an unfused reference, on the same model, batch, optimizer and data:
 
   fused      the DALI loader engine (2 threads, our resize operator on CPU); the image views
-             [clean, image + UAP] by the fused image op (normalize_images, UAP.apply ->
-             apply_perturbation: uint8 -> paste/add -> clamp -> normalize in one pass); the
+             [clean, image + UAP] by one call of the fused image op on the uint8 images stacked
+             twice (UAP.apply -> apply_perturbation on the second copy's rows: uint8 ->
+             paste/add -> clamp -> normalize in one pass, written as the model's batch); the
              loss by abd_objective through objectives.Contrastive (fused CLIP loss and
              InfoNCE, no materialized logits) -- what abd_fast.defenses.stages.defense_loss runs
   reference  the torch loader engine (PIL in 2 DataLoader workers); the image views composed
@@ -108,13 +109,13 @@ def make_uap(image_size: int, mode: str = "patch", seed: int = 0):
 
 
 def fused_views(images, ids, uap, mean, std):
-    """[clean, adversarial] normalized fp32 views, as defense_loss builds them."""
-    from abd_fast.ops import normalize_images
-    return [normalize_images(images, mean, std), uap.apply(images, ids, mean=mean, std=std)]
+    """[clean; adversarial] normalized fp32 views in one batch, as defense_loss builds them."""
+    B = images.shape[0]
+    return uap.apply(torch.cat([images, images]), rows=torch.arange(2 * B) >= B, mean=mean, std=std)
 
 
 def eager_views(images, ids, uap, mean, std):
-    """The same views in plain eager PyTorch, as one would write them without fused ops."""
+    """The same batch in plain eager PyTorch, as one would write it without fused ops."""
     from abd_fast.defenses.uap import patch_geometry
     x = images.float() / 255
     if uap.mode == "patch":
@@ -124,7 +125,7 @@ def eager_views(images, ids, uap, mean, std):
     else:
         adv = x + uap.perturbation.clamp(-uap.eps, uap.eps)
     m, s = mean[:, None, None], std[:, None, None]
-    return [(x.clamp(0, 1) - m) / s, (adv.clamp(0, 1) - m) / s]
+    return torch.cat([(x.clamp(0, 1) - m) / s, (adv.clamp(0, 1) - m) / s])
 
 
 def fused_loss(lambda1: float = 1.0, lambda2: float = 1.0):
@@ -181,7 +182,7 @@ class TrainPath:
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            x = torch.cat(self.views(batch.images, batch.ids, self.uap, self.mean, self.std))
+            x = self.views(batch.images, batch.ids, self.uap, self.mean, self.std)
             t2 = time.perf_counter()
             tokens = self.tok(batch.captions + eda_view(self.eda, batch.captions, batch.ids,
                                                         epoch))

@@ -280,3 +280,38 @@ def test_brighten_raises_brightness_and_clamps():
     y = brighten(x, 1.2)
     assert torch.allclose(y, (x.float() / 255 * 1.2).clamp(0, 1))
     assert y.max() <= 1 and y.mean() > x.float().mean() / 255
+
+
+@pytest.mark.parametrize("no_adv", [False, True])
+def test_abd_loss_encodes_the_clean_and_adversarial_views_as_one_batch(no_adv):
+    """defense_loss('abd') builds [clean, clean + UAP] with one fused call on stacked uint8
+    images: the model sees exactly the concatenation of the two separately built views."""
+    from types import SimpleNamespace
+    from abd_fast.defenses.stages import defense_loss
+    from abd_fast.defenses.uap import UAP
+    from abd_fast.text import EDA
+    B, size = 5, 32
+    images = torch.randint(1, 256, (B, 3, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        uap = UAP(UAPGenerator(patch_geometry(size)[0], mode="patch", seed=3)(), mode="patch",
+                  image_size=size)
+    mean, std = torch.tensor([0.481, 0.458, 0.408]), torch.tensor([0.269, 0.261, 0.276])
+    seen = {}
+
+    def model(x, t):
+        seen["x"], seen["t"] = x, t
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(x.shape[0], 8, generator=g), torch.randn(t.shape[0], 8, generator=g), \
+            torch.tensor(10.0)
+    run = SimpleNamespace(
+        cfg=dict(lambda1=1.0, lambda2=1.0, no_adv=no_adv, no_eda=False, abd_objective="align"),
+        info=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")),
+        mean=mean, std=std, tokenizer=lambda caps: torch.arange(len(caps))[:, None])
+    batch = SimpleNamespace(images=images, ids=torch.arange(B),
+                            captions=[f"a photo of a red star number {k}" for k in range(B)])
+    loss = defense_loss(run, "abd", uap=uap, eda=EDA(seed=0))(model, batch, 0)
+    views = [normalize_images(images, mean, std)]
+    if not no_adv:
+        views.append(uap.apply(images, mean=mean, std=std))
+    assert torch.equal(seen["x"], torch.cat(views))
+    assert seen["t"].shape[0] == 2 * B and torch.isfinite(loss)

@@ -2,6 +2,7 @@
 --quick smoke run (report, plots, every stage), skipping completed stages and resuming an
 interrupted one, the clean-model cache on user data (CSV + ImageFolder), Table II and III."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,28 @@ def test_main_command_as_a_user_runs_it(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "error: --attacks 'badnet,nope': unknown attack 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_training_stages_checkpoint_during_the_stage(tmp_path, monkeypatch):
+    """Training stages get --checkpoint-every (so a kill loses at most that many steps)
+    without it entering their identity in stage.json; a stage's own value wins."""
+    import abd_fast.train
+    from abd_fast.pipeline import STAGE_CHECKPOINT_STEPS, Stages
+    seen = []
+
+    def fake_main(argv):
+        seen.append(argv)
+        out = Path(argv[argv.index("--output") + 1])
+        (out / "eval.json").write_text("{}")
+        return 0
+    monkeypatch.setattr(abd_fast.train, "main", fake_main)
+    st = Stages(tmp_path, {"a": 1, "b": 1, "c": 1}, log=lambda *a, **k: None)
+    st.run("a", ["defend", "--method", "abd"])
+    st.run("b", ["eval", "--checkpoint", "x.pt"])
+    st.run("c", ["poison", "--checkpoint-every", "7"])
+    assert seen[0][:5] == ["defend", "--method", "abd", "--checkpoint-every",
+                           str(STAGE_CHECKPOINT_STEPS)]
+    assert "--checkpoint-every" not in seen[1]
+    assert seen[2].count("--checkpoint-every") == 1 and "7" in seen[2]
+    assert json.loads((tmp_path / "a" / "stage.json").read_text())["argv"] == \
+        ["defend", "--method", "abd"]

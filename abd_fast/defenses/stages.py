@@ -131,10 +131,10 @@ def defense_loss(run, method: str, *, uap: UAP | None = None, eda=None, bank=Non
     c = obj.Contrastive(info.rank, info.world_size)
     lambdas = dict(lambda1=cfg["lambda1"], lambda2=cfg["lambda2"])
 
-    def features(model, image_views, text_views):
-        """Encodes [views of B images] and [views of B captions] in one call."""
-        B = image_views[0].shape[0]
-        x = torch.cat(image_views)
+    def features(model, x, text_views):
+        """Encodes x = [V image views of B images, view-major] and [views of B captions] in one
+        call; returns the per-view image and text features."""
+        B = len(text_views[0])
         t = tok([s for view in text_views for s in view]).to(device)
         img, txt, scale = model(x, t)
         return img.split(B), txt.split(B), scale
@@ -142,30 +142,32 @@ def defense_loss(run, method: str, *, uap: UAP | None = None, eda=None, bank=Non
     def loss_fn(model, batch, epoch):
         images = batch.images.to(device, non_blocking=True)
         captions, ids = batch.captions, batch.ids
-        x = normalize_images(images, mean, std)
+        # Several image views are stacked as uint8 and normalized by one fused call that writes
+        # the batch the model encodes (a torch.cat of fp32 views would cost more than the views).
         if method == "ft":
-            (img,), (txt,), scale = features(model, [x], [captions])
+            (img,), (txt,), scale = features(model, normalize_images(images, mean, std), [captions])
             return obj.mmcl(img, txt, scale, c)
         if method == "cleanclip":
-            x_aug = normalize_images(autoaugment(images), mean, std)
+            x = normalize_images(torch.cat([images, autoaugment(images)]), mean, std)
             (img, img_aug), (txt, txt_aug), scale = features(
-                model, [x, x_aug], [captions, eda_view(eda, captions, ids, epoch)])
+                model, x, [captions, eda_view(eda, captions, ids, epoch)])
             return obj.cleanclip_objective(img, txt, img_aug, txt_aug, scale, c=c, **lambdas)
         if method == "roclip":
             x_aug = normalize_images(cross_augment(images), mean, std)
-            (img,), (txt,), scale = features(model, [x_aug],
-                                             [eda_view(eda, captions, ids, epoch)])
+            (img,), (txt,), scale = features(model, x_aug, [eda_view(eda, captions, ids, epoch)])
             loss = obj.roclip_objective(img, txt, scale, bank, epoch,
                                         break_epoch=cfg["break_epoch"], c=c, update=False)
             bank.update(_gathered(txt.detach(), info.world_size))
             return loss
-        # abd
-        image_views, text_views = [x], [captions]
-        if not cfg["no_adv"]:
-            image_views.append(uap.apply(images, ids, mean=mean, std=std))
-        if not cfg["no_eda"]:
-            text_views.append(eda_view(eda, captions, ids, epoch))
-        imgs, txts, scale = features(model, image_views, text_views)
+        # abd: views [clean, clean + UAP] (the UAP on the second copy's rows only)
+        if cfg["no_adv"]:
+            x = normalize_images(images, mean, std)
+        else:
+            B = images.shape[0]
+            x = uap.apply(torch.cat([images, images]), rows=torch.arange(2 * B, device=device) >= B,
+                          mean=mean, std=std)
+        text_views = [captions] if cfg["no_eda"] else [captions, eda_view(eda, captions, ids, epoch)]
+        imgs, txts, scale = features(model, x, text_views)
         return obj.abd_objective(imgs[0], txts[0], imgs[1] if len(imgs) > 1 else None,
                                  txts[1] if len(txts) > 1 else None, scale,
                                  objective=cfg["abd_objective"], c=c, **lambdas)
