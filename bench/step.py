@@ -110,8 +110,7 @@ def make_uap(image_size: int, mode: str = "patch", seed: int = 0):
 
 def fused_views(images, ids, uap, mean, std):
     """[clean; adversarial] normalized fp32 views in one batch, as defense_loss builds them."""
-    B = images.shape[0]
-    return uap.apply(torch.cat([images, images]), rows=torch.arange(2 * B) >= B, mean=mean, std=std)
+    return uap.clean_and_adversarial(images, mean=mean, std=std)
 
 
 def eager_views(images, ids, uap, mean, std):

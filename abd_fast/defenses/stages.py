@@ -159,13 +159,9 @@ def defense_loss(run, method: str, *, uap: UAP | None = None, eda=None, bank=Non
                                         break_epoch=cfg["break_epoch"], c=c, update=False)
             bank.update(_gathered(txt.detach(), info.world_size))
             return loss
-        # abd: views [clean, clean + UAP] (the UAP on the second copy's rows only)
-        if cfg["no_adv"]:
-            x = normalize_images(images, mean, std)
-        else:
-            B = images.shape[0]
-            x = uap.apply(torch.cat([images, images]), rows=torch.arange(2 * B, device=device) >= B,
-                          mean=mean, std=std)
+        # abd: views [clean, clean + UAP]
+        x = (normalize_images(images, mean, std) if cfg["no_adv"]
+             else uap.clean_and_adversarial(images, mean=mean, std=std))
         text_views = [captions] if cfg["no_eda"] else [captions, eda_view(eda, captions, ids, epoch)]
         imgs, txts, scale = features(model, x, text_views)
         return obj.abd_objective(imgs[0], txts[0], imgs[1] if len(imgs) > 1 else None,

@@ -241,6 +241,16 @@ class UAP:
                          image_size=self.image_size, area=self.area, eps=self.eps, rows=rows,
                          mean=mean, std=std, out_dtype=out_dtype)
 
+    def clean_and_adversarial(self, images: Tensor, *, mean=None, std=None,
+                              out_dtype=torch.float32) -> Tensor:
+        """ABD's image views [clean; clean + UAP] of images [B, C, H, W] as one [2B, C, H, W]
+        batch: one fused call on the images stacked twice, the UAP on the second copy's rows
+        (cheaper than two views and a torch.cat of them)."""
+        B = images.shape[0]
+        rows = torch.arange(2 * B, device=images.device) >= B
+        return self.apply(torch.cat([images, images]), rows=rows, mean=mean, std=std,
+                          out_dtype=out_dtype)
+
     def state_dict(self) -> dict:
         return {"format": "abd_fast.uap", "perturbation": self.perturbation, "mode": self.mode,
                 "image_size": self.image_size, "area": self.area, "eps": self.eps}
