@@ -28,6 +28,11 @@ def default_limit():
     set_cpu_pool_limit(old)
 
 
+def pool_block(nbytes):
+    """Bytes of the pool block behind nbytes: whole 2 MB pages."""
+    return math.ceil(nbytes / 2**21) * 2**21
+
+
 def images(seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 256, (B, C, H, W), dtype=torch.uint8, generator=g)
@@ -92,7 +97,7 @@ def test_backward_gradient_of_a_per_sample_delta_is_pooled():
     live = cpu_pool_stats()["live_bytes"]
     assert live >= delta.grad.nbytes  # the gradient is a pooled block, alive while we hold it
     delta.grad = None
-    assert cpu_pool_stats()["live_bytes"] == live - math.ceil(d_ref.grad.nbytes / 2**21) * 2**21
+    assert cpu_pool_stats()["live_bytes"] == live - pool_block(d_ref.grad.nbytes)
 
 
 def test_limit_zero_keeps_nothing_and_release_empties():
@@ -112,7 +117,7 @@ def test_limit_zero_keeps_nothing_and_release_empties():
 
 def test_limit_evicts_the_oldest_blocks():
     set_cpu_pool_limit(0)  # start empty
-    block = math.ceil(B * C * H * W * 4 / 2**21) * 2**21
+    block = pool_block(B * C * H * W * 4)
     set_cpu_pool_limit(block / 2**20)  # room for one block of our size
     ours, _ = case("linf", 7)
     ours(images(7))
@@ -121,7 +126,7 @@ def test_limit_evicts_the_oldest_blocks():
     assert cpu_pool_stats()["cached_bytes"] == block
     set_cpu_pool_limit(3 * block / 2**20)
     big = apply_trigger(torch.randint(1, 256, (B, C, 2 * H + 60, W), dtype=torch.uint8), "none")
-    big_block = math.ceil(big.nbytes / 2**21) * 2**21
+    big_block = pool_block(big.nbytes)
     del big  # fits beside the first
     assert cpu_pool_stats()["cached_bytes"] == block + big_block
     set_cpu_pool_limit(big_block / 2**20)  # the older (smaller) block goes
@@ -142,7 +147,7 @@ def test_pooled_tensors_behave_like_any_tensor():
     out.add_(1)  # writable
     live = cpu_pool_stats()["live_bytes"]
     out.untyped_storage().resize_(0)  # the block goes back to the pool at once
-    assert cpu_pool_stats()["live_bytes"] == live - math.ceil(out.nbytes / 2**21) * 2**21
+    assert cpu_pool_stats()["live_bytes"] == live - pool_block(out.nbytes)
 
 
 def test_threads_share_the_pool():
