@@ -15,7 +15,7 @@ from test_train_cli import run_main, small_data  # noqa: F401 (fixture)
 
 
 def _run(argv, capsys):
-    """(exit status, stdout) of an in-process run."""
+    """stdout of an in-process run, which must exit with status 0."""
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
