@@ -251,6 +251,19 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict:
     return ckpt
 
 
+def strip_checkpoint(path: str | os.PathLike):
+    """Rewrites the finished run's checkpoint at `path` (atomically) without what only
+    resuming needs: optimizer, scaler and RNG states and the extra modules (with AdamW, two
+    thirds of the file). Its weights, config and position stay: load_weights (--pretrained,
+    --checkpoint) and load_checkpoint(...)["config"] read it as before; --resume refuses it."""
+    ckpt = load_checkpoint(path, "checkpoint")
+    if "optimizer" in ckpt:
+        atomic_save({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}, path)
+
+
+RESUME_ONLY = ("optimizer", "scaler", "rng", "extra")
+
+
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (e.g. a full disk); the previous one is left intact."""
 
@@ -374,6 +387,10 @@ class Trainer:
             raise CheckpointError(f"--resume {self.resume}: the checkpoint is from a different "
                                   f"run: {', '.join(diff)}. Resume with the same settings "
                                   "(--epochs, --batch-size, data, --seed, process count).")
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"--resume {self.resume}: the finished run's weights only (its "
+                                  "optimizer state was dropped): nothing to resume; load it "
+                                  "with --pretrained or --checkpoint instead")
         _unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])

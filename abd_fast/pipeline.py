@@ -7,7 +7,9 @@
 
 Every stage is a run of an existing command (`pretrain`, `poison`, `uap`, `defend`, ...)
 called in-process with its flags into OUTPUT/<stage>/, which then holds that command's
-checkpoint.pt and eval.json plus stage.json (the stage's flags and wall time). A stage whose
+checkpoint.pt and eval.json plus stage.json (the stage's flags and wall time); a finished
+training stage's checkpoint.pt keeps its weights and config only (engine.strip_checkpoint:
+a third of the size). A stage whose
 stage.json records the same flags and whose outputs exist is skipped on a re-run, and an
 interrupted training stage resumes from its last checkpoint (written every
 STAGE_CHECKPOINT_STEPS optimizer steps), so a killed pipeline loses at most those steps.
@@ -76,7 +78,7 @@ def _fmt_s(s: float) -> str:
 
 # Training stages checkpoint this often unless their flags say otherwise (≈ 22 s of the demo's
 # stages on 2 CPU cores; 0.3 s per checkpoint of the tiny model with its optimizer state,
-# 145 MB). Not part of a stage's identity: a resumed run is bit-identical.
+# 145 MB; 48 MB once the stage is finished and its checkpoint stripped). Not part of a stage's identity: a resumed run is bit-identical.
 STAGE_CHECKPOINT_STEPS = 100
 TRAINING_COMMANDS = ("pretrain", "poison", "uap", "defend")
 
@@ -123,7 +125,7 @@ class Stages:
         """Runs `python -m abd_fast.train *argv --output root/name` in-process (or fn(dir)
         when given), unless done before with the same argv (and not force). Returns the
         stage's directory."""
-        from abd_fast.engine import atomic_write_text
+        from abd_fast.engine import atomic_write_text, strip_checkpoint
         argv = [str(a) for a in argv]
         d = self.root / name
         self.k += 1
@@ -138,7 +140,8 @@ class Stages:
         resume = []
         try:  # interrupted with the same flags: continue from its checkpoint
             meta = json.loads((d / "stage.json").read_text())
-            if meta.get("argv") == argv and (d / "checkpoint.pt").is_file():
+            if (meta.get("argv") == argv and not meta.get("complete")
+                    and (d / "checkpoint.pt").is_file()):
                 resume = ["--resume"]
                 self.log(f"  resuming {name} from {d / 'checkpoint.pt'}", flush=True)
         except (OSError, ValueError):
@@ -166,6 +169,8 @@ class Stages:
         seconds = time.perf_counter() - t0
         atomic_write_text(json.dumps({"argv": argv, "complete": True, "seconds": seconds})
                           + "\n", d / "stage.json")
+        if argv[0] in TRAINING_COMMANDS and (d / "checkpoint.pt").is_file():
+            strip_checkpoint(d / "checkpoint.pt")  # after "complete": never left unresumable
         self.timing[name] = seconds
         self.work_s += seconds
         self.work_cost += self.plan.get(name, 0)

@@ -43,3 +43,21 @@ def _no_network(monkeypatch):
             raise AssertionError(f"a test tried to reach the network: {address}")
         return real(self, address)
     monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+# What the suite writes at its peak (checkpoints of the tiny models; measured with passing
+# tests' directories deleted, pyproject's tmp_path_retention_policy): see the header line.
+SUITE_PEAK_GB = 2.0
+
+
+def pytest_report_header(config):
+    """Free disk where the tests write: short of it, checkpoint writes fail (ENOSPC)."""
+    import shutil
+    import tempfile
+    root = config.option.basetemp or tempfile.gettempdir()
+    free = shutil.disk_usage(root).free / 2**30
+    line = f"disk: {free:.1f} GB free in {root}; the suite writes up to ~{SUITE_PEAK_GB} GB"
+    if free < SUITE_PEAK_GB:
+        line += (" -- NOT ENOUGH: tests that save checkpoints will fail; free space or set "
+                 "TMPDIR (or --basetemp) to a larger disk")
+    return line

@@ -2,6 +2,7 @@
 uap (patch and L-inf, with and without the backdoor loss) and defend with every method,
 each writing its outputs and an eval.json with the attack's ASR; validation errors."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ def victim(small_data, tmp_path_factory):  # noqa: F811
     assert cli.main(["poison", *common, "--pretrained", str(out / "clean" / "checkpoint.pt"),
                      "--attack", "blended", "--target-label", "star", "--poison-count", "16",
                      "--output", str(out / "poisoned")]) == 0
-    return out, common
+    yield out, common
+    shutil.rmtree(out)  # two checkpoints: not kept to the session's end
 
 
 def test_uap_patch_with_backdoor_loss(victim, tmp_path, capsys):

@@ -70,8 +70,9 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
 import json  # noqa: E402
 import random  # noqa: E402
 
-from abd_fast.engine import (NonFiniteLossError, Trainer, contrastive_loss,  # noqa: E402
-                             load_checkpoint, seed_everything)
+from abd_fast.engine import (CheckpointError, NonFiniteLossError, Trainer,  # noqa: E402
+                             contrastive_loss, load_checkpoint, seed_everything,
+                             strip_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,21 @@ def test_checkpoint_contents_and_safe_loading(small_data, tmp_path):
     for (k, a), b in zip(fresh.state_dict().items(), trainer.model.state_dict().values()):
         assert torch.equal(a, b), k
 
+    # Stripped (a finished pipeline stage): weights and config stay, resume state goes.
+    size = (tmp_path / "checkpoint.pt").stat().st_size
+    strip_checkpoint(tmp_path / "checkpoint.pt")
+    stripped = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(ckpt) - set(stripped) == {"optimizer", "scaler", "rng", "extra"}
+    assert all(torch.equal(stripped["model"][k], v) for k, v in ckpt["model"].items())
+    assert stripped["config"] == ckpt["config"] and stripped["step"] == 8
+    assert (tmp_path / "checkpoint.pt").stat().st_size < size / 2  # AdamW: 2 moments per weight
+    load_weights(create_model("abd-tiny-vit"), tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="weights only .* nothing to resume; load it with "
+                                              "--pretrained or --checkpoint"):
+        make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=1,
+                     config={"model": "abd-tiny-vit", "lr": 2e-3},
+                     resume=tmp_path / "checkpoint.pt")
+
 
 @pytest.mark.parametrize("every,crash_at", [(3, 6), (4, 10)])  # mid-epoch; epoch boundary
 def test_resume_mid_run_is_exact(small_data, tmp_path, every, crash_at):
@@ -191,7 +207,6 @@ def test_resume_mid_run_is_exact(small_data, tmp_path, every, crash_at):
 
 
 def test_resume_refuses_another_runs_checkpoint(small_data, tmp_path):
-    from abd_fast.engine import CheckpointError
     make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=1).fit()
     with pytest.raises(CheckpointError, match="different run: total_steps 8 \\(now 16\\)"):
         make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=2,

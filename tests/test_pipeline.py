@@ -2,11 +2,13 @@
 --quick smoke run (report, plots, every stage), skipping completed stages and resuming an
 interrupted one, the clean-model cache on user data (CSV + ImageFolder), Table II and III."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from abd_fast.engine import Trainer
 from abd_fast.pipeline import DEFAULT_ATTACKS, DEFAULT_DEFENSES
 from abd_fast.report import TABLE2_ROWS, TABLE3_ROWS, validate_report
 from test_defense_cli import victim  # noqa: F401 (fixture)
@@ -111,7 +113,7 @@ def test_pipeline_stage_flags_reach_their_stages(cache, small_data, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
+def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     text = _run(["--quick", "--output", out], capsys)
     report = json.loads((out / "report.json").read_text())
@@ -142,16 +144,31 @@ def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys):
     again = json.loads((out / "report.json").read_text())
     assert again["attacks"] == report["attacks"] and again["ablations"] == report["ablations"]
 
-    # A stage killed after its last checkpoint (no eval.json, stage.json incomplete) resumes
-    # from that checkpoint; the stages before and after it are kept.
-    stage = out / "blended-roclip"
-    meta = json.loads((stage / "stage.json").read_text())
-    (stage / "stage.json").write_text(json.dumps(dict(meta, complete=False)))
-    (stage / "eval.json").unlink()
+    # Finished stages keep their weights, not the optimizer state (a third of the size).
+    ckpt = torch.load(out / "badnet-ft" / "checkpoint.pt", weights_only=True)
+    assert "optimizer" not in ckpt and ckpt["model"] and ckpt["config"]["method"] == "ft"
+
+    # A stage killed after its last checkpoint (before its eval) resumes from that
+    # checkpoint; the stages before and after it are kept.
+    shutil.rmtree(out / "blended-roclip")
+    save = Trainer.save
+
+    def save_then_die(trainer):
+        save(trainer)
+        if trainer.output_dir.name == "blended-roclip":
+            raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            main(["--quick", "--output", str(out)])
+    assert "blended-roclip: running" in capsys.readouterr().out
+    assert "optimizer" in torch.load(out / "blended-roclip" / "checkpoint.pt", weights_only=True)
     text = _run(["--quick", "--output", out], capsys)
     assert "resuming blended-roclip" in text and text.count("), skipped") == len(stages) - 2
     assert json.loads((out / "report.json").read_text())["attacks"]["blended"]["roclip"][
         "asr"] == report["attacks"]["blended"]["roclip"]["asr"]
+    assert "optimizer" not in torch.load(out / "blended-roclip" / "checkpoint.pt",
+                                         weights_only=True)
 
 
 @pytest.mark.slow

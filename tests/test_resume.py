@@ -4,6 +4,7 @@ uap and defend. The kill step is drawn from a seeded RNG, so a failure reproduce
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,8 +72,9 @@ def stages(small_data, tmp_path_factory):  # noqa: F811
               "--checkpoint", victim, "--uap", base / "uap" / "uap.pt"]
     # The same poisoning decoded by the DALI engine (the default where it builds).
     dali = [a if a != "torch" else "dali" for a in poison]
-    return {"poison": (poison, base / "victim"), "uap": (uap, base / "uap"),
-            "defend": (defend, None), "poison-dali": (dali, None)}
+    yield {"poison": (poison, base / "victim"), "uap": (uap, base / "uap"),
+           "defend": (defend, None), "poison-dali": (dali, None)}
+    shutil.rmtree(base)  # three checkpoints: not kept to the session's end
 
 
 @pytest.mark.slow
