@@ -662,11 +662,12 @@ def _analyse(cfg, data, out: Path, victims, uaps, results) -> dict:
         model = victim if name == "victim" else load(path)
         clean, trig = [], []
         with torch.no_grad():  # every eval image: the listing is sorted by class
-            for batch in evaluation:
-                x = normalize_images(batch.images, mean, std)
-                xt = trigger.apply(batch.images, batch.ids, mean=mean, std=std)
-                clean.append(image_features(model, x))
-                trig.append(image_features(model, xt))
+            for batch in evaluation:  # one forward pass over clean and triggered images
+                x = torch.cat([normalize_images(batch.images, mean, std),
+                               trigger.apply(batch.images, batch.ids, mean=mean, std=std)])
+                clean_f, trig_f = image_features(model, x).chunk(2)
+                clean.append(clean_f)
+                trig.append(trig_f)
         clean, trig = torch.cat(clean), torch.cat(trig)
         keep = torch.linspace(0, len(clean) - 1, min(EMBEDDING_IMAGES, len(clean))).long()
         embeddings[labels[name]] = (clean[keep], trig[keep])
