@@ -251,6 +251,9 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict:
     return ckpt
 
 
+RESUME_ONLY = ("optimizer", "scaler", "rng", "extra")  # what strip_checkpoint drops
+
+
 def strip_checkpoint(path: str | os.PathLike):
     """Rewrites the finished run's checkpoint at `path` (atomically) without what only
     resuming needs: optimizer, scaler and RNG states and the extra modules (with AdamW, two
@@ -259,9 +262,6 @@ def strip_checkpoint(path: str | os.PathLike):
     ckpt = load_checkpoint(path, "checkpoint")
     if "optimizer" in ckpt:
         atomic_save({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}, path)
-
-
-RESUME_ONLY = ("optimizer", "scaler", "rng", "extra")
 
 
 class CheckpointWriteError(RuntimeError):

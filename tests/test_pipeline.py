@@ -267,3 +267,31 @@ def test_training_stages_checkpoint_during_the_stage(tmp_path, monkeypatch):
     assert seen[2].count("--checkpoint-every") == 1 and "7" in seen[2]
     assert json.loads((tmp_path / "a" / "stage.json").read_text())["argv"] == \
         ["defend", "--method", "abd"]
+
+
+def test_a_failed_strip_keeps_the_stage_and_its_full_checkpoint(tmp_path, monkeypatch):
+    """Stripping a finished stage's checkpoint only saves space: a full disk at that point
+    keeps the stage complete with its full checkpoint and says so."""
+    import errno
+
+    import abd_fast.engine
+    import abd_fast.train
+    from abd_fast.pipeline import Stages
+
+    def fake_main(argv):
+        out = Path(argv[argv.index("--output") + 1])
+        (out / "checkpoint.pt").write_bytes(b"full")
+        (out / "eval.json").write_text("{}")
+        return 0
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(abd_fast.train, "main", fake_main)
+    monkeypatch.setattr(abd_fast.engine, "strip_checkpoint", full_disk)
+    lines = []
+    st = Stages(tmp_path, {"a": 1}, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    st.run("a", ["poison"])
+    assert json.loads((tmp_path / "a" / "stage.json").read_text())["complete"]
+    assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == b"full"
+    assert any("kept a's full checkpoint (stripping it failed: [Errno 28] No space left"
+               in line for line in lines)
