@@ -9,10 +9,10 @@ Every stage is a run of an existing command (`pretrain`, `poison`, `uap`, `defen
 called in-process with its flags into OUTPUT/<stage>/, which then holds that command's
 checkpoint.pt and eval.json plus stage.json (the stage's flags and wall time); a finished
 training stage's checkpoint.pt keeps its weights and config only (engine.strip_checkpoint:
-a third of the size). A stage whose
-stage.json records the same flags and whose outputs exist is skipped on a re-run, and an
-interrupted training stage resumes from its last checkpoint (written every
-STAGE_CHECKPOINT_STEPS optimizer steps), so a killed pipeline loses at most those steps.
+a third of the size). A stage whose stage.json records the same flags and whose outputs
+exist is skipped on a re-run, and an interrupted training stage resumes from its last
+checkpoint (written every STAGE_CHECKPOINT_STEPS optimizer steps), so a killed pipeline
+loses at most those steps.
 
 Settings: each stage's defaults are its command's (abd_fast.train.STAGE_DEFAULTS); the
 pipeline changes them only through DEMO_OVERRIDES (the embedded data's defense budget),
@@ -129,6 +129,7 @@ class Stages:
         from abd_fast.engine import atomic_write_text, strip_checkpoint
         argv = [str(a) for a in argv]
         d = self.root / name
+        training = argv[0] in TRAINING_COMMANDS
         self.k += 1
         if not force and self.done(name, argv, outputs):
             meta = json.loads((d / "stage.json").read_text())
@@ -157,7 +158,7 @@ class Stages:
         else:
             from abd_fast.train import main
             every = (["--checkpoint-every", str(STAGE_CHECKPOINT_STEPS)]
-                     if argv[0] in TRAINING_COMMANDS and "--checkpoint-every" not in argv else [])
+                     if training and "--checkpoint-every" not in argv else [])
             cmd = [*argv, *every, "--output", str(d), *resume]
             self.log(f"  python -m abd_fast.train {' '.join(cmd)}", flush=True)
             code = main(cmd)
@@ -170,7 +171,7 @@ class Stages:
         seconds = time.perf_counter() - t0
         atomic_write_text(json.dumps({"argv": argv, "complete": True, "seconds": seconds})
                           + "\n", d / "stage.json")
-        if argv[0] in TRAINING_COMMANDS and (d / "checkpoint.pt").is_file():
+        if training and (d / "checkpoint.pt").is_file():
             try:  # after "complete": a kill never leaves an unresumable checkpoint
                 strip_checkpoint(d / "checkpoint.pt")
             except OSError as e:  # only disk space is lost: the full checkpoint is intact

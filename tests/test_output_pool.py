@@ -43,7 +43,8 @@ def case(kind, seed):
     g = torch.Generator().manual_seed(seed)
     if kind == "patch":
         patch = torch.rand(C, 13, 9, generator=g)
-        ys, xs = torch.randint(-3, H - 3, (B,), generator=g), torch.randint(-3, W - 3, (B,), generator=g)
+        ys = torch.randint(-3, H - 3, (B,), generator=g)
+        xs = torch.randint(-3, W - 3, (B,), generator=g)
         return (lambda x: apply_trigger(x, "patch", patch=patch, ys=ys, xs=xs, mean=MEAN, std=STD),
                 lambda x: reference.image_op(x, "patch", patch, torch.stack([ys, xs], 1),
                                              mean=torch.tensor(MEAN), std=torch.tensor(STD)))

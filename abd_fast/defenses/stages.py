@@ -162,7 +162,7 @@ def defense_loss(run, method: str, *, uap: UAP | None = None, eda=None, bank=Non
         # abd: views [clean, clean + UAP]
         x = (normalize_images(images, mean, std) if cfg["no_adv"]
              else uap.clean_and_adversarial(images, mean=mean, std=std))
-        text_views = [captions] if cfg["no_eda"] else [captions, eda_view(eda, captions, ids, epoch)]
+        text_views = [captions] + ([] if cfg["no_eda"] else [eda_view(eda, captions, ids, epoch)])
         imgs, txts, scale = features(model, x, text_views)
         return obj.abd_objective(imgs[0], txts[0], imgs[1] if len(imgs) > 1 else None,
                                  txts[1] if len(txts) > 1 else None, scale,
