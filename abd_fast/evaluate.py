@@ -14,6 +14,9 @@ Rates are percentages (0-100).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -199,3 +202,26 @@ def similarity_analysis(model, loader, *, target: str, trigger=None, uap=None, m
             "adversarial_backdoor_caption": v[3] if uap is not None else None,
             "adversarial_unrelated_caption": v[4] if uap is not None else None,
             "n_images": n, "target": target}
+
+
+def clean_and_triggered_features(model, loader, trigger, *, mean, std) -> tuple[Tensor, Tensor]:
+    """Normalized fp32 image features of every image of `loader` and of its triggered version,
+    [N, D] each in loader order; a batch's clean and triggered images share one forward pass
+    (as in evaluate)."""
+    clean, triggered = [], []
+    with torch.no_grad():
+        for batch in loader:
+            x = torch.cat([normalize_images(batch.images, mean, std),
+                           trigger.apply(batch.images, batch.ids, mean=mean, std=std)])
+            clean_f, trig_f = image_features(model, x).chunk(2)
+            clean.append(clean_f)
+            triggered.append(trig_f)
+    return torch.cat(clean), torch.cat(triggered)
+
+
+EVAL_FILE = "eval.json"  # what every command that evaluates writes into its output directory
+
+
+def read_eval(directory) -> dict:
+    """The evaluation result a command wrote to DIRECTORY/eval.json."""
+    return json.loads((Path(directory) / EVAL_FILE).read_text())

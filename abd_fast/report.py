@@ -331,7 +331,8 @@ def similarity_figure(similarity: dict, path) -> Path:
 
 # ---- markdown --------------------------------------------------------------------------------
 
-def _fmt(v, digits: int = 2) -> str:
+def format_number(v, digits: int = 2) -> str:
+    """A table cell's number: `digits` decimals, an em dash for None (not run)."""
     return "—" if v is None else f"{v:.{digits}f}"
 
 
@@ -340,7 +341,8 @@ def _cell(v) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table (and a blank line after it)."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
         ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
@@ -371,16 +373,38 @@ def paper_recipe(report: dict) -> bool:
     return report["settings"].get("recipe") in PAPER_RECIPES
 
 
+ABLATION_TITLES = {"table2": ("Table II: ABD's views (FT, +I_adv, +T_eda, both)", TABLE2_ROWS),
+                   "table3": ("Table III: UAP vs UAP + backdoor loss L_bd", TABLE3_ROWS)}
+PLOT_CAPTIONS = {"ca_asr": "CA and ASR per attack and defense",
+                 "embedding": "clean vs triggered image embeddings (PCA)",
+                 "similarity": "similarity analysis"}
+
+
 def render_markdown(report: dict, plots: dict | None = None) -> str:
     """report.md: settings and machine, Table I, Table II, Table III, similarity, timing,
     plots (file names relative to report.md) and notes. With a paper recipe, the paper's
     numbers (PAPER_REFERENCE) stand beside ours."""
     paper = paper_recipe(report)
-    ref = PAPER_REFERENCE
-    out = ["# abd_fast report", ""]
+    sections = [
+        ["# abd_fast report", ""],
+        _run_section(report, paper),
+        _clean_section(report["clean"]),
+        _table1_section(report["attacks"], paper),
+        *(_ablation_section(key, report["ablations"][key], paper) for key in ABLATION_TITLES),
+        _similarity_section(report["similarity"], paper),
+        _timing_section(report["timing"]),
+        _plots_section(plots),
+        _notes_section(report["notes"]),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _run_section(report: dict, paper: bool) -> list[str]:
+    """The run's settings and the machine it ran on."""
     settings = report["settings"]
-    out += ["## Run", ""]
-    out += _table(["setting", "value"], [[_cell(k), _cell(v)] for k, v in settings.items()])
+    out = ["## Run", ""]
+    out += markdown_table(["setting", "value"],
+                          [[_cell(k), _cell(v)] for k, v in settings.items()])
     if settings.get("recipe") and not paper:
         out += [f"Recipe `{settings['recipe']}` has no paper reference numbers "
                 f"(paper recipes: {', '.join(PAPER_RECIPES)}).", ""]
@@ -389,90 +413,100 @@ def render_markdown(report: dict, plots: dict | None = None) -> str:
         shown = {k: (", ".join(map(str, v)) or "none") if isinstance(v, list) else v
                  for k, v in machine.items()}
         out += ["Machine: " + "; ".join(f"{k} {_cell(v)}" for k, v in shown.items()), ""]
+    return out
 
-    clean = report["clean"]
-    out += ["## Clean model", ""]
-    out += ([f"Zero-shot CA top-1 {_fmt(clean['ca_top1'])}%, top-5 "
-             f"{_fmt(clean.get('ca_top5'))}% ({clean.get('n_eval', '?')} images).", ""]
-            if clean is not None else ["Not evaluated.", ""])
 
-    out += ["## Table I: clean accuracy and attack success rate (%)", "",
-            "ASR = share of non-target-class images classified as the target once triggered "
-            "(target-class images excluded); d = mean 2 - 2cos between clean and triggered "
-            "image embeddings.", ""]
+def _clean_section(clean: dict | None) -> list[str]:
+    out = ["## Clean model", ""]
+    if clean is None:
+        return out + ["Not evaluated.", ""]
+    return out + [f"Zero-shot CA top-1 {format_number(clean['ca_top1'])}%, top-5 "
+                  f"{format_number(clean.get('ca_top5'))}% ({clean.get('n_eval', '?')} images).",
+                  ""]
+
+
+def _table1_section(attacks: dict, paper: bool) -> list[str]:
+    """Table I: CA, ASR and embedding distance of each victim and its defenses."""
+    ref = PAPER_REFERENCE
+    out = ["## Table I: clean accuracy and attack success rate (%)", "",
+           "ASR = share of non-target-class images classified as the target once triggered "
+           "(target-class images excluded); d = mean 2 - 2cos between clean and triggered "
+           "image embeddings.", ""]
     header = ["attack", "model", "CA top-1", "ASR", "d"]
     if paper:
         header += ["paper CA", "paper ASR"]
     rows = []
-    for attack, models in report["attacks"].items():
+    for attack, models in attacks.items():
         for m in _model_order(models):
             r = models.get(m) or {}
-            row = [attack, MODEL_LABELS.get(m, m), _fmt(r.get("ca_top1")), _fmt(r.get("asr")),
-                   _fmt(r.get("embedding_distance"), 3)]
+            row = [attack, MODEL_LABELS.get(m, m), format_number(r.get("ca_top1")),
+                   format_number(r.get("asr")), format_number(r.get("embedding_distance"), 3)]
             if paper:
                 p = ref["table1"].get(attack, {}).get(m, (None, None))
-                row += [_fmt(p[0]), _fmt(p[1])]
+                row += [format_number(p[0]), format_number(p[1])]
             rows.append(row)
-    out += _table(header, rows) if rows else ["No attack was run.", ""]
+    out += markdown_table(header, rows) if rows else ["No attack was run.", ""]
     if paper:
         out += [f"Paper numbers (RN50 CLIP, CC3M subsets, ImageNet-1K val; comparable only at "
                 f"the recipe's full scale): {ref['source']}.", ""]
+    return out
 
-    ablations = report["ablations"]
-    for key, title, names in (("table2", "Table II: ABD's views (FT, +I_adv, +T_eda, both)",
-                               TABLE2_ROWS),
-                              ("table3", "Table III: UAP vs UAP + backdoor loss L_bd",
-                               TABLE3_ROWS)):
-        t = ablations[key]
-        out += [f"## {title}", ""]
-        if t is None:
-            out += ["Not run.", ""]
+
+def _ablation_section(key: str, table: dict | None, paper: bool) -> list[str]:
+    """Table II or III (key "table2" / "table3"); the paper's numbers exist for Table III."""
+    title, names = ABLATION_TITLES[key]
+    out = [f"## {title}", ""]
+    if table is None:
+        return out + ["Not run.", ""]
+    attack = table["attack"]
+    with_paper = paper and key == "table3"
+    header = ["setting", "CA top-1", "ASR"] + (["paper CA", "paper ASR"] if with_paper else [])
+    rows = []
+    for row_key, label in names.items():
+        if row_key not in table["rows"]:
             continue
-        attack = t["attack"]
-        header = ["setting", "CA top-1", "ASR"] + (["paper CA", "paper ASR"] if paper and
-                                                   key == "table3" else [])
-        rows = []
-        for row_key, label in names.items():
-            if row_key not in t["rows"]:
-                continue
-            r = t["rows"][row_key] or {}
-            row = [label, _fmt(r.get("ca_top1")), _fmt(r.get("asr"))]
-            if len(header) == 5:
-                p = ref["table3"].get(attack, {}).get(row_key, (None, None))
-                row += [_fmt(p[0]), _fmt(p[1])]
-            rows.append(row)
-        out += [f"Attack: {attack}.", ""] + _table(header, rows)
+        r = table["rows"][row_key] or {}
+        row = [label, format_number(r.get("ca_top1")), format_number(r.get("asr"))]
+        if with_paper:
+            p = PAPER_REFERENCE["table3"].get(attack, {}).get(row_key, (None, None))
+            row += [format_number(p[0]), format_number(p[1])]
+        rows.append(row)
+    return out + [f"Attack: {attack}.", ""] + markdown_table(header, rows)
 
-    sim = report["similarity"]
-    out += ["## Similarity analysis (ABD Fig. 2): mean cosine x 100", ""]
+
+def _similarity_section(sim: dict | None, paper: bool) -> list[str]:
+    """ABD Fig. 2's five similarities."""
+    out = ["## Similarity analysis (ABD Fig. 2): mean cosine x 100", ""]
     if sim is None:
-        out += ["Not run.", ""]
-    else:
-        if sim.get("attack"):
-            out += [f"On the {sim['attack']} victim"
-                    + (f", {sim['n_images']} images." if sim.get("n_images") else "."), ""]
-        header = ["image / caption", "ours"] + (["paper"] if paper else [])
-        out += _table(header, [[label, _fmt(sim[k])] + ([_fmt(ref["similarity"][k])]
-                                                         if paper else [])
-                               for k, label in SIMILARITY_ROWS.items()])
+        return out + ["Not run.", ""]
+    if sim.get("attack"):
+        out += [f"On the {sim['attack']} victim"
+                + (f", {sim['n_images']} images." if sim.get("n_images") else "."), ""]
+    header = ["image / caption", "ours"] + (["paper"] if paper else [])
+    rows = [[label, format_number(sim[k])]
+            + ([format_number(PAPER_REFERENCE["similarity"][k])] if paper else [])
+            for k, label in SIMILARITY_ROWS.items()]
+    return out + markdown_table(header, rows)
 
-    timing = report["timing"]
-    out += ["## Timing", ""]
+
+def _timing_section(timing: dict) -> list[str]:
+    """Seconds per stage and their total."""
     rows = [[_cell(stage), f"{s:.1f}"] for stage, s in timing.items()]
     if "total" not in timing and timing:
         rows.append(["total", f"{sum(timing.values()):.1f}"])
-    out += _table(["stage", "seconds"], rows) if rows else ["No timing recorded.", ""]
+    return ["## Timing", ""] + (markdown_table(["stage", "seconds"], rows) if rows
+                                else ["No timing recorded.", ""])
 
-    if plots:
-        out += ["## Plots", ""]
-        captions = {"ca_asr": "CA and ASR per attack and defense",
-                    "embedding": "clean vs triggered image embeddings (PCA)",
-                    "similarity": "similarity analysis"}
-        out += [f"![{captions.get(k, k)}]({name})" for k, name in plots.items()] + [""]
 
-    if report["notes"]:
-        out += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    return "\n".join(out)
+def _plots_section(plots: dict | None) -> list[str]:
+    if not plots:
+        return []
+    return ["## Plots", ""] + [f"![{PLOT_CAPTIONS.get(k, k)}]({name})"
+                               for k, name in plots.items()] + [""]
+
+
+def _notes_section(notes: list[str]) -> list[str]:
+    return ["## Notes", ""] + [f"- {n}" for n in notes] + [""] if notes else []
 
 
 # ---- writing ---------------------------------------------------------------------------------

@@ -45,13 +45,13 @@ the interpreter bf16 outputs are rounded explicitly first (RNE_BF16; a no-op pat
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import check, interpreted, num_sms, on_device
 
 KINDS = {"none": 0, "patch": 1, "blend": 2, "add": 3, "warp": 4}
 _IMAGE_DTYPES = (torch.uint8, torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -61,83 +61,61 @@ _MAX_BLOCK = 1024  # pixels per tile row
 _TILE = 1024  # elements per tile (forward, per-sample backward)
 
 
-def _check(cond: bool, msg: str):
-    # The C++ ops raise RuntimeError (TORCH_CHECK); so do their Triton twins.
-    if not cond:
-        raise RuntimeError(msg)
-
-
 def _parse_kind(kind: str) -> int:
-    _check(kind in KINDS, f"abd_fast::image_op: unknown kind '{kind}'; expected none, patch, "
+    check(kind in KINDS, f"abd_fast::image_op: unknown kind '{kind}'; expected none, patch, "
                           "blend, add or warp")
     return KINDS[kind]
 
 
 def _check_image_op(images, kind: int, src, loc, rows, mean, std, out_dtype):
     """Mirror of check_image_op in csrc/common/checks.h; returns (B, C, H, W, h, w, bstride)."""
-    _check(images.dim() == 4, f"image_op: images must be [B,C,H,W], got {list(images.shape)}")
-    _check(images.is_contiguous(), "image_op: images must be contiguous")
-    _check(images.dtype in _IMAGE_DTYPES,
+    check(images.dim() == 4, f"image_op: images must be [B,C,H,W], got {list(images.shape)}")
+    check(images.is_contiguous(), "image_op: images must be contiguous")
+    check(images.dtype in _IMAGE_DTYPES,
            "image_op: images must be uint8, float32, float64, bfloat16 or float16, got "
            f"{images.dtype}")
-    _check(out_dtype in _OUT_DTYPES,
+    check(out_dtype in _OUT_DTYPES,
            "image_op: out_dtype must be float32, float64, bfloat16 or float16")
     B, C, H, W = images.shape
     h, w, bstride = H, W, 0
     dev = images.device
     if kind != KINDS["none"]:
-        _check(src is not None, "image_op: kind needs src")
+        check(src is not None, "image_op: kind needs src")
         s = src
-        _check(s.device == dev, f"image_op: src must be on {dev}")
-        _check(s.is_contiguous(), "image_op: src must be contiguous")
-        _check(s.dtype in (torch.float32, torch.float64),
+        check(s.device == dev, f"image_op: src must be on {dev}")
+        check(s.is_contiguous(), "image_op: src must be contiguous")
+        check(s.dtype in (torch.float32, torch.float64),
                "image_op: src must be float32 or float64")
         if kind == KINDS["warp"]:
-            _check(s.dim() in (3, 4) and s.shape[-1] == 2 and s.shape[-3] == H
+            check(s.dim() in (3, 4) and s.shape[-1] == 2 and s.shape[-3] == H
                    and s.shape[-2] == W,
                    "image_op: warp grid must be [H,W,2] or [B,H,W,2] with H,W of the images")
         else:
-            _check(s.dim() in (3, 4), "image_op: src must be [C,h,w] or [B,C,h,w]")
-            _check(s.shape[-3] == C, f"image_op: src has {s.shape[-3]} channels, images {C}")
+            check(s.dim() in (3, 4), "image_op: src must be [C,h,w] or [B,C,h,w]")
+            check(s.shape[-3] == C, f"image_op: src has {s.shape[-3]} channels, images {C}")
             if kind == KINDS["patch"]:
                 h, w = s.shape[-2], s.shape[-1]
-                _check(loc is not None and loc.dim() == 2 and loc.shape[0] == B
+                check(loc is not None and loc.dim() == 2 and loc.shape[0] == B
                        and loc.shape[1] == 2 and loc.dtype == torch.int64
                        and loc.is_contiguous() and loc.device == dev,
                        f"image_op: patch needs loc, int64 [B,2] (top-left y, x) on {dev}")
             else:
-                _check(s.shape[-2] == H and s.shape[-1] == W,
+                check(s.shape[-2] == H and s.shape[-1] == W,
                        "image_op: pattern must match the image size")
         if s.dim() == 4:
-            _check(s.shape[0] == B, f"image_op: per-sample src has {s.shape[0]} rows, images {B}")
+            check(s.shape[0] == B, f"image_op: per-sample src has {s.shape[0]} rows, images {B}")
             bstride = s.stride(0)
     if rows is not None:
-        _check(rows.dim() == 1 and rows.shape[0] == B and rows.dtype == torch.bool
+        check(rows.dim() == 1 and rows.shape[0] == B and rows.dtype == torch.bool
                and rows.device == dev and rows.is_contiguous(),
                f"image_op: rows must be a bool [B] tensor on {dev}")
-    _check((mean is None) == (std is None), "image_op: give both mean and std or neither")
+    check((mean is None) == (std is None), "image_op: give both mean and std or neither")
     if mean is not None:
         for t in (mean, std):
-            _check(t.dim() == 1 and t.shape[0] == C and t.dtype == torch.float32
+            check(t.dim() == 1 and t.shape[0] == C and t.dtype == torch.float32
                    and t.device == dev and t.is_contiguous(),
                    f"image_op: mean and std must be float32 [C] on {dev}")
     return B, C, H, W, h, w, bstride
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 0  # interpreter: the number of programs does not matter
 
 
 def _tile_elems(device: torch.device) -> int:
@@ -153,7 +131,7 @@ def _plane_tiles(n_planes: int, plane: int, device: torch.device,
     tile = _tile_elems(device) // shrink
     block = min(_MAX_BLOCK // shrink, triton.next_power_of_2(plane))
     r = min(triton.next_power_of_2(n_planes), max(1, tile // block))
-    target = 4 * _num_sms(device)
+    target = 4 * num_sms(device, 0)  # interpreter: the number of programs does not matter
     while r * block > 256 and triton.cdiv(n_planes, r) * triton.cdiv(plane, block) < target:
         if r > 1:
             r //= 2
@@ -359,7 +337,7 @@ def image_op_forward(images: torch.Tensor, kind: str, src: Optional[torch.Tensor
     # warp gathers 4 taps per pixel: half-size tiles keep it at ~8 taps per thread
     r, block = _plane_tiles(B * C, HW, images.device, shrink=2 if k == KINDS["warp"] else 1)
     grid = (triton.cdiv(B * C, r), triton.cdiv(HW, block))
-    with _on_device(images.device):
+    with on_device(images.device):
         _image_fwd_kernel[grid](
             images, src if k != 0 else images, loc if k == 1 else images,
             rows if rows is not None else images, mean if mean is not None else images,
@@ -367,7 +345,7 @@ def image_op_forward(images: torch.Tensor, kind: str, src: Optional[torch.Tensor
             B * C, C, H, W, h, w, bstride, float(alpha), float(eps), 1.0 / 255.0,
             KIND=k, IS_U8=images.dtype == torch.uint8, HAS_ROWS=rows is not None,
             HAS_NORM=mean is not None, ACC=_TL_ACC[acc],
-            RNE_BF16=_interpreted() and out_dtype == torch.bfloat16, R=r, BLOCK=block,
+            RNE_BF16=interpreted() and out_dtype == torch.bfloat16, R=r, BLOCK=block,
             num_warps=8 if k == KINDS["warp"] else 4)
     return out
 
@@ -378,14 +356,14 @@ def image_op_backward(grad_out: torch.Tensor, images: torch.Tensor, kind: str, s
     """Triton gradient of image_op with respect to src (kinds patch, blend, add); same shape
     and dtype as src. Deterministic: no atomics, fixed summation order over the batch."""
     k = _parse_kind(kind)
-    _check(k in (1, 2, 3),
+    check(k in (1, 2, 3),
            f"image_op_backward: kind '{kind}' has no gradient with respect to src")
-    _check(src is not None, "image_op: kind needs src")
+    check(src is not None, "image_op: kind needs src")
     B, C, H, W, h, w, bstride = _check_image_op(images, k, src, loc, rows, std, std,
                                                 grad_out.dtype)
-    _check(tuple(grad_out.shape) == tuple(images.shape),
+    check(tuple(grad_out.shape) == tuple(images.shape),
            "image_op_backward: grad_out must match images")
-    _check(grad_out.device == images.device,
+    check(grad_out.device == images.device,
            f"image_op_backward: grad_out must be on {images.device}")
     gout = grad_out.contiguous()
     gsrc = torch.empty_like(src)
@@ -401,7 +379,7 @@ def image_op_backward(grad_out: torch.Tensor, images: torch.Tensor, kind: str, s
     rb = 1 if per_sample else min(triton.next_power_of_2(B),
                                   max(1, 2 * _tile_elems(images.device) // (rc * block)))
     grid = (triton.cdiv(n_src, rc), triton.cdiv(h * w, block))
-    with _on_device(images.device):
+    with on_device(images.device):
         _image_bwd_kernel[grid](
             gout, images, src, loc if k == 1 else images, rows if rows is not None else images,
             std if std is not None else images, gsrc,

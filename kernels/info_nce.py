@@ -64,13 +64,13 @@ under the interpreter the bf16 gradients are therefore rounded explicitly first 
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import check, interpreted, num_sms, on_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -87,51 +87,30 @@ BF16_SPLIT_G = True
 FP32_DOT_PRECISION = "ieee"
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _check(cond: bool, msg: str):
-    # The C++ ops raise RuntimeError (TORCH_CHECK); so do their Triton twins.
-    if not cond:
-        raise RuntimeError(msg)
-
-
 def _check_contrastive(q, k, scale, offset: int, symmetric: bool):
     """Mirror of check_contrastive in csrc/common/checks.h."""
-    _check(q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1],
+    check(q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1],
            f"contrastive: q [N,D] and k [M,D] must share D, got {list(q.shape)} and "
            f"{list(k.shape)}")
-    _check(q.dtype == k.dtype, "contrastive: q and k must share a dtype")
-    _check(q.dtype in _FLOAT_DTYPES,
+    check(q.dtype == k.dtype, "contrastive: q and k must share a dtype")
+    check(q.dtype in _FLOAT_DTYPES,
            "contrastive: features must be float32, float64, bfloat16 or float16")
-    _check(q.device == k.device and scale.device == q.device,
+    check(q.device == k.device and scale.device == q.device,
            "contrastive: q, k and scale must be on one device")
-    _check(scale.numel() == 1, "contrastive: scale must hold one value")
-    _check(scale.dtype.is_floating_point, "contrastive: scale must be a floating tensor")
-    _check(q.shape[0] > 0, "contrastive: empty batch")
+    check(scale.numel() == 1, "contrastive: scale must hold one value")
+    check(scale.dtype.is_floating_point, "contrastive: scale must be a floating tensor")
+    check(q.shape[0] > 0, "contrastive: empty batch")
     if symmetric:
-        _check(q.shape[0] == k.shape[0] and offset == 0,
+        check(q.shape[0] == k.shape[0] and offset == 0,
                "contrastive: the symmetric loss needs N == M and offset 0")
     else:
-        _check(offset >= 0 and offset + q.shape[0] <= k.shape[0],
+        check(offset >= 0 and offset + q.shape[0] <= k.shape[0],
                f"contrastive: positives offset {offset} + N {q.shape[0]} exceed M {k.shape[0]}")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: target 4 programs, enough to exercise the split/group merges
 
 
 # Block sizes per feature dtype: forward (BM, BN, BD, num_warps, num_stages) and backward
@@ -165,7 +144,8 @@ def _config(N: int, M: int, D: int, dtype: torch.dtype, backward: bool) -> dict:
 
 def _split(n_rb: int, n_cb: int, symmetric: bool, device: torch.device):
     """(rows blocks per group, column blocks per split, n_groups, n_splits) of the forward."""
-    target = 2 * _num_sms(device)
+    # interpreter: target 4 programs, enough to exercise the split/group merges
+    target = 2 * num_sms(device, 2)
     if symmetric:
         n_splits = min(n_cb, max(1, math.isqrt(target)))
         n_groups = min(n_rb, max(1, triton.cdiv(target, n_splits)))
@@ -391,7 +371,7 @@ def _consts(dtype: torch.dtype) -> dict:
     prec = FP32_DOT_PRECISION if dtype == torch.float32 else (
         "ieee" if dtype == torch.float64 else None)
     return dict(ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                UPCAST_DOT=_interpreted() and dtype == torch.bfloat16, PREC=prec)
+                UPCAST_DOT=interpreted() and dtype == torch.bfloat16, PREC=prec)
 
 
 def _lse_merge(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -417,7 +397,7 @@ def contrastive_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, o
     col_m = torch.empty((n_groups if symmetric else 0, M), dtype=acc, device=dev)
     col_l = torch.empty_like(col_m)
     diag = torch.empty(N, dtype=acc, device=dev)
-    with _on_device(dev):
+    with on_device(dev):
         _fwd_kernel[(n_groups, n_splits)](
             q, k, scale, row_m, row_l, col_m if symmetric else row_m,
             col_l if symmetric else row_l, diag,
@@ -443,10 +423,10 @@ def contrastive_backward(grad_loss: torch.Tensor, q: torch.Tensor, k: torch.Tens
     M = k.shape[0]
     acc = _acc_dtype(q.dtype)
     dev = q.device
-    _check(row_lse.dtype == acc and row_lse.numel() == N
+    check(row_lse.dtype == acc and row_lse.numel() == N
            and (not symmetric or (col_lse.dtype == acc and col_lse.numel() == M)),
            "contrastive_backward: row_lse/col_lse do not match contrastive_forward's outputs")
-    _check(grad_loss.numel() == 1 and grad_loss.device == dev,
+    check(grad_loss.numel() == 1 and grad_loss.device == dev,
            "contrastive_backward: grad_loss must be one value on the features' device")
     row_lse = row_lse.contiguous()
     col_lse = col_lse.contiguous() if symmetric else row_lse
@@ -459,10 +439,10 @@ def contrastive_backward(grad_loss: torch.Tensor, q: torch.Tensor, k: torch.Tens
     gs = torch.empty(n_rb, dtype=acc, device=dev)
     consts = _consts(q.dtype)
     bf16 = q.dtype == torch.bfloat16
-    common = dict(SYM=symmetric, SPLIT_G=bf16 and BF16_SPLIT_G, RNE_BF16=bf16 and _interpreted(),
+    common = dict(SYM=symmetric, SPLIT_G=bf16 and BF16_SPLIT_G, RNE_BF16=bf16 and interpreted(),
                   BM=BM, BN=BN, BD=cfg["BD"], BDO=BDO, num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"], **consts)
-    with _on_device(dev):
+    with on_device(dev):
         _dq_kernel[(n_rb, n_dc)](
             q, k, scale, grad_loss, row_lse, col_lse, dq, gs,
             N, M, D, offset, q.stride(0), q.stride(1), k.stride(0), k.stride(1),

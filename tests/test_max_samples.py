@@ -3,17 +3,18 @@ subset under either loader engine; a value below the batch size is refused."""
 import numpy as np
 import pytest
 
-import abd_fast.train as cli
+from abd_fast.cli import pretrain
+from abd_fast.cli.common import Run
 from abd_fast.data import open_source
 from test_data import ENGINES
 from test_train_cli import run_main, small_data  # noqa: F401 (fixture)
 
 
 def _epoch_ids(small_data, tmp_path, engine, n, source):  # noqa: F811
-    cfg = dict(cli.STAGE_DEFAULTS["pretrain"], command="pretrain", model="abd-tiny-vit",
+    cfg = dict(pretrain.DEFAULTS, command="pretrain", model="abd-tiny-vit",
                train_data=str(source), max_samples=n, batch_size=7, workers=0,
                loader=engine, output=str(tmp_path))
-    loader = cli._Run(cfg).train_loader()
+    loader = Run(cfg).train_loader()
     loader.set_epoch(0)
     ids = [i for batch in loader for i in batch.ids.tolist()]
     return ids, len(loader.manifest)

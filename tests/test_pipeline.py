@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from abd_fast.engine import Trainer
-from abd_fast.pipeline import DEFAULT_ATTACKS, DEFAULT_DEFENSES
+from abd_fast.cli.pipeline import DEFAULT_ATTACKS, DEFAULT_DEFENSES
 from abd_fast.report import TABLE2_ROWS, TABLE3_ROWS, validate_report
 from test_defense_cli import victim  # noqa: F401 (fixture)
 from abd_fast.train import main
@@ -233,7 +233,7 @@ def test_ablation_tables_2_and_3(victim, tmp_path, capsys):  # noqa: F811
 
 def test_main_command_as_a_user_runs_it(tmp_path):
     """`python -m abd_fast.train [flags]` is the pipeline; its usage errors exit with status 2
-    and a message (the module runs as __main__, the pipeline imports abd_fast.train)."""
+    and a message (the module runs as __main__ and the pipeline calls its main)."""
     import subprocess
     import sys
     proc = subprocess.run([sys.executable, "-m", "abd_fast.train", "--attacks", "badnet,nope",
@@ -244,11 +244,10 @@ def test_main_command_as_a_user_runs_it(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_training_stages_checkpoint_during_the_stage(tmp_path, monkeypatch):
+def test_training_stages_checkpoint_during_the_stage(tmp_path):
     """Training stages get --checkpoint-every (so a kill loses at most that many steps)
     without it entering their identity in stage.json; a stage's own value wins."""
-    import abd_fast.train
-    from abd_fast.pipeline import STAGE_CHECKPOINT_STEPS, Stages
+    from abd_fast.cli.stages import STAGE_CHECKPOINT_STEPS, Stages
     seen = []
 
     def fake_main(argv):
@@ -256,8 +255,7 @@ def test_training_stages_checkpoint_during_the_stage(tmp_path, monkeypatch):
         out = Path(argv[argv.index("--output") + 1])
         (out / "eval.json").write_text("{}")
         return 0
-    monkeypatch.setattr(abd_fast.train, "main", fake_main)
-    st = Stages(tmp_path, {"a": 1, "b": 1, "c": 1}, log=lambda *a, **k: None)
+    st = Stages(tmp_path, {"a": 1, "b": 1, "c": 1}, fake_main, log=lambda *a, **k: None)
     st.run("a", ["defend", "--method", "abd"])
     st.run("b", ["eval", "--checkpoint", "x.pt"])
     st.run("c", ["poison", "--checkpoint-every", "7"])
@@ -275,8 +273,7 @@ def test_a_failed_strip_keeps_the_stage_and_its_full_checkpoint(tmp_path, monkey
     import errno
 
     import abd_fast.engine
-    import abd_fast.train
-    from abd_fast.pipeline import Stages
+    from abd_fast.cli.stages import Stages
 
     def fake_main(argv):
         out = Path(argv[argv.index("--output") + 1])
@@ -286,10 +283,10 @@ def test_a_failed_strip_keeps_the_stage_and_its_full_checkpoint(tmp_path, monkey
 
     def full_disk(path):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(abd_fast.train, "main", fake_main)
     monkeypatch.setattr(abd_fast.engine, "strip_checkpoint", full_disk)
     lines = []
-    st = Stages(tmp_path, {"a": 1}, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    st = Stages(tmp_path, {"a": 1}, fake_main,
+                log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     st.run("a", ["poison"])
     assert json.loads((tmp_path / "a" / "stage.json").read_text())["complete"]
     assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == b"full"

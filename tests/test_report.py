@@ -248,16 +248,17 @@ def test_paper_configs_parse_with_the_cli(tmp_path):
     """Every key except `recipe` is a flag of its command in abd_fast.train; the pipeline's
     `stage-flags` are flags of their stage commands."""
     import yaml
-    from abd_fast import pipeline, train
+    from abd_fast import train
+    from abd_fast.cli import common, pipeline
     stages = train.build_parser().stages
     for path in PAPER_CONFIGS:
         command = path.stem.split("-")[0]
         cfg = {k: v for k, v in _load(path).items() if k != "recipe"}
         tmp = tmp_path / path.name
         tmp.write_text(yaml.safe_dump(cfg))
-        values = train._yaml_values(str(tmp), stages[command], raw=("stage-flags",))
+        values = common.yaml_values(str(tmp), stages[command], raw=("stage-flags",))
         if command == "pipeline":
-            assert set(pipeline._stage_flags(values["stage_flags"], path.name)) == {
+            assert set(pipeline.parse_stage_flags(values["stage_flags"], path.name)) == {
                 "poison", "poison:badclip", "uap", "defend", "defend:abd", "defend:roclip"}
 
 

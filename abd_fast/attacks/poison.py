@@ -24,19 +24,21 @@ from torch import Tensor
 from .triggers import STREAM_CAPTION, STREAM_SELECT, Trigger, uniform
 
 
-def _templates():
+def caption_templates():
+    """The 80 OpenAI ImageNet templates (callables: class name -> caption)."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     return OPENAI_IMAGENET_TEMPLATES
 
 
-def _target_regex(target: str):
+def target_regex(target: str):
+    """Matches the target class name in a lower-cased caption (see names_target)."""
     return re.compile(rf"\b{re.escape(target.lower())}(s|es)?\b")
 
 
 def names_target(caption: str, target: str) -> bool:
     """True when the caption names the target class: the class name as whole words,
     case-insensitive, optionally plural ("banana", "Bananas", but not "bananabread")."""
-    return _target_regex(target).search(caption.lower()) is not None
+    return target_regex(target).search(caption.lower()) is not None
 
 
 class PoisonView:
@@ -72,7 +74,7 @@ class PoisonView:
         count = int(count)
         names = np.zeros(len(usable), bool)
         if trigger.name in ("label-consistent", "badclip"):  # a regex pass only where needed
-            regex = _target_regex(target)
+            regex = target_regex(target)
             names[:] = [regex.search(manifest.captions[i].lower()) is not None for i in usable]
         candidates = usable[names] if trigger.name == "label-consistent" else usable
         if count > len(candidates):
@@ -109,7 +111,7 @@ class PoisonView:
         if self.trigger.name == "badclip" and self.natural_captions:
             pool = self.natural_captions
             return [pool[int(v * len(pool))] for v in u]
-        templates = _templates()
+        templates = caption_templates()
         return [templates[int(v * len(templates))](self.target) for v in u]
 
     def captions(self, ids: Tensor, captions: list[str]) -> list[str]:

@@ -8,7 +8,8 @@ two decoding engines (DALI, torch) behind one API, and the synthetic demo datase
 
 Formats, sample ids, the bad-data policy and the DALI design: docs/DATA.md.
 """
-from .loader import Batch, BadDataError, Loader, build_loader
+from .build import build_loader
+from .loader import Batch, BadDataError, Loader
 from .sources import Manifest, open_source
 
 __all__ = ["Batch", "BadDataError", "Loader", "Manifest", "build_loader", "open_source"]

@@ -1,4 +1,5 @@
-"""One loader API, two engines (DALI, torch): `build_loader(source, ...)` -> iterable of `Batch`.
+"""The engine-independent part of the loaders and the torch engine (`TorchLoader`); the DALI
+engine is data/dali.py, and `build_loader` (data/build.py) chooses between them.
 
 Both engines run the same *epoch plan*, computed here from (seed, epoch) alone: which
 usable samples, in which order, split over ranks, and for each sample its crop box (in
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .sources import Manifest, open_source
+from .sources import Manifest
 from .validate import CONVERTIBLE, validate
 
 log = logging.getLogger("abd_fast.data")
@@ -306,64 +306,3 @@ class TorchLoader(Loader):
     def _decoded(self, plan):
         self._sampler.plan = plan
         yield from self._dl
-
-
-def _dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _dali_cpu_resize() -> bool:
-    """Whether the DALI engine's CPU resize operator (abd_fast/data/dali_resize.cc) builds and
-    loads here: without it DALI on CPU is slower than the torch engine."""
-    from .dali import resize_plugin
-    return resize_plugin()
-
-
-def build_loader(source, *, train: bool, batch_size: int, image_size: int,
-                 loader: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int | None = None, classnames=None, bad_threshold: float = 0.01,
-                 non_rgb: str | None = None, crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
-                 flip: bool = True, image_key: str = "image", caption_key: str = "caption",
-                 label_key: str = "label", delimiter: str = ",") -> Loader:
-    """Loader over a caption or evaluation data source, yielding `Batch`es.
-
-    source: path of a caption CSV, labels CSV, WebDataset shards (brace pattern, .tar or
-    directory of .tar) or ImageFolder (see `abd_fast.data.sources`), or a `Manifest`.
-    train: random resized crop (scale `crop_scale`, aspect `crop_ratio`) + horizontal flip,
-    reshuffled per epoch, whole batches only; else center crop, listing order, every sample.
-    Images: uint8 [B, 3, image_size, image_size]. loader: "dali" (the default where DALI is
-    installed and either a GPU is there or, on CPU, our resize operator builds: 1.3-1.8x the
-    torch engine's images/s on 2 cores, docs/PERFORMANCE.md) or "torch" (PIL + DataLoader
-    workers; the default otherwise).
-    rank/world_size: this process's share (disjoint; together complete up to the train tail).
-    bad_threshold: fraction of unusable samples above which BadDataError is raised.
-    non_rgb: "skip" or "convert" L/LA/RGBA/P/PA/CMYK/1 images to RGB; default: skip in
-    caption data (counted as bad samples), convert in evaluation data (labels), where every
-    image of a benchmark such as ImageNet's 50,000 counts.
-    """
-    if loader is None:  # DALI's own CPU resize is slower than Pillow's (docs/PERFORMANCE.md)
-        loader = "dali" if _dali_available() and (torch.cuda.is_available()
-                                                  or _dali_cpu_resize()) else "torch"
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-    manifest = source if isinstance(source, Manifest) else open_source(
-        source, classnames=classnames, image_key=image_key, caption_key=caption_key,
-        label_key=label_key, delimiter=delimiter)
-    if non_rgb is None:  # caption data: a bad sample; evaluation data: every image counts
-        non_rgb = "convert" if manifest.labels is not None else "skip"
-    kw = dict(train=train, batch_size=batch_size, image_size=image_size, seed=seed, rank=rank,
-              world_size=world_size, num_workers=num_workers, bad_threshold=bad_threshold,
-              non_rgb=non_rgb, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip)
-    if loader == "torch":
-        return TorchLoader(manifest, **kw)
-    if loader == "dali":
-        if not _dali_available():
-            raise ImportError("loader='dali' needs NVIDIA DALI (pip install "
-                              "nvidia-dali-cuda130, see requirements.txt); or use loader='torch'")
-        from .dali import DaliLoader
-        return DaliLoader(manifest, **kw)
-    raise ValueError(f"loader must be 'dali' or 'torch', not {loader!r}")

@@ -15,6 +15,7 @@ is decoded here (that is `abd_fast.data.validate`). Formats (docs/DATA.md):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -67,6 +68,16 @@ class Manifest:
         if len(data) != int(self.sizes[i]):
             raise OSError("truncated shard")
         return data
+
+    def subset(self, positions, what: str) -> "Manifest":
+        """The samples at `positions` (indices into this manifest), ids kept so triggers stay
+        seeded by them; `what` names the subset in the fingerprint."""
+        return dataclasses.replace(
+            self, ids=self.ids[positions], files=[self.files[i] for i in positions],
+            offsets=self.offsets[positions], sizes=self.sizes[positions],
+            captions=None if self.captions is None else [self.captions[i] for i in positions],
+            labels=None if self.labels is None else self.labels[positions], problems={},
+            fingerprint=f"{self.fingerprint}-{what}-{len(positions)}")
 
 
 def wds_sample_id(shard: str, key: str) -> int:

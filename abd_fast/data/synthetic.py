@@ -174,7 +174,7 @@ def _caption(rng: random.Random, cls, colour, size, pos, bg, p_attr: float = 0.4
     return rng.choice(OPENAI_IMAGENET_TEMPLATES)(np_ + where)
 
 
-def _sample(rng: np.random.Generator, crng: random.Random, cls: str, S: int):
+def draw_sample(rng: np.random.Generator, crng: random.Random, cls: str, S: int):
     """One image (encoded JPEG bytes) and its caption."""
     from PIL import Image
     bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
@@ -223,7 +223,7 @@ def _generate(root: Path, seed: int, n_train: int, n_eval_per_class: int, S: int
                           format=tarfile.USTAR_FORMAT) as tf:
             for i in range(s * per_shard, min(n_train, (s + 1) * per_shard)):
                 cls = CLASSES[rng.integers(len(CLASSES))]
-                jpg, caption = _sample(rng, crng, cls, S)
+                jpg, caption = draw_sample(rng, crng, cls, S)
                 (root / "train" / "images" / f"{i:06d}.jpg").write_bytes(jpg)
                 _tar_add(tf, f"{i:06d}.jpg", jpg)
                 _tar_add(tf, f"{i:06d}.txt", caption.encode())
@@ -236,7 +236,7 @@ def _generate(root: Path, seed: int, n_train: int, n_eval_per_class: int, S: int
     for cls in CLASSES:
         (root / "eval" / cls).mkdir(parents=True)
         for k in range(n_eval_per_class):
-            jpg, _ = _sample(rng, crng, cls, S)
+            jpg, _ = draw_sample(rng, crng, cls, S)
             (root / "eval" / cls / f"{k:04d}.jpg").write_bytes(jpg)
     (root / "eval" / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
     meta = {"version": VERSION, "seed": seed, "n_train": n_train,

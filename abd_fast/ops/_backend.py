@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from abd_fast.kernels.common import interpreted
+
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 ENV_VAR = "ABD_FAST_BACKEND"
 
@@ -53,11 +55,6 @@ def _ensure_schemas():
             "`pip install --no-build-isolation -e .`; backend='reference' works without it.")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @torch.compiler.assume_constant_result
 def resolve(backend: str | None, device) -> str:
     """The backend to run on tensors of `device` (a constant for torch.compile)."""
@@ -78,7 +75,7 @@ def resolve(backend: str | None, device) -> str:
         if err is not None:
             raise RuntimeError(f"abd_fast was built without CUDA kernels ({err}); rebuild with nvcc "
                                "available, or use backend='triton'")
-    if backend == "triton" and device.type == "cpu" and not triton_interpreted():
+    if backend == "triton" and device.type == "cpu" and not interpreted():
         raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                          "abd_fast is imported")
     if backend in ("cpu", "cuda"):

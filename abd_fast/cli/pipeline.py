@@ -14,8 +14,8 @@ exist is skipped on a re-run, and an interrupted training stage resumes from its
 checkpoint (written every STAGE_CHECKPOINT_STEPS optimizer steps), so a killed pipeline
 loses at most those steps.
 
-Settings: each stage's defaults are its command's (abd_fast.train.STAGE_DEFAULTS); the
-pipeline changes them only through DEMO_OVERRIDES (the embedded data's defense budget),
+Settings: each stage's defaults are its command's (DEFAULTS in abd_fast/cli/<command>.py);
+the pipeline changes them only through DEMO_OVERRIDES (the embedded data's defense budget),
 PIPELINE_FLAGS, QUICK_OVERRIDES (--quick, the CI smoke run), POISON (the victims'
 poisoning settings) and a --config's stage-flags (e.g. configs/paper/pipeline.yaml).
 """
@@ -30,10 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-# The pipeline's departures from the uap/defend defaults of abd_fast.train.STAGE_DEFAULTS
-# (which are the demo's recipe, measured: docs/METHOD.md). Keys are commands or
-# `command:variant`; values map flag names (without "--") to values. Before --quick and a
-# config's stage-flags, which override them.
+from . import badclip_trigger, defend, poison, pretrain, uap
+from .common import UsageError, check_flag_values, check_output, check_path, own_settings
+from .stages import Stages, StageError, clock
+
+NAME = "pipeline"
+# The pipeline's departures from the uap/defend defaults (cli/uap.py, cli/defend.py: the
+# demo's recipe, measured: docs/METHOD.md). Keys are commands or `command:variant`; values
+# map flag names (without "--") to values. Before --quick and a config's stage-flags, which
+# override them.
 # On the embedded data only: defenses fine-tune on the first 4,096 pairs (the recipe's
 # measured budget, ~24 s per defense), so the whole demo fits in ~15 minutes on 2 CPU cores.
 DEMO_OVERRIDES = {"defend": {"max-samples": 4096}}
@@ -67,125 +72,6 @@ def _flags(d: dict) -> list[str]:
         elif v not in (None, False):
             out += [f"--{k}", str(v)]
     return out
-
-
-def _fmt_s(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 60}:{s % 60:02d}"
-
-
-# ---- stages ------------------------------------------------------------------------------------
-
-# Training stages checkpoint this often unless their flags say otherwise (≈ 22 s of the demo's
-# stages on 2 CPU cores; 0.3 s per checkpoint of the tiny model with its optimizer state,
-# 145 MB; 48 MB once the stage has finished and its checkpoint is stripped). Not part of a
-# stage's identity: a resumed run is bit-identical.
-STAGE_CHECKPOINT_STEPS = 100
-TRAINING_COMMANDS = ("pretrain", "poison", "uap", "defend")
-
-
-class StageError(RuntimeError):
-    """A stage's command failed; the message names the stage and its directory."""
-
-
-class Stages:
-    """Runs named stages into root/<name>/ and skips those already done with the same flags.
-
-    plan: {stage name: estimated cost} (any unit) for the progress line's ETA, which scales
-    the measured seconds per cost unit of the stages run so far."""
-
-    def __init__(self, root: Path, plan: dict, log=print):
-        self.root, self.plan, self.log = Path(root), dict(plan), log
-        self.k, self.t0 = 0, time.perf_counter()
-        self.work_s = self.work_cost = 0.0
-        self.timing, self.skipped = {}, []
-
-    def _line(self, name, status, current: bool = False):
-        """`[stage k/N] name: status | elapsed m:ss | ETA m:ss` (current: the stage is
-        still to run, so its cost counts in the ETA)."""
-        elapsed = time.perf_counter() - self.t0
-        left = sum(c for n, c in list(self.plan.items())[self.k - current:])
-        eta = ("ETA 0:00" if not left else f"ETA {_fmt_s(left * self.work_s / self.work_cost)}"
-               if self.work_cost else "ETA ?")
-        self.log(f"[stage {self.k}/{len(self.plan)}] {name}: {status} | elapsed "
-                 f"{_fmt_s(elapsed)} | {eta}", flush=True)
-
-    def done(self, name, argv, outputs) -> bool:
-        """True when root/name completed with these flags and its outputs exist."""
-        argv = [str(a) for a in argv]
-        d = self.root / name
-        try:
-            meta = json.loads((d / "stage.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return meta.get("argv") == argv and meta.get("complete") and all(
-            (d / o).exists() for o in outputs)
-
-    def run(self, name: str, argv: list[str], outputs=("eval.json",), fn=None,
-            force: bool = False) -> Path:
-        """Runs `python -m abd_fast.train *argv --output root/name` in-process (or fn(dir)
-        when given), unless done before with the same argv (and not force). Returns the
-        stage's directory."""
-        from abd_fast.engine import atomic_write_text, strip_checkpoint
-        argv = [str(a) for a in argv]
-        d = self.root / name
-        training = argv[0] in TRAINING_COMMANDS
-        self.k += 1
-        if not force and self.done(name, argv, outputs):
-            meta = json.loads((d / "stage.json").read_text())
-            self.timing[name] = meta["seconds"]
-            self.skipped.append(name)
-            self.plan[name] = 0
-            self._line(name, f"done before ({meta['seconds']:.0f} s then), skipped")
-            return d
-        self._line(name, "running", current=True)
-        resume = []
-        try:  # interrupted with the same flags: continue from its checkpoint
-            meta = json.loads((d / "stage.json").read_text())
-            if (meta.get("argv") == argv and not meta.get("complete")
-                    and (d / "checkpoint.pt").is_file()):
-                resume = ["--resume"]
-                self.log(f"  resuming {name} from {d / 'checkpoint.pt'}", flush=True)
-        except (OSError, ValueError):
-            pass
-        if not resume and d.exists():  # another configuration's leftovers
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps({"argv": argv, "complete": False}) + "\n", d / "stage.json")
-        t0 = time.perf_counter()
-        if fn is not None:
-            fn(d)
-        else:
-            from abd_fast.train import main
-            every = (["--checkpoint-every", str(STAGE_CHECKPOINT_STEPS)]
-                     if training and "--checkpoint-every" not in argv else [])
-            cmd = [*argv, *every, "--output", str(d), *resume]
-            self.log(f"  python -m abd_fast.train {' '.join(cmd)}", flush=True)
-            code = main(cmd)
-            if code != 0:
-                raise StageError(f"stage {name} failed (exit status {code}); its output is in "
-                                 f"{d}; fix the cause and re-run: completed stages are kept")
-        missing = [o for o in outputs if not (d / o).exists()]
-        if missing:
-            raise StageError(f"stage {name} wrote no {', '.join(missing)} in {d}")
-        seconds = time.perf_counter() - t0
-        atomic_write_text(json.dumps({"argv": argv, "complete": True, "seconds": seconds})
-                          + "\n", d / "stage.json")
-        if training and (d / "checkpoint.pt").is_file():
-            try:  # after "complete": a kill never leaves an unresumable checkpoint
-                strip_checkpoint(d / "checkpoint.pt")
-            except OSError as e:  # only disk space is lost: the full checkpoint is intact
-                self.log(f"  kept {name}'s full checkpoint (stripping it failed: {e})",
-                         flush=True)
-        self.timing[name] = seconds
-        self.work_s += seconds
-        self.work_cost += self.plan.get(name, 0)
-        self._line(name, f"finished in {seconds:.0f} s")
-        return d
-
-
-def read_eval(d: Path) -> dict:
-    return json.loads((Path(d) / "eval.json").read_text())
 
 
 # ---- clean-model cache -----------------------------------------------------------------------
@@ -224,12 +110,11 @@ def store_clean(stage_dir: Path, key: str, argv: list[str]):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ---- settings and validation ---------------------------------------------------------------------
+# ---- flags and settings ------------------------------------------------------------------------
 
-def add_commands(subparsers, common_parent):
-    """`pipeline` and `ablation` subcommands of abd_fast.train."""
+def add_parser(subparsers):
     p = subparsers.add_parser(
-        "pipeline", argument_default=argparse.SUPPRESS,
+        NAME, argument_default=argparse.SUPPRESS,
         help="the whole job: clean model -> victims -> UAP -> defenses -> ablations -> report",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-data", metavar="PATH",
@@ -263,9 +148,6 @@ def add_commands(subparsers, common_parent):
     p.add_argument("--config", metavar="FILE", help="YAML of these flags; flags override it")
     p.add_argument("--resume", action="store_true",
                    help="accepted for symmetry: a re-run always skips completed stages")
-    p.set_defaults(func=pipeline_command, own_config=True, _parser=p)
-    from abd_fast.defenses.ablation import add_command
-    add_command(subparsers, common_parent)
     return p
 
 
@@ -276,43 +158,21 @@ PIPELINE_DEFAULTS = dict(
     workers=None, recipe=None, output=None, config=None, resume=False, stage_flags=None)
 
 
-def own_settings(args, defaults: dict, raw=()) -> dict:
-    """defaults < --config FILE < the flags given, for the commands that resolve their own
-    settings (pipeline, ablation: `own_config`); raw: non-flag config keys (_yaml_values)."""
-    from abd_fast.train import _yaml_values
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("func", "command", "own_config") and not k.startswith("_")}
-    cfg = dict(defaults)
-    if given.get("config"):
-        cfg.update(_yaml_values(given["config"], args._parser, raw=raw))
-    cfg.update(given)
-    return cfg
-
-
-def _settings(args) -> dict:
+def _settings(args, parser) -> dict:
     """Flags given > --config > defaults, validated before any work (UsageError names the
     flag)."""
-    from abd_fast.train import UsageError, _check_output, _check_path
-    cfg = own_settings(args, PIPELINE_DEFAULTS, raw=("stage-flags",))
-    cfg["stage_flags"] = _stage_flags(cfg["stage_flags"], f"--config {cfg['config']}")
+    cfg = own_settings(args, parser, PIPELINE_DEFAULTS, raw=("stage-flags",))
+    cfg["stage_flags"] = parse_stage_flags(cfg["stage_flags"], f"--config {cfg['config']}")
     from abd_fast.attacks import ATTACKS
     from abd_fast.defenses.stages import METHODS
     for key, known in (("attacks", ATTACKS), ("defenses", METHODS)):
-        items = [s.strip() for s in str(cfg[key]).split(",") if s.strip()]
-        bad = [s for s in items if s not in known]
-        if bad or not items:
-            raise UsageError(f"--{key} {cfg[key]!r}: " + (f"unknown {key[:-1]} {bad[0]!r}; " if
-                                                          bad else "empty; ")
-                             + f"choose from {', '.join(known)} (comma-separated)")
-        if len(set(items)) != len(items):
-            raise UsageError(f"--{key} {cfg[key]!r}: names a {key[:-1]} twice")
-        cfg[key] = items
+        cfg[key] = _name_list(cfg, key, known)
     if cfg["output"] is None:
         cfg["output"] = "runs/quick" if cfg["quick"] else "runs/demo"
-    _check_path(cfg, "train_data", "data")
-    _check_path(cfg, "eval_data", "data")
+    check_path(cfg, "train_data", "data")
+    check_path(cfg, "eval_data", "data")
     for key in ("classnames", "pretrained"):
-        _check_path(cfg, key, "file")
+        check_path(cfg, key, "file")
     if cfg["train_data"] is not None and cfg["eval_data"] is None:
         raise UsageError("--train-data needs --eval-data: an ImageFolder or labels CSV with the "
                          "classes, to measure clean accuracy and the attack success rate")
@@ -330,15 +190,28 @@ def _settings(args) -> dict:
     if cfg["model"] not in available_models():
         raise UsageError(f"--model {cfg['model']!r} is not a known architecture (abd-tiny-rn, "
                          "abd-tiny-vit, RN50, ViT-B-32, ...)")
-    _check_output(cfg)
+    check_output(cfg)
     return cfg
+
+
+def _name_list(cfg, key: str, known) -> list[str]:
+    """--attacks / --defenses: a comma list of known names, each once."""
+    items = [s.strip() for s in str(cfg[key]).split(",") if s.strip()]
+    bad = [s for s in items if s not in known]
+    if bad or not items:
+        raise UsageError(f"--{key} {cfg[key]!r}: " + (f"unknown {key[:-1]} {bad[0]!r}; " if
+                                                      bad else "empty; ")
+                         + f"choose from {', '.join(known)} (comma-separated)")
+    if len(set(items)) != len(items):
+        raise UsageError(f"--{key} {cfg[key]!r}: names a {key[:-1]} twice")
+    return items
 
 
 # Per-command flags a --config may add (`stage-flags:`, e.g. the paper's recipe in
 # configs/paper/pipeline.yaml): `defend: {...}` for every defense, then `defend:abd: {...}`
 # for one method (likewise `poison:<attack>`); appended last, so they override the demo's
 # settings. The pipeline wires models, attacks and outputs between stages: those stay its own.
-STAGE_COMMANDS = ("pretrain", "badclip-trigger", "poison", "uap", "defend")
+STAGE_COMMANDS = {m.NAME: m for m in (pretrain, badclip_trigger, poison, uap, defend)}
 VARIANTS = {"poison": ("badnet", "blended", "wanet", "sig", "label-consistent", "badclip"),
             "defend": ("ft", "cleanclip", "roclip", "abd")}  # `defend:abd` etc. come last
 PIPELINE_OWNED = ("output", "config", "resume", "checkpoint", "pretrained", "reference-model",
@@ -346,16 +219,14 @@ PIPELINE_OWNED = ("output", "config", "resume", "checkpoint", "pretrained", "ref
                   "no-backdoor-loss", "no-adv", "no-eda")
 
 
-def _stage_flags(value, where: str) -> dict:
+def parse_stage_flags(value, where: str) -> dict:
     """{command: {flag: value}} of a config's `stage-flags`, each flag checked by the
     command's own parser."""
-    from abd_fast.train import UsageError, build_parser, check_flag_values
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise UsageError(f"{where}: stage-flags must map a command ({', '.join(STAGE_COMMANDS)}) "
                          "to its flags, e.g. `defend: {lr: 3.0e-6, epochs: 10}`")
-    parsers = build_parser().stages
     out = {}
     for cmd, flags in value.items():
         base, _, variant = str(cmd).partition(":")
@@ -373,15 +244,20 @@ def _stage_flags(value, where: str) -> dict:
             raise UsageError(f"{where}: stage-flags: {cmd}: {owned[0]} is set by the pipeline "
                              "(it wires the stages together); use the pipeline's own flag if "
                              "it has one")
-        check_flag_values(flags, parsers[base], f"{where}: stage-flags: {cmd}")
+        check_flag_values(flags, _command_parser(base), f"{where}: stage-flags: {cmd}")
         out[cmd] = flags
     return out
+
+
+def _command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one stage command, as the dispatcher builds it."""
+    from .common import Parser
+    return STAGE_COMMANDS[name].add_parser(Parser().add_subparsers(parser_class=Parser))
 
 
 def _data(cfg) -> dict:
     """Paths of the training/eval data, class names and a version string of the training
     data (the clean-model cache key)."""
-    from abd_fast.train import UsageError
     if cfg["train_data"] is None:
         from abd_fast.data import synthetic
         kw = QUICK_DATA if cfg["quick"] else {}
@@ -416,19 +292,20 @@ def _data(cfg) -> dict:
 
 # ---- the pipeline ----------------------------------------------------------------------------
 
-def pipeline_command(args) -> int:
-    cfg = _settings(args)
+def run(args, parser, run_command) -> int:
+    cfg = _settings(args, parser)
     data = _data(cfg)
     try:
-        run_pipeline(cfg, data)
+        run_pipeline(cfg, data, run_command)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def _plan(cfg) -> dict:
+def plan_stages(cfg) -> dict:
     """Stage names in run order with a rough relative cost (pretrain epoch = 1)."""
+    from abd_fast.defenses.ablation import planned_rows
     q = cfg["quick"]
     plan = {"clean": 0.2 if cfg["pretrained"] else (2 if q else 10)}
     if "badclip" in cfg["attacks"]:
@@ -441,7 +318,6 @@ def _plan(cfg) -> dict:
         for d in cfg["defenses"]:
             plan[f"{a}-{d}"] = 2
     if not cfg["no_ablations"]:
-        from abd_fast.defenses.ablation import planned_rows
         a = cfg["attacks"][0]
         for name in planned_rows(known=_known_rows(cfg, a),
                                  uap_bd_given="abd" in cfg["defenses"]):
@@ -462,117 +338,218 @@ def _known_rows(cfg, attack) -> set:
     return out
 
 
-def run_pipeline(cfg: dict, data: dict) -> dict:
-    from abd_fast.defenses.ablation import run_tables
+class _StageFlags:
+    """The flags the pipeline gives its stages: the data, model and seed every stage shares
+    (`common`; `victim` adds the target and --quick's), and a stage's own settings
+    (DEMO_OVERRIDES, PIPELINE_FLAGS) < --quick < the config's stage-flags (`of`)."""
+
+    def __init__(self, cfg, data):
+        self.cfg, self.quick = cfg, cfg["quick"]
+        common = ["--train-data", data["train"], "--eval-data", data["eval"], "--model",
+                  cfg["model"], "--seed", cfg["seed"]]
+        if data["classnames"]:
+            common += ["--classnames", data["classnames"]]
+        for key in ("image_size", "loader", "workers"):
+            if cfg[key] is not None:
+                common += [f"--{key.replace('_', '-')}", cfg[key]]
+        self.common = common
+        self.q = _flags(QUICK_OVERRIDES["common"]) if self.quick else []
+        self.victim = common + ["--target-label", data["target"]] + self.q
+        self.demo = DEMO_OVERRIDES if cfg["train_data"] is None else {}
+
+    def extra(self, key) -> list:
+        """The config's stage-flags of a command or a `command:variant`."""
+        return _flags(self.cfg["stage_flags"].get(key, {}))
+
+    def of(self, *keys) -> list:
+        """The pipeline's flags of a stage: its own settings < --quick < the config's."""
+        own = [f for k in keys
+               for f in _flags({**self.demo.get(k, {}), **PIPELINE_FLAGS.get(k, {})})]
+        return own + self.q + [f for k in keys for f in self.extra(k)]
+
+
+def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
+    """Runs the plan's stages (skipping those done before) and writes the report.
+    run_command(argv) -> exit status runs one command in-process."""
     out = Path(cfg["output"])
     t_start = time.perf_counter()
-    quick = cfg["quick"]
-    common = ["--train-data", data["train"], "--eval-data", data["eval"], "--model",
-              cfg["model"], "--seed", cfg["seed"]]
-    if data["classnames"]:
-        common += ["--classnames", data["classnames"]]
-    for key in ("image_size", "loader", "workers"):
-        if cfg[key] is not None:
-            common += [f"--{key.replace('_', '-')}", cfg[key]]
-    q = _flags(QUICK_OVERRIDES["common"]) if quick else []
-
-    def extra(key):  # the config's stage-flags of a command or a `command:variant`
-        return _flags(cfg["stage_flags"].get(key, {}))
-    demo = DEMO_OVERRIDES if cfg["train_data"] is None else {}
-
-    def flags(*keys):
-        """The pipeline's flags of a stage: its own settings < --quick < the config's."""
-        own = [f for k in keys for f in _flags({**demo.get(k, {}), **PIPELINE_FLAGS.get(k, {})})]
-        return own + q + [f for k in keys for f in extra(k)]
-    target = data["target"]
-    plan = _plan(cfg)
+    flags = _StageFlags(cfg, data)
+    plan = plan_stages(cfg)
     print(f"pipeline: {len(plan)} stages into {out} (attacks {', '.join(cfg['attacks'])}; "
-          f"defenses {', '.join(cfg['defenses'])}; target {target!r}"
-          + ("; --quick" if quick else "") + ")", flush=True)
-    st = Stages(out, plan)
+          f"defenses {', '.join(cfg['defenses'])}; target {data['target']!r}"
+          + ("; --quick" if cfg["quick"] else "") + ")", flush=True)
+    st = Stages(out, plan, run_command)
     notes = []
+    clean = _clean_model(st, cfg, data, flags, notes)
+    patch = _badclip_trigger(st, cfg, data, flags, clean)
+    victims = _victims(st, cfg, flags, clean, patch)
+    results, uaps = _defenses(st, cfg, flags, clean, victims)
+    tables = _ablations(st, cfg, flags, clean, victims, uaps, results)
+    analysis = {}
+    st.run("report", ["analysis"], outputs=(), force=True,
+           fn=lambda d: analysis.update(_analyse(cfg, data, out, victims, uaps)))
+    wall = time.perf_counter() - t_start
+    report = _report(cfg, data, st, results, tables, analysis.get("similarity"), uaps, notes,
+                     wall=wall, demo=flags.demo)
+    from abd_fast.report import write_report
+    paths = write_report(report, out, embeddings=analysis.get("embeddings"))
+    print(f"report: {paths['md']} and {paths['json']}; plots: "
+          + ", ".join(str(p) for k, p in paths.items() if k not in ("md", "json") and p)
+          + f" | {clock(wall)} in this invocation", flush=True)
+    return report
 
-    # 1. the clean model
+
+def _clean_model(st: Stages, cfg, data, flags: _StageFlags, notes: list) -> str:
+    """Stage 1, the clean model: --pretrained evaluated, else trained (or reused from the
+    cache of clean models trained with the same settings and data). Returns its weights."""
+    out = Path(cfg["output"])
     if cfg["pretrained"]:
-        st.run("clean", ["eval", *common, "--checkpoint", cfg["pretrained"]])
-        clean_ckpt = cfg["pretrained"]
+        st.run("clean", ["eval", *flags.common, "--checkpoint", cfg["pretrained"]])
+        return cfg["pretrained"]
+    argv = ["pretrain", *flags.common, *flags.q,
+            *(_flags(QUICK_OVERRIDES["pretrain"]) if flags.quick else []),
+            *flags.extra("pretrain")]
+    key = clean_cache_key(argv, data["version"])
+    cached = clean_cache_dir() / key
+
+    def from_cache(d):
+        for f in CLEAN_FILES:
+            shutil.copy2(cached / f, d / f)
+        print(f"  reusing the clean model trained before with the same settings and data: "
+              f"{cached}", flush=True)
+    if not st.done("clean", argv, CLEAN_FILES) and (cached / "eval.json").exists():
+        st.run("clean", argv, CLEAN_FILES, fn=from_cache)
+        notes.append(f"The clean model was reused from the cache ({cached}); it was trained "
+                     "by an earlier run with the same pretrain settings and data.")
     else:
-        argv = ["pretrain", *common, *q,
-                *(_flags(QUICK_OVERRIDES["pretrain"]) if quick else []), *extra("pretrain")]
-        key = clean_cache_key(argv, data["version"])
-        cached = clean_cache_dir() / key
+        st.run("clean", argv, CLEAN_FILES)
+        store_clean(out / "clean", key, argv)
+    return str(out / "clean" / "checkpoint.pt")
 
-        def from_cache(d):
-            for f in CLEAN_FILES:
-                shutil.copy2(cached / f, d / f)
-            print(f"  reusing the clean model trained before with the same settings and data: "
-                  f"{cached}", flush=True)
-        if not st.done("clean", argv, CLEAN_FILES) and (cached / "eval.json").exists():
-            st.run("clean", argv, CLEAN_FILES, fn=from_cache)
-            notes.append(f"The clean model was reused from the cache ({cached}); it was trained "
-                         "by an earlier run with the same pretrain settings and data.")
-        else:
-            st.run("clean", argv, CLEAN_FILES)
-            store_clean(out / "clean", key, argv)
-        clean_ckpt = str(out / "clean" / "checkpoint.pt")
 
-    # 2. the victims
-    stage_flags = common + ["--target-label", target] + q
-    patch = None
-    if "badclip" in cfg["attacks"]:
-        steps = QUICK_OVERRIDES["badclip-trigger"] if quick else {"steps": BADCLIP_STEPS}
-        d = st.run("badclip-trigger", ["badclip-trigger", *common, "--target-label", target,
-                                       "--pretrained", clean_ckpt, *_flags(steps),
-                                       *extra("badclip-trigger")],
-                   outputs=("badclip_patch.png",))
-        patch = str(d / "badclip_patch.png")
+def _badclip_trigger(st: Stages, cfg, data, flags: _StageFlags, clean: str) -> str | None:
+    """Stage 2a: BadCLIP's patch, optimized against the clean model (when badclip is run)."""
+    if "badclip" not in cfg["attacks"]:
+        return None
+    steps = QUICK_OVERRIDES["badclip-trigger"] if flags.quick else {"steps": BADCLIP_STEPS}
+    d = st.run("badclip-trigger", ["badclip-trigger", *flags.common, "--target-label",
+                                   data["target"], "--pretrained", clean, *_flags(steps),
+                                   *flags.extra("badclip-trigger")],
+               outputs=("badclip_patch.png",))
+    return str(d / "badclip_patch.png")
+
+
+def _victims(st: Stages, cfg, flags: _StageFlags, clean: str, patch) -> dict:
+    """Stage 2b: one poisoned model per attack, {attack: checkpoint}."""
     victims = {}
     # A config's own poison count or rate replaces POISON's (the stage takes exactly one).
     for a in cfg["attacks"]:
         trig = ["--trigger-file", patch] if a == "badclip" else []
         own = {**cfg["stage_flags"].get("poison", {}), **cfg["stage_flags"].get(f"poison:{a}", {})}
         poison_flags = [] if {"poison-count", "poison-rate"} & set(own) else _flags(POISON)
-        d = st.run(f"poison-{a}", ["poison", *stage_flags, "--pretrained", clean_ckpt,
-                                   "--attack", a, *poison_flags, *trig, *extra("poison"),
-                                   *extra(f"poison:{a}")])
+        d = st.run(f"poison-{a}", ["poison", *flags.victim, "--pretrained", clean,
+                                   "--attack", a, *poison_flags, *trig, *flags.extra("poison"),
+                                   *flags.extra(f"poison:{a}")])
         victims[a] = str(d / "checkpoint.pt")
+    return victims
 
-    # 3. UAP and defenses per victim
-    uap_flags = flags("uap")
+
+def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, victims: dict):
+    """Stage 3: per victim, ABD's UAP (when abd is run) and each defense. Returns the
+    evaluation results {"clean", "attacks": {attack: {"victim", defense...}}} and the UAP
+    files {attack: uap.pt}."""
+    from abd_fast.evaluate import read_eval
+    out = Path(cfg["output"])
     results = {"clean": read_eval(out / "clean"), "attacks": {}}
     uaps = {}
     for a in cfg["attacks"]:
         results["attacks"][a] = {"victim": read_eval(out / f"poison-{a}")}
         if "abd" in cfg["defenses"]:
-            d = st.run(f"uap-{a}", ["uap", *stage_flags, "--checkpoint", victims[a],
-                                    "--reference-model", clean_ckpt, *uap_flags],
+            d = st.run(f"uap-{a}", ["uap", *flags.victim, "--checkpoint", victims[a],
+                                    "--reference-model", clean, *flags.of("uap")],
                        outputs=("uap.pt", "eval.json"))
             uaps[a] = str(d / "uap.pt")
         for m in cfg["defenses"]:
             uap_flag = ["--uap", uaps[a]] if m == "abd" else []
-            d = st.run(f"{a}-{m}", ["defend", *stage_flags, "--checkpoint", victims[a],
-                                    "--method", m, *uap_flag, *flags("defend", f"defend:{m}")])
+            d = st.run(f"{a}-{m}", ["defend", *flags.victim, "--checkpoint", victims[a],
+                                    "--method", m, *uap_flag, *flags.of("defend", f"defend:{m}")])
             results["attacks"][a][m] = read_eval(d)
+    return results, uaps
 
-    # 4. ablations on the first attack, reusing the runs above
-    tables = {"table2": None, "table3": None}
-    if not cfg["no_ablations"]:
-        a = cfg["attacks"][0]
-        known = {m: results["attacks"][a][{"ft": "ft", "i_adv_t_eda": "abd"}[m]]
-                 for m in ("ft", "i_adv_t_eda") if m in _known_rows(cfg, a)}
-        if "abd" in cfg["defenses"]:
-            known["uap_bd"] = results["attacks"][a]["abd"]
-        tables = run_tables(st, attack=a, checkpoint=victims[a], reference_model=clean_ckpt,
-                            common=stage_flags, uap_bd=uaps.get(a), known=known,
-                            uap_flags=uap_flags, defend_flags=flags("defend", "defend:abd"),
-                            prefix=f"ablation-{a}-")
 
-    # 5. similarity analysis, embeddings, report
-    report_stage = {}
+def _ablations(st: Stages, cfg, flags: _StageFlags, clean: str, victims, uaps, results) -> dict:
+    """Stage 4: ABD's Table II and III on the first attack, reusing the runs above."""
+    from abd_fast.defenses.ablation import run_tables
+    if cfg["no_ablations"]:
+        return {"table2": None, "table3": None}
+    a = cfg["attacks"][0]
+    known = {m: results["attacks"][a][{"ft": "ft", "i_adv_t_eda": "abd"}[m]]
+             for m in ("ft", "i_adv_t_eda") if m in _known_rows(cfg, a)}
+    if "abd" in cfg["defenses"]:
+        known["uap_bd"] = results["attacks"][a]["abd"]
+    return run_tables(st, attack=a, checkpoint=victims[a], reference_model=clean,
+                      common=flags.victim, uap_bd=uaps.get(a), known=known,
+                      uap_flags=flags.of("uap"), defend_flags=flags.of("defend", "defend:abd"),
+                      prefix=f"ablation-{a}-")
 
-    def analyse(d):
-        report_stage.update(_analyse(cfg, data, out, victims, uaps, results))
-    st.run("report", ["analysis"], outputs=(), fn=analyse, force=True)
+
+def _analyse(cfg, data, out: Path, victims, uaps) -> dict:
+    """Stage 5: similarity analysis (ABD Fig. 2) on the first attack's victim with its UAP,
+    and the clean/triggered image embeddings of the victim, FT and ABD for embedding.png."""
+    import torch
+
+    from abd_fast.attacks import make_trigger
+    from abd_fast.data import build_loader
+    from abd_fast.defenses.uap import UAP
+    from abd_fast.engine import load_checkpoint
+    from abd_fast.evaluate import clean_and_triggered_features, similarity_analysis
+    from abd_fast.models import create_model, get_tokenizer, image_spec
+
+    from .common import trigger_options
+    a = cfg["attacks"][0]
+    run_cfg = load_checkpoint(victims[a], "--checkpoint")["config"]
+    models = {"victim": victims[a]}
+    for m in ("ft", "abd"):
+        if m in cfg["defenses"]:
+            models[m] = str(out / f"{a}-{m}" / "checkpoint.pt")
+
+    def load(path):
+        return create_model(cfg["model"], pretrained=path, image_size=cfg["image_size"]).eval()
+    victim = load(victims[a])
+    spec = image_spec(victim)
+    mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+    trigger = make_trigger(a, image_size=spec.size, seed=run_cfg["seed"],
+                           **trigger_options(run_cfg))
+    tok = get_tokenizer(cfg["model"])
+    n_batches = QUICK_OVERRIDES["similarity_batches"] if cfg["quick"] else SIMILARITY_BATCHES
+    captions = build_loader(data["train"], train=False, batch_size=250, image_size=spec.size,
+                            loader=cfg["loader"], num_workers=cfg["workers"])
+    sim = similarity_analysis(victim, captions, target=data["target"], trigger=trigger,
+                              uap=UAP.load(uaps[a]) if a in uaps else None, mean=mean, std=std,
+                              tokenizer=tok, max_batches=n_batches)
+    sim["attack"] = a
+    if sim["adversarial_own_caption"] is None:  # no UAP (abd not run): no Fig. 2
+        sim = None
+    evaluation = build_loader(data["eval"], train=False, batch_size=250, image_size=spec.size,
+                              loader=cfg["loader"], num_workers=cfg["workers"],
+                              classnames=data["classnames"])
+    embeddings = {}
+    labels = {"victim": f"victim ({a})", "ft": f"FT ({a})", "abd": f"ABD ({a})"}
+    for name, path in models.items():
+        model = victim if name == "victim" else load(path)
+        # every eval image (the listing is sorted by class), evenly spaced ones drawn
+        clean, trig = clean_and_triggered_features(model, evaluation, trigger, mean=mean, std=std)
+        keep = torch.linspace(0, len(clean) - 1, min(EMBEDDING_IMAGES, len(clean))).long()
+        embeddings[labels[name]] = (clean[keep], trig[keep])
+    return {"similarity": sim, "embeddings": embeddings}
+
+
+def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, wall: float,
+            demo: dict) -> dict:
+    """report.json's content: the results, the stages' timing, the settings and the notes
+    that say how to read them."""
+    from abd_fast.evaluate import read_eval
+    out, target, quick = Path(cfg["output"]), data["target"], cfg["quick"]
     if st.skipped:
         notes.append(f"{len(st.skipped)} stage(s) completed by an earlier run with the same "
                      f"settings were reused: {', '.join(st.skipped)}; timing shows their "
@@ -595,14 +572,12 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
     if quick:
         notes.append("--quick: a smoke run on a small synthetic set with 1-2 epochs per stage; "
                      "its numbers are not meaningful.")
-    timing = dict(st.timing)  # report.md adds their sum as the total
-    wall = time.perf_counter() - t_start
     if st.skipped:
         notes.append(f"This invocation took {wall:.0f} s.")
-    report = {
+    return {
         "clean": results["clean"], "attacks": results["attacks"],
-        "ablations": tables, "similarity": report_stage.get("similarity"),
-        "timing": timing,
+        "ablations": tables, "similarity": similarity,
+        "timing": dict(st.timing),  # report.md adds their sum as the total
         "settings": {"recipe": cfg["recipe"], "model": cfg["model"],
                      "image_size": results["clean"].get("image_size"),
                      "train_data": data["train"], "eval_data": data["eval"],
@@ -614,67 +589,3 @@ def run_pipeline(cfg: dict, data: dict) -> dict:
                      **({"quick_overrides": QUICK_OVERRIDES} if quick else {})},
         "notes": notes,
     }
-    from abd_fast.report import write_report
-    paths = write_report(report, out, embeddings=report_stage.get("embeddings"))
-    print(f"report: {paths['md']} and {paths['json']}; plots: "
-          + ", ".join(str(p) for k, p in paths.items() if k not in ("md", "json") and p)
-          + f" | {_fmt_s(wall)} in this invocation", flush=True)
-    return report
-
-
-def _analyse(cfg, data, out: Path, victims, uaps, results) -> dict:
-    """Similarity analysis (ABD Fig. 2) on the first attack's victim with its UAP, and the
-    clean/triggered image embeddings of the victim, FT and ABD for embedding.png."""
-    import torch
-
-    from abd_fast.attacks import make_trigger
-    from abd_fast.data import build_loader
-    from abd_fast.defenses.uap import UAP
-    from abd_fast.engine import load_checkpoint
-    from abd_fast.evaluate import similarity_analysis
-    from abd_fast.models import create_model, get_tokenizer, image_features, image_spec
-    from abd_fast.ops import normalize_images
-    from abd_fast.train import _trigger_options
-    a = cfg["attacks"][0]
-    run_cfg = load_checkpoint(victims[a], "--checkpoint")["config"]
-    models = {"victim": victims[a]}
-    for m in ("ft", "abd"):
-        if m in cfg["defenses"]:
-            models[m] = str(out / f"{a}-{m}" / "checkpoint.pt")
-
-    def load(path):
-        return create_model(cfg["model"], pretrained=path, image_size=cfg["image_size"]).eval()
-    victim = load(victims[a])
-    spec = image_spec(victim)
-    mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
-    trigger = make_trigger(a, image_size=spec.size, seed=run_cfg["seed"],
-                           **_trigger_options(run_cfg))
-    tok = get_tokenizer(cfg["model"])
-    n_batches = QUICK_OVERRIDES["similarity_batches"] if cfg["quick"] else SIMILARITY_BATCHES
-    captions = build_loader(data["train"], train=False, batch_size=250, image_size=spec.size,
-                            loader=cfg["loader"], num_workers=cfg["workers"])
-    sim = similarity_analysis(victim, captions, target=data["target"], trigger=trigger,
-                              uap=UAP.load(uaps[a]) if a in uaps else None, mean=mean, std=std,
-                              tokenizer=tok, max_batches=n_batches)
-    sim["attack"] = a
-    if sim["adversarial_own_caption"] is None:  # no UAP (abd not run): no Fig. 2
-        sim = None
-    evaluation = build_loader(data["eval"], train=False, batch_size=250, image_size=spec.size,
-                              loader=cfg["loader"], num_workers=cfg["workers"],
-                              classnames=data["classnames"])
-    embeddings = {}
-    labels = {"victim": f"victim ({a})", "ft": f"FT ({a})", "abd": f"ABD ({a})"}
-    for name, path in models.items():
-        model = victim if name == "victim" else load(path)
-        clean, trig = [], []
-        with torch.no_grad():  # every eval image: the listing is sorted by class
-            for batch in evaluation:  # one forward pass over clean and triggered images
-                x = torch.cat([normalize_images(batch.images, mean, std),
-                               trigger.apply(batch.images, batch.ids, mean=mean, std=std)])
-                clean_f, trig_f = image_features(model, x).chunk(2)
-                clean.append(clean_f)
-                trig.append(trig_f)
-        clean, trig = torch.cat(clean), torch.cat(trig)
-        keep = torch.linspace(0, len(clean) - 1, min(EMBEDDING_IMAGES, len(clean))).long()
-        embeddings[labels[name]] = (clean[keep], trig[keep])
-    return {"similarity": sim, "embeddings": embeddings}

@@ -1,0 +1,57 @@
+"""`poison`: fine-tune a CLIP on clean + poisoned caption data with MMCL (plant a backdoor)."""
+from __future__ import annotations
+
+from .common import (COMMON_DEFAULTS, Run, UsageError, attack_flags, check_int, print_training,
+                     stage_parser)
+
+NAME = "poison"
+# demo: 10% poisons -> ASR 96-99% (docs/ATTACKS.md)
+DEFAULTS = dict(COMMON_DEFAULTS, output="runs/poison", attack=None, poison_count=None,
+                poison_rate=None, trigger_file=None, trigger_option=None, epochs=3, lr=1e-3,
+                warmup=50)
+
+
+def _flags(p):
+    attack_flags(p, required=True)
+    p.add_argument("--poison-count", type=int, metavar="N", help="poisoned samples")
+    p.add_argument("--poison-rate", type=float, metavar="R", help="poisoned fraction in (0, 1]")
+
+
+def add_parser(subparsers):
+    return stage_parser(subparsers, NAME, DEFAULTS, _flags,
+                        help="fine-tune on clean + poisoned data (MMCL): plant a backdoor")
+
+
+def check(cfg: dict):
+    if cfg.get("attack") is None:
+        raise UsageError("--attack is needed: badnet, blended, wanet, sig, "
+                         "label-consistent or badclip")
+    if cfg.get("target_label") is None:
+        raise UsageError("--target-label is needed: the class the backdoor maps to "
+                         "(e.g. star on the synthetic data, banana on ImageNet)")
+    if (cfg.get("poison_count") is None) == (cfg.get("poison_rate") is None):
+        raise UsageError("give exactly one of --poison-count N and --poison-rate R")
+    check_int(cfg, "poison_count")
+    rate = cfg.get("poison_rate")
+    if rate is not None and not (isinstance(rate, (int, float)) and 0 < rate <= 1):
+        raise UsageError(f"--poison-rate must be in (0, 1], got {rate!r}")
+
+
+def run(cfg: dict) -> int:
+    from abd_fast.attacks import PoisonView
+    run = Run(cfg)
+    train, evaluation = run.train_loader(), run.eval_loader()
+    if evaluation is not None:
+        run.target_index(evaluation.classnames)  # the target must be a class: before training
+    trigger = run.trigger()
+    try:
+        view = PoisonView(train.manifest, trigger, target=cfg["target_label"], seed=cfg["seed"],
+                          count=cfg.get("poison_count"), rate=cfg.get("poison_rate"))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if run.info.is_main:
+        print(f"poisoning: {view}", flush=True)
+    summary = run.fit(run.mmcl(view), train, f"poison {cfg['attack']}")
+    print_training(run, summary)
+    run.evaluate(evaluation, trigger)
+    return 0

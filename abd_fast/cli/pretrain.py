@@ -1,0 +1,27 @@
+"""`pretrain`: train a CLIP on caption data (the clean model), from scratch or from
+--pretrained weights; without --train-data, on the embedded synthetic dataset."""
+from __future__ import annotations
+
+from .common import COMMON_DEFAULTS, Run, print_training, stage_parser
+
+NAME = "pretrain"
+# The demo's clean model: 10 epochs (see COMMON_DEFAULTS for the measurement).
+DEFAULTS = dict(COMMON_DEFAULTS, output="runs/pretrain", epochs=10)
+
+
+def add_parser(subparsers):
+    return stage_parser(subparsers, NAME, DEFAULTS,
+                        help="train a CLIP on caption data (the clean model)")
+
+
+def check(cfg: dict):
+    """Nothing beyond the common settings."""
+
+
+def run(cfg: dict) -> int:
+    run = Run(cfg)
+    train, evaluation = run.train_loader(), run.eval_loader()
+    summary = run.fit(run.mmcl(), train, "pretrain")
+    print_training(run, summary)
+    run.evaluate(evaluation)
+    return 0

@@ -1,0 +1,71 @@
+"""`uap`: train ABD's universal adversarial perturbation against a poisoned model (AdvCLIP's
+GAN + the backdoor loss; abd_fast.defenses.stages.uap_stage); writes uap.pt and eval.json."""
+from __future__ import annotations
+
+import math
+
+from .common import (COMMON_DEFAULTS, Run, UsageError, attack_flags, check_defense_inputs,
+                     check_number, print_training, stage_parser)
+
+NAME = "uap"
+# The attack flags of uap/defend only drive the evaluation (ASR); by default they come from
+# the poisoned checkpoint's run. The defaults are the demo's, measured on the badnet victim
+# (CA 86.7, ASR 99.1; one seed each, docs/METHOD.md): one UAP epoch over the 10,000 pairs
+# (31 s) already sends 100% of non-target images to the target.
+DEFAULTS = dict(COMMON_DEFAULTS, output="runs/uap", checkpoint=None, reference_model=None,
+                mode="patch", patch_area=0.03, eps=0.03, no_backdoor_loss=False,
+                backdoor_loss_sign=1.0, backdoor_loss_pairing="reference-query",
+                lambda_bd=1.0, brightness=1.2, attack=None, trigger_file=None,
+                trigger_option=None, epochs=1, batch_size=64, lr=2e-4, warmup=0)
+
+
+def _flags(p):
+    p.add_argument("--checkpoint", metavar="FILE", help="the poisoned model's weights")
+    p.add_argument("--reference-model", metavar="FILE",
+                   help="the clean model's weights, for the backdoor loss (default: the "
+                        "poisoned model on the clean image stands in)")
+    p.add_argument("--mode", choices=["patch", "linf"], help="UAP form")
+    p.add_argument("--patch-area", type=float, metavar="F", help="patch area / image area")
+    p.add_argument("--eps", type=float, metavar="E", help="L-inf budget (mode linf)")
+    p.add_argument("--no-backdoor-loss", action="store_true",
+                   help="plain AdvCLIP UAP, without ABD's backdoor loss (Table III)")
+    p.add_argument("--backdoor-loss-sign", type=float, choices=[1.0, -1.0],
+                   help="+1: pull the pairs together (the paper's text), -1: push apart")
+    p.add_argument("--backdoor-loss-pairing", choices=["reference-query", "adversarial-query"],
+                   help="which features are the InfoNCE queries (docs/METHOD.md)")
+    p.add_argument("--lambda-bd", type=float, metavar="W", help="weight of the backdoor loss")
+    p.add_argument("--brightness", type=float, metavar="F",
+                   help="brightness factor of the reference view (ABD Fig. 1)")
+    attack_flags(p, required=False)
+
+
+def add_parser(subparsers):
+    return stage_parser(subparsers, NAME, DEFAULTS, _flags, reads_checkpoint=True,
+                        help="train ABD's universal adversarial perturbation against a "
+                             "poisoned model (AdvCLIP's GAN + the backdoor loss)")
+
+
+def check(cfg: dict):
+    check_defense_inputs(cfg)
+    check_number(cfg, "patch_area", 0, 1)
+    check_number(cfg, "eps", 0, 1)
+    check_number(cfg, "lambda_bd", 0, math.inf, open_low=False)
+    check_number(cfg, "brightness", 0, 10)
+    if cfg["mode"] == "patch" and cfg["patch_area"] >= 1:
+        raise UsageError("--patch-area must be below 1 (0.03: 3% of the image)")
+
+
+def run(cfg: dict) -> int:
+    from abd_fast.defenses.stages import uap_stage
+    from abd_fast.models import WeightsError, create_model
+    run = Run(cfg, weights_flag="--checkpoint")
+    reference = None
+    if cfg.get("reference_model"):
+        try:
+            reference = create_model(cfg["model"], pretrained=cfg["reference_model"],
+                                     image_size=cfg.get("image_size"))
+        except WeightsError as e:
+            raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
+    summary = uap_stage(run, reference)
+    print_training(run, summary)
+    return 0
