@@ -23,9 +23,10 @@ PyObject* guarded(F&& f) {
 PyObject* cpu_pool_stats(PyObject*, PyObject*) {
   return guarded([] {
     const auto s = abd_fast::pool_stats();
-    return Py_BuildValue("{sLsLsLsLsL}", "cached_bytes", (long long)s.cached_bytes, "live_bytes",
-                         (long long)s.live_bytes, "reused", (long long)s.reused, "fresh",
-                         (long long)s.fresh, "limit_bytes", (long long)s.limit_bytes);
+    return Py_BuildValue("{sLsLsLsLsLsL}", "cached_bytes", (long long)s.cached_bytes,
+                         "live_bytes", (long long)s.live_bytes, "reused", (long long)s.reused,
+                         "fresh", (long long)s.fresh, "limit_bytes", (long long)s.limit_bytes,
+                         "unknown_blocks", (long long)s.unknown_blocks);
   });
 }
 
@@ -42,11 +43,34 @@ PyObject* set_cpu_pool_limit(PyObject*, PyObject* arg) {
   return guarded([&] { return PyLong_FromLongLong(abd_fast::set_pool_limit(bytes)); });
 }
 
+// Tests only (tests/test_output_pool.py).
+PyObject* pool_give_back_unknown(PyObject*, PyObject*) {
+  return guarded([] {
+    abd_fast::pool_give_back_unknown_for_test();
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* pool_hold_lock(PyObject*, PyObject* arg) {
+  const long long ms = PyLong_AsLongLong(arg);
+  if (ms == -1 && PyErr_Occurred()) return nullptr;
+  return guarded([&] {
+    Py_BEGIN_ALLOW_THREADS  // other Python threads (one that forks, say) run meanwhile
+    abd_fast::pool_hold_lock_for_test(ms);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+  });
+}
+
 PyMethodDef methods[] = {
     {"set_cpu_pool_limit", set_cpu_pool_limit, METH_O,
      "Sets the bytes of unused blocks the pool keeps; returns the previous limit."},
     {"cpu_pool_stats", cpu_pool_stats, METH_NOARGS, "Counters of the CPU output pool."},
     {"release_cpu_pool", release_cpu_pool, METH_NOARGS, "Frees the pool's unused blocks."},
+    {"_pool_give_back_unknown", pool_give_back_unknown, METH_NOARGS,
+     "Tests only: the pool's deleter on a block it never handed out."},
+    {"_pool_hold_lock", pool_hold_lock, METH_O,
+     "Tests only: holds the pool's lock for the given milliseconds, without the GIL."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

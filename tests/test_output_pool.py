@@ -1,11 +1,15 @@
 """The CPU output pool (csrc/cpu/output_pool.h): outputs of 1 MB or more reuse the blocks of
-dead outputs, are never shared with a live tensor, and always hold the op's full result."""
+dead outputs, are never shared with a live tensor, and always hold the op's full result; a
+block it does not know is left alone, and fork() while another thread holds its lock is safe."""
+import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -173,6 +177,59 @@ def test_threads_share_the_pool():
     assert not errors, errors
     assert cpu_pool_stats()["live_bytes"] == live
     assert cpu_pool_stats()["reused"] > 0
+
+
+def test_an_unknown_block_is_counted_and_left_alone():
+    """The deleter on a block the pool never handed out (as a double give-back would be):
+    no crash, nothing freed, the counters unchanged but `unknown_blocks`. In a subprocess, so
+    that a crash fails this test rather than the suite."""
+    code = ("import json\nfrom abd_fast.ops import cpu_pool_stats\nfrom abd_fast import _C\n"
+            "before = cpu_pool_stats()\n_C._pool_give_back_unknown()\n"
+            "print(json.dumps([before, cpu_pool_stats()]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    before, after = json.loads(r.stdout.splitlines()[-1])
+    assert after["unknown_blocks"] == before["unknown_blocks"] + 1
+    assert {k: v for k, v in after.items() if k != "unknown_blocks"} == \
+        {k: v for k, v in before.items() if k != "unknown_blocks"}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_fork_while_another_thread_holds_the_lock():
+    """A thread holds the pool's lock while the main thread forks (a DataLoader starting its
+    workers while a training thread frees an output, say): the child can still use the pool
+    (without the fork handlers its copy of the lock stays locked forever)."""
+    from abd_fast import _C
+    cpu_pool_stats()  # the pool exists, with its fork handlers
+    hold_ms = 1500
+    holder = threading.Thread(target=_C._pool_hold_lock, args=(hold_ms,))
+    holder.start()
+    time.sleep(0.3)  # the holder has taken the lock (it does so at once) and keeps it
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: the pool's lock, then exit without Python's teardown
+        code = 1
+        try:
+            cpu_pool_stats()
+            release_cpu_pool()
+            code = 0
+        finally:
+            os._exit(code)
+    forked_after = time.monotonic() - t0
+    holder.join()
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child deadlocked on the output pool's lock")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # fork() waited for the holder to let go of the lock (it was held when fork was called)
+    assert forked_after > 0.5 * (hold_ms / 1000 - 0.3), forked_after
 
 
 @pytest.mark.parametrize("value", ["abc", "-5", "1.5"])

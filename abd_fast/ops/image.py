@@ -213,7 +213,8 @@ def _pool():
 
 def cpu_pool_stats() -> dict:
     """{"cached_bytes": unused blocks kept, "live_bytes": blocks behind live tensors,
-    "reused" / "fresh": allocations served from a kept block / newly mapped, "limit_bytes"}."""
+    "reused" / "fresh": allocations served from a kept block / newly mapped, "limit_bytes",
+    "unknown_blocks": blocks given back that the pool never handed out (left alone)}."""
     return _pool().cpu_pool_stats()
 
 

@@ -5,13 +5,16 @@
 #include <c10/core/Allocator.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <mutex>
+#include <thread>
 #include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -51,10 +54,15 @@ class Pool final : public c10::Allocator {
       // Huge pages: the first touch faults 2 MB at a time instead of 4 KB (a hint only).
       madvise(p, bytes, MADV_HUGEPAGE);
 #endif
-      std::lock_guard<std::mutex> lock(mu_);
-      live_.emplace(p, bytes);
-      live_bytes_ += bytes;
-      ++fresh_;
+      try {
+        std::lock_guard<std::mutex> lock(mu_);
+        live_.emplace(p, bytes);
+        live_bytes_ += bytes;
+        ++fresh_;
+      } catch (...) {  // no memory for the bookkeeping: the block is not handed out
+        std::free(p);
+        throw;
+      }
     }
     return {p, p, &Pool::deleter, c10::Device(c10::kCPU)};
   }
@@ -66,7 +74,19 @@ class Pool final : public c10::Allocator {
 
   PoolStats stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {int64_t(cached_bytes_), int64_t(live_bytes_), reused_, fresh_, int64_t(limit_)};
+    return {int64_t(cached_bytes_), int64_t(live_bytes_), reused_, fresh_, int64_t(limit_),
+            unknown_};
+  }
+
+  // Tests only: the deleter on a block the pool never handed out, and the lock held by the
+  // calling thread for `ms` milliseconds (a fork meanwhile must not deadlock the child).
+  void give_back_unknown() {
+    static char not_a_block;
+    deleter(&not_a_block);
+  }
+  void hold_lock(int64_t ms) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   }
 
   // Keeps at most `limit` bytes from now on, freeing the oldest kept blocks over it; returns
@@ -96,7 +116,15 @@ class Pool final : public c10::Allocator {
   }
 
  private:
-  Pool() : limit_(limit_from_env()) {}
+  Pool() : limit_(limit_from_env()) {
+#if defined(__linux__)
+    // fork() copies the lock in whatever state another thread holds it, and that thread does
+    // not exist in the child: the child's first pooled allocation (or deleter) would wait
+    // forever. So fork waits for the lock (prepare) and both sides release it after.
+    pthread_atfork([] { get().mu_.lock(); }, [] { get().mu_.unlock(); },
+                   [] { get().mu_.unlock(); });
+#endif
+  }
 
   // A kept block of exactly `bytes` (the newest one), or nullptr.
   void* take(size_t bytes) {
@@ -104,9 +132,9 @@ class Pool final : public c10::Allocator {
     for (size_t i = free_.size(); i-- > 0;) {
       if (free_[i].first != bytes) continue;
       void* p = free_[i].second;
+      live_.emplace(p, bytes);  // first: if it throws (no memory), the block stays kept
       free_.erase(free_.begin() + i);
       cached_bytes_ -= bytes;
-      live_.emplace(p, bytes);
       live_bytes_ += bytes;
       ++reused_;
       return p;
@@ -114,26 +142,60 @@ class Pool final : public c10::Allocator {
     return nullptr;
   }
 
-  static void deleter(void* p) { get().give_back(p); }
+  // The tensors' deleter: runs wherever a tensor dies (destructors, the interpreter's
+  // teardown), so it never throws.
+  static void deleter(void* p) noexcept { get().give_back(p); }
 
-  // Keeps the block, evicting the oldest kept blocks to stay within the limit.
-  void give_back(void* p) {
-    std::vector<void*> gone;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = live_.find(p);
-      const size_t bytes = it->second;
-      live_.erase(it);
-      live_bytes_ -= bytes;
-      if (bytes > limit_) {
-        gone.push_back(p);
-      } else {
-        evict_until_room(bytes, gone);
-        free_.emplace_back(bytes, p);
-        cached_bytes_ += bytes;
+  // Keeps the block, freeing the oldest kept blocks to stay within the limit. A block the
+  // pool does not know (never handed out, or given back twice) is counted and left alone:
+  // freeing memory the pool cannot vouch for could corrupt the heap, leaving it costs its
+  // size at most. Allocation-free after the block leaves live_: with no memory for the list
+  // of kept blocks, the block is freed instead.
+  void give_back(void* p) noexcept {
+    if (p == nullptr) return;
+    std::unique_lock<std::mutex> lock(mu_, std::defer_lock);
+    try {
+      lock.lock();
+    } catch (...) {  // std::mutex::lock throws only on a broken mutex: leave the block
+      return;
+    }
+    auto it = live_.find(p);
+    if (it == live_.end()) {
+      ++unknown_;
+      return;
+    }
+    const size_t bytes = it->second;
+    bool keep = bytes <= limit_;
+    if (keep && free_.size() == free_.capacity()) {
+      try {
+        free_.reserve(2 * free_.size() + 8);
+      } catch (...) {
+        keep = false;
       }
     }
-    for (void* q : gone) std::free(q);
+    live_.erase(it);
+    live_bytes_ -= bytes;
+    if (!keep) {
+      lock.unlock();
+      std::free(p);
+      return;
+    }
+    free_.emplace_back(bytes, p);  // no allocation: there is room (above)
+    cached_bytes_ += bytes;
+    // The block just kept is the newest and fits the limit, so only older ones go; each is
+    // freed outside the lock (releasing a large mapping takes a while).
+    while (cached_bytes_ > limit_) {
+      const auto oldest = free_.front();
+      free_.erase(free_.begin());
+      cached_bytes_ -= oldest.first;
+      lock.unlock();
+      std::free(oldest.second);
+      try {
+        lock.lock();
+      } catch (...) {  // the rest of the eviction waits for the next call
+        return;
+      }
+    }
   }
 
   // Under mu_: moves the oldest kept blocks to `gone` until `room` more bytes fit the limit.
@@ -151,7 +213,7 @@ class Pool final : public c10::Allocator {
   std::vector<std::pair<size_t, void*>> free_;  // kept blocks, oldest first
   std::unordered_map<void*, size_t> live_;
   size_t cached_bytes_ = 0, live_bytes_ = 0;
-  int64_t reused_ = 0, fresh_ = 0;
+  int64_t reused_ = 0, fresh_ = 0, unknown_ = 0;
 };
 
 }  // namespace
@@ -171,5 +233,9 @@ int64_t set_pool_limit(int64_t bytes) {
 }
 
 void release_pool() { Pool::get().release_all(); }
+
+void pool_give_back_unknown_for_test() { Pool::get().give_back_unknown(); }
+
+void pool_hold_lock_for_test(int64_t ms) { Pool::get().hold_lock(ms); }
 
 }  // namespace abd_fast

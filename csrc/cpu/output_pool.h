@@ -5,7 +5,9 @@
 // on the project's machine that costs 40 % of the op. Blocks are 2 MB aligned with a huge-
 // page hint. The pool keeps at most ABD_FAST_CPU_POOL_MB (default 1024; 0 turns it off)
 // of unused blocks (abd_fast.ops.set_cpu_pool_limit changes it at run time);
-// abd_fast.ops.release_cpu_pool() gives them back to the OS.
+// abd_fast.ops.release_cpu_pool() gives them back to the OS. The tensors' deleter never
+// throws, and fork() from one thread while another holds the pool's lock is safe for the
+// child (pthread_atfork handlers).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -22,9 +24,15 @@ struct PoolStats {
   int64_t reused;        // allocations served from a kept block
   int64_t fresh;         // allocations that mapped a new block
   int64_t limit_bytes;   // the ABD_FAST_CPU_POOL_MB limit in bytes
+  int64_t unknown_blocks;  // blocks given back that the pool never handed out (left alone)
 };
 PoolStats pool_stats();
 int64_t set_pool_limit(int64_t bytes);  // returns the previous limit
 void release_pool();  // frees every unused block
+
+// Tests only (tests/test_output_pool.py): the deleter on a block the pool does not know, and
+// the pool's lock held by the calling thread for `ms` milliseconds.
+void pool_give_back_unknown_for_test();
+void pool_hold_lock_for_test(int64_t ms);
 
 }  // namespace abd_fast
