@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
 # The commands (abd_fast/cli/, one module each; see abd_fast/cli/__init__.py for their kinds).
 from abd_fast.cli import (ablation, badclip_trigger, defend, eval, export_poison,  # noqa: E402
                           pipeline, poison, pretrain, selfcheck, show_triggers, uap)
-from abd_fast.cli.common import (COMMON_DEFAULTS, Parser, UsageError,  # noqa: E402,F401
+from abd_fast.cli.common import (COMMON_DEFAULTS, Parser, UsageError,  # noqa: E402
                                  resolve_config, validate)
 
 STAGES = (pretrain, poison, eval, uap, defend)
