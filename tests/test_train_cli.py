@@ -169,7 +169,13 @@ def test_two_process_torchrun_matches_one_process(small_data, tmp_path):
             # Adam turns the rounding noise there into lr-sized steps. Compare q and v biases.
             d = v.shape[0] // 3
             v, w = torch.cat([v[:d], v[2 * d:]]), torch.cat([w[:d], w[2 * d:]])
-        torch.testing.assert_close(w, v, rtol=1e-3, atol=1e-4, msg=k)
+        # Adam divides each element's step by its gradient's RMS, so an element whose true
+        # gradient stays ~0 takes steps of up to ~lr from rounding noise, and which elements
+        # that hits depends on the CPU's summation order (an AVX2 EPYC: 1 of 49,152 q weights
+        # 3.3e-4 apart). Allow such outliers on at most 0.1% of a tensor, each within lr.
+        off = (w - v).abs() > 1e-4 + 1e-3 * v.abs()
+        assert off.float().mean() <= 1e-3, (k, int(off.sum()))
+        assert (w - v).abs().max() <= 2e-3, (k, float((w - v).abs().max()))
     assert two.stdout.count("trained 20 steps") == 1  # rank 0 prints, rank 1 does not
 
 
