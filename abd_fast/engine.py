@@ -482,6 +482,9 @@ class Trainer:
                                        f"{self.steps_per_epoch} batches in epoch {epoch}")
                 record = {"epoch": epoch, "epoch_loss": float(np.mean(epoch_losses)),
                           "seconds": round(time.perf_counter() - t_epoch, 3)}
+                # The data layer's counts (images skipped, converted to RGB), when non-zero.
+                record.update({k: v for k, v in getattr(self.loader, "epoch_stats", {}).items()
+                               if v})
                 if self.on_epoch_end is not None:
                     record.update(self.on_epoch_end(epoch, _unwrap(self.model)) or {})
                 if self.info.is_main:

@@ -125,13 +125,78 @@ def test_csv_columns_delimiter_and_labels(tmp_path):
     m = open_source(tmp_path / "c.csv", image_key="filepath", caption_key="title", delimiter=";")
     assert m.kind == "captions-csv" and m.captions == ["first one", "second"]
     assert m.ids.tolist() == [0, 1] and m.files[1] == str(tmp_path / "b.jpg")
-    with pytest.raises(ValueError, match="'image' column"):
-        open_source(tmp_path / "c.csv", delimiter=";")
+    assert open_source(tmp_path / "c.csv", delimiter=";").captions == m.captions  # found
+    with pytest.raises(ValueError, match=r"no image column .*\['idx;filepath;title'\].*"
+                                         "--csv-separator"):
+        open_source(tmp_path / "c.csv")       # neither a comma nor a tab splits the header
     (tmp_path / "l.csv").write_text("image,label\nb.jpg,1\na.jpg,0\n")
     (tmp_path / "classnames.txt").write_text("apple\nbanana\n")
     m = open_source(tmp_path / "l.csv")
     assert m.kind == "labels-csv" and m.labels.tolist() == [1, 0]
     assert m.classnames == ["apple", "banana"] and m.captions is None
+
+
+TSV_CAPTIONS = ['a "quoted" dog, on grass', "tab\tinside quotes", "plain words",
+                'line\nbreak, and ""doubled"" quotes']
+
+
+def _write_table(path, header, rows, sep):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=sep, quoting=csv.QUOTE_MINIMAL)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("name,header,sep", [
+    ("pairs.csv", ["filepath", "caption"], ","),          # open_clip's layout, CleanCLIP's key
+    ("cc3m.tsv", ["filepath", "title"], "\t"),            # open_clip's defaults, tab-separated
+    ("odd.csv", ["id", "Image", "Text", "url"], "\t"),     # tabs in a .csv, names in any case
+    ("plain.tsv", ["img", "text"], ","),                   # commas in a .tsv
+])
+def test_table_columns_and_separator_are_detected(tmp_path, name, header, sep):
+    rng = np.random.default_rng(4)
+    for k in range(len(TSV_CAPTIONS)):
+        (tmp_path / f"{k}.jpg").write_bytes(encode(rng))
+    rows = []
+    for k, cap in enumerate(TSV_CAPTIONS):
+        cells = {"id": str(k), "url": f"http://x/{k}", "caption": cap, "title": cap,
+                 "Text": cap, "text": cap, "filepath": f"{k}.jpg", "Image": f"{k}.jpg",
+                 "img": f"{k}.jpg"}
+        rows.append([cells[c] for c in header])
+    path = _write_table(tmp_path / name, header, rows, sep)
+    m = open_source(path)
+    assert m.kind == "captions-csv" and m.captions == TSV_CAPTIONS
+    assert m.files == [str(tmp_path / f"{k}.jpg") for k in range(len(TSV_CAPTIONS))]
+    # The same with the columns and the separator given (open_clip's flags).
+    given = open_source(path, image_key=header[1] if header[0] == "id" else header[0],
+                        caption_key=header[2] if header[0] == "id" else header[1], delimiter=sep)
+    assert given.captions == TSV_CAPTIONS and given.files == m.files
+    loader = build_loader(path, train=False, batch_size=3, image_size=16, loader="torch",
+                          num_workers=0)
+    assert [c for b in loader for c in b.captions] == TSV_CAPTIONS
+
+
+@pytest.mark.parametrize("header,message,flags", [
+    (["image", "filepath", "caption"], r"several possible image columns \['image', 'filepath'\]"
+                                       r".*--csv-img-key \(image_key=\)", {"image_key": "image"}),
+    (["filepath", "caption", "title"], r"several possible caption columns .*--csv-caption-key",
+     {"caption_key": "title"}),
+    (["uri", "caption"], r"no image column among the columns found \['uri', 'caption'\].*"
+                         r"--csv-img-key.*--csv-separator", {"image_key": "uri"}),
+    (["filepath", "alt"], r"no caption column .*\['filepath', 'alt'\].*--csv-caption-key",
+     {"caption_key": "alt"}),
+    (["0.jpg", "a headerless row"], r"no image column .*'0.jpg'", None),
+])
+def test_ambiguous_or_missing_columns_name_the_flags(tmp_path, header, message, flags):
+    path = _write_table(tmp_path / "pairs.tsv", header, [["0.jpg"] * len(header)], "\t")
+    with pytest.raises(ValueError, match=message) as e:
+        open_source(path)
+    assert "pairs.tsv" in str(e.value)
+    if flags is not None:  # what the message asks for resolves it
+        assert open_source(path, **flags).kind == "captions-csv"
+    with pytest.raises(ValueError, match=r"no 'nope' column .*--csv-caption-key"):
+        open_source(path, image_key=header[0], caption_key="nope")
 
 
 def test_imagefolder_classnames(folder, tmp_path):

@@ -31,9 +31,10 @@ def _dali_cpu_resize() -> bool:
 def build_loader(source, *, train: bool, batch_size: int, image_size: int,
                  loader: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int | None = None, classnames=None, bad_threshold: float = 0.01,
-                 non_rgb: str | None = None, crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
-                 flip: bool = True, image_key: str = "image", caption_key: str = "caption",
-                 label_key: str = "label", delimiter: str = ",") -> Loader:
+                 non_rgb: str = "convert", crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                 flip: bool = True, image_key: str | None = None,
+                 caption_key: str | None = None, label_key: str = "label",
+                 delimiter: str | None = None) -> Loader:
     """Loader over a caption or evaluation data source, yielding `Batch`es.
 
     source: path of a caption CSV, labels CSV, WebDataset shards (brace pattern, .tar or
@@ -46,9 +47,11 @@ def build_loader(source, *, train: bool, batch_size: int, image_size: int,
     workers; the default otherwise).
     rank/world_size: this process's share (disjoint; together complete up to the train tail).
     bad_threshold: fraction of unusable samples above which BadDataError is raised.
-    non_rgb: "skip" or "convert" L/LA/RGBA/P/PA/CMYK/1 images to RGB; default: skip in
-    caption data (counted as bad samples), convert in evaluation data (labels), where every
-    image of a benchmark such as ImageNet's 50,000 counts.
+    non_rgb: "convert" (the default) L/LA/RGBA/P/PA/CMYK/1/I;16 images to RGB as open_clip
+    and img2dataset do (`loader.to_rgb`; `converted` counts them), or "skip" them as bad
+    samples.
+    image_key / caption_key / delimiter: a CSV/TSV's columns and separator, found from its
+    header when None (`abd_fast.data.sources.open_source`).
     """
     if loader is None:  # DALI's own CPU resize is slower than Pillow's (docs/PERFORMANCE.md)
         loader = "dali" if _dali_available() and (torch.cuda.is_available()
@@ -58,8 +61,6 @@ def build_loader(source, *, train: bool, batch_size: int, image_size: int,
     manifest = source if isinstance(source, Manifest) else open_source(
         source, classnames=classnames, image_key=image_key, caption_key=caption_key,
         label_key=label_key, delimiter=delimiter)
-    if non_rgb is None:  # caption data: a bad sample; evaluation data: every image counts
-        non_rgb = "convert" if manifest.labels is not None else "skip"
     kw = dict(train=train, batch_size=batch_size, image_size=image_size, seed=seed, rank=rank,
               world_size=world_size, num_workers=num_workers, bad_threshold=bad_threshold,
               non_rgb=non_rgb, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip)

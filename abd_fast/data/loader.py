@@ -85,13 +85,23 @@ def center_square_boxes(width, height):
     return np.stack([(width - side) // 2, (height - side) // 2, side, side], 1).astype(np.int64)
 
 
+def to_rgb(im):
+    """A PIL image as RGB, as DALI's decoder does it: alpha dropped, palette and grey levels
+    expanded, CMYK converted; 16-bit grey (I;16, or I from older Pillow) scaled to 8 bits by
+    round(v / 257), where PIL's own convert("RGB") would clip every value above 255 to white."""
+    from PIL import Image
+    if im.mode in ("I;16", "I"):
+        v = np.asarray(im).astype(np.int64).clip(0, 65535)
+        im = Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def decode_sample(data: bytes, box, flip: bool, size: int) -> np.ndarray:
-    """PIL path: decode, crop `box` (x, y, w, h), bicubic resize to size x size, flip.
-    Returns uint8 [3, size, size]."""
+    """PIL path: decode, convert to RGB (`to_rgb`), crop `box` (x, y, w, h), bicubic resize to
+    size x size, flip. Returns uint8 [3, size, size]."""
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "RGB":
-            im = im.convert("RGB")
+        im = to_rgb(im)
         x, y, w, h = (int(v) for v in box)
         im = im.resize((size, size), Image.BICUBIC, box=(x, y, x + w, y + h))
     if flip:
@@ -118,12 +128,14 @@ class Loader:
 
     Iterate for `Batch`es; `len()` is the number of batches of this rank in an epoch;
     `set_epoch(e)` reshuffles with (seed, e); `classnames` for evaluation data;
-    `bad_samples` / `report()` describe the samples skipped in the last epoch."""
+    `bad_samples` / `report()` describe the samples skipped in the last epoch, `converted`
+    ({mode: count}) the non-RGB images of the current epoch's plan (all ranks) converted to
+    RGB."""
     engine = "?"
 
     def __init__(self, manifest: Manifest, *, train: bool, batch_size: int, image_size: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                 bad_threshold: float = 0.01, non_rgb: str = "skip",
+                 bad_threshold: float = 0.01, non_rgb: str = "convert",
                  crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -137,11 +149,15 @@ class Loader:
         checked = validate(manifest, num_workers)
         self.width, self.height = checked.width, checked.height
         self._invalid = {}
+        # Mode of each sample as an index into _modes (0 = RGB), to count conversions.
+        self._modes = ["RGB"] + sorted(set(checked.modes) - {"RGB"})
+        self._mode_index = np.asarray([self._modes.index(m) for m in checked.modes], np.int64)
         for i, (reason, mode) in enumerate(zip(checked.reasons, checked.modes)):
             if not reason and mode != "RGB" and not (non_rgb == "convert" and mode in CONVERTIBLE):
                 reason = f"non-RGB image (mode {mode})"
             if reason:
                 self._invalid[i] = reason
+        self.converted: dict[str, int] = {}
         self.usable = np.asarray([i for i in range(len(manifest)) if i not in self._invalid],
                                  np.int64)
         self.bad_samples: list[tuple[int, str]] = self._named(self._invalid.items())
@@ -185,26 +201,40 @@ class Loader:
                         captions=[m.captions[i] for i in pos] if m.captions is not None else None,
                         labels=torch.from_numpy(m.labels[pos]) if m.labels is not None else None)
         self.bad_samples = self._named(self._invalid.items()) + self._named(runtime_bad)
-        if self.bad_samples and self.rank == 0:
-            log.warning(self.report(limit=20))
+        if self.rank == 0 and (self.bad_samples or self.converted):
+            (log.warning if self.bad_samples else log.info)(self.report(limit=20))
         self._check_threshold(self.bad_samples)
 
+    @property
+    def epoch_stats(self) -> dict[str, int]:
+        """For an end-of-epoch summary: samples skipped (this rank's last epoch, as in
+        `report()`) and images converted to RGB (the epoch, all ranks)."""
+        return {"skipped": len(self.bad_samples), "converted": sum(self.converted.values())}
+
     def report(self, limit: int | None = None) -> str:
-        """Summary of the samples skipped in the last epoch: counts per reason, then one line
-        per sample (id: reason), the first `limit` of them (all by default)."""
+        """Summary of the last epoch: the non-RGB images converted to RGB (counts per mode),
+        the samples skipped (counts per reason, then one line per sample, id: reason, the
+        first `limit` of them; all by default)."""
+        lines = []
+        if self.converted:
+            lines.append(f"{self.manifest.source}: converted {sum(self.converted.values())} "
+                         f"non-RGB images to RGB (epoch {self.epoch}; "
+                         + ", ".join(f"{n} {m}" for m, n in sorted(self.converted.items()))
+                         + ")")
         if not self.bad_samples:
-            return f"{self.manifest.source}: no bad samples"
+            return "\n".join(lines + [f"{self.manifest.source}: no bad samples"])
         counts = Counter(r.split(" (")[0] for _, r in self.bad_samples)
-        lines = [f"{self.manifest.source}: skipped {len(self.bad_samples)} of "
-                 f"{len(self.manifest)} samples (epoch {self.epoch}; "
-                 + ", ".join(f"{n} {r}" for r, n in counts.most_common()) + ")"]
+        lines += [f"{self.manifest.source}: skipped {len(self.bad_samples)} of "
+                  f"{len(self.manifest)} samples (epoch {self.epoch}; "
+                  + ", ".join(f"{n} {r}" for r, n in counts.most_common()) + ")"]
         lines += [f"  id {i}: {r}" for i, r in self.bad_samples[:limit]]
         if limit is not None and len(self.bad_samples) > limit:
             lines.append(f"  ... {len(self.bad_samples) - limit} more in loader.bad_samples")
         return "\n".join(lines)
 
     def plan(self) -> list[BatchPlan]:
-        """This rank's batches for the current epoch (see the module docstring)."""
+        """This rank's batches for the current epoch (see the module docstring). Also sets
+        `converted`, the non-RGB images among the epoch's samples of all ranks."""
         order = self.usable
         W, H = self.width[order], self.height[order]
         if self.train:
@@ -218,11 +248,13 @@ class Loader:
             # the global batch size (same samples, crops and flips).
             G, n_global = self.world_size * self.batch_size, len(order) // (
                 self.world_size * self.batch_size)
+            self._count_converted(order[:n_global * G])
             pick = (np.arange(n_global)[:, None] * G + self.rank * self.batch_size
                     + np.arange(self.batch_size)[None, :]).reshape(-1)
             order, boxes, flips = order[pick], boxes[pick], flips[pick]
             sl = slice(None)
         else:
+            self._count_converted(order)
             boxes = center_square_boxes(W, H)
             flips = np.zeros(len(order), bool)
             bounds = np.linspace(0, len(order), self.world_size + 1).astype(np.int64)
@@ -234,6 +266,10 @@ class Loader:
                 for k in range(0, stop, B)]
 
     # -- internals -----------------------------------------------------------------------
+    def _count_converted(self, positions):
+        counts = np.bincount(self._mode_index[positions], minlength=len(self._modes))
+        self.converted = {m: int(c) for m, c in zip(self._modes[1:], counts[1:]) if c}
+
     def _count(self) -> int:
         n, W, B = len(self.usable), self.world_size, self.batch_size
         if self.train:  # equal whole batches on every rank (DDP); the tail changes per epoch

@@ -3,8 +3,9 @@
 `open_source(path)` recognizes the format from the path and returns a `Manifest`; no image
 is decoded here (that is `abd_fast.data.validate`). Formats (docs/DATA.md):
 
-- caption CSV (CleanCLIP layout): columns `image,caption`, image paths relative to the CSV;
-  id = row index in the file (0 = first data row).
+- caption CSV or TSV (CleanCLIP's `image,caption`, open_clip's `filepath<TAB>title`, ...):
+  image and caption columns and the separator (comma or tab) found from the header, or
+  given; image paths relative to the file; id = row index (0 = first data row).
 - labels CSV: columns `image,label` (int); id = row index.
 - ImageFolder: one folder per class, sorted; id = index in the sorted listing.
 - WebDataset shards as img2dataset writes them (`.jpg/.jpeg/.png/.webp` + `.txt`), given as
@@ -30,6 +31,15 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TABLE_EXTS = (".csv", ".tsv")
+# Column names recognized without image_key= / caption_key= (open_clip's --csv-img-key
+# default is `filepath`, --csv-caption-key `title`; CleanCLIP's are `image`, `caption`).
+IMAGE_COLUMNS = ("image", "filepath", "file", "path", "img")
+CAPTION_COLUMNS = ("caption", "title", "text")
+SEPARATORS = {",": "comma", "\t": "tab"}
+# How the command line names the options, for error messages (the library's keywords first).
+KEY_FLAGS = {"image_key": "--csv-img-key", "caption_key": "--csv-caption-key",
+             "delimiter": "--csv-separator"}
 log = logging.getLogger("abd_fast.data")
 _WNID = re.compile(r"^n\d{8}$")
 
@@ -106,22 +116,26 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for item in items for p in expand_braces(head + item + tail)]
 
 
-def open_source(source, *, classnames=None, image_key: str = "image",
-                caption_key: str = "caption", label_key: str = "label",
-                delimiter: str = ",") -> Manifest:
+def open_source(source, *, classnames=None, image_key: str | None = None,
+                caption_key: str | None = None, label_key: str = "label",
+                delimiter: str | None = None) -> Manifest:
     """Recognize and parse a data source (see the module docstring).
 
-    source: `*.csv` (caption CSV, or labels CSV when it has `label_key` and no `caption_key`),
-    a brace pattern / `*.tar` / directory of `.tar` (WebDataset), or a directory of class
-    folders (ImageFolder). classnames: a file (one name per line, folder/label order) or a
-    list, for evaluation data."""
+    source: `*.csv` / `*.tsv` (caption table, or labels CSV when it has a `label_key` column
+    and no caption column), a brace pattern / `*.tar` / directory of `.tar` (WebDataset), or
+    a directory of class folders (ImageFolder). classnames: a file (one name per line,
+    folder/label order) or a list, for evaluation data.
+    image_key / caption_key / delimiter: a table's image and caption columns and separator;
+    None finds them from the header (`IMAGE_COLUMNS`, `CAPTION_COLUMNS`; comma or tab, tab
+    tried first for .tsv). A missing or ambiguous column raises ValueError listing the
+    columns found."""
     s = os.fspath(source)
     if "{" in s and "}" in s:
         return _webdataset(s, expand_braces(s))
     p = Path(s)
     if not p.exists():
         raise FileNotFoundError(f"data source {s!r} does not exist")
-    if p.is_file() and p.suffix.lower() == ".csv":
+    if p.is_file() and p.suffix.lower() in TABLE_EXTS:
         return _csv(p, s, classnames, image_key, caption_key, label_key, delimiter)
     if p.is_file() and p.suffix.lower() == ".tar":
         return _webdataset(s, [s])
@@ -131,7 +145,7 @@ def open_source(source, *, classnames=None, image_key: str = "image",
             return _webdataset(s, tars)
         if any(q.is_dir() and not q.name.startswith(".") for q in p.iterdir()):
             return _imagefolder(p, s, classnames)
-    raise ValueError(f"cannot recognize data source {s!r}: expected a .csv file, WebDataset "
+    raise ValueError(f"cannot recognize data source {s!r}: expected a .csv or .tsv file, WebDataset "
                      "shards (a .tar, a brace pattern like shards/{00000..00099}.tar, or a "
                      "directory of .tar files) or an ImageFolder directory of class folders")
 
@@ -160,26 +174,74 @@ def _read_classnames(classnames, n: int, where: str) -> list[str] | None:
     return names
 
 
+def _option(key: str) -> str:
+    return f"{KEY_FLAGS[key]} ({key}=)"
+
+
+def _header(text: str, delimiter: str) -> list[str]:
+    try:
+        return next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    except csv.Error:
+        return []
+
+
+def _find(columns: list[str], given: str | None, candidates, key: str, shown: str,
+          required: bool) -> str | None:
+    """The column named `given`, else the one column among `candidates` (any case)."""
+    if given is not None:
+        if given not in columns:
+            raise ValueError(f"{shown}: no {given!r} column (columns found: {columns}); "
+                             f"name the right one with {_option(key)}")
+        return given
+    found = [c for c in columns if c.strip().lower() in candidates]
+    if len(found) > 1:
+        raise ValueError(f"{shown}: several possible {key.split('_')[0]} columns {found} "
+                         f"(columns found: {columns}); choose one with {_option(key)}")
+    if not found and required:
+        raise ValueError(f"{shown}: no {key.split('_')[0]} column among the columns found "
+                         f"{columns} (looked for {list(candidates)}); name it with "
+                         f"{_option(key)}, or give {_option('delimiter')} if the separator "
+                         "is neither a comma nor a tab")
+    return found[0] if found else None
+
+
+def _separator(text: str, path: Path, image_key: str | None) -> str:
+    """Comma or tab, whichever splits the header into a recognized image column (tab first
+    for .tsv); else whichever splits it at all."""
+    order = ["\t", ","] if path.suffix.lower() == ".tsv" else [",", "\t"]
+    for d in order:
+        columns = _header(text, d)
+        if (image_key in columns if image_key is not None
+                else any(c.strip().lower() in IMAGE_COLUMNS for c in columns)):
+            return d
+    return next((d for d in order if len(_header(text, d)) > 1), order[0])
+
+
 def _csv(path: Path, shown: str, classnames, image_key, caption_key, label_key, delimiter):
     raw = path.read_bytes()
     try:
         text, mangled = raw.decode("utf-8-sig"), False
     except UnicodeDecodeError:  # rows with invalid bytes become bad samples, below
         text, mangled = raw.decode("utf-8-sig", errors="replace"), True
+    if delimiter is None:
+        delimiter = _separator(text, path, image_key)
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         columns = reader.fieldnames or []
         rows = list(reader)
     except csv.Error as e:
-        raise ValueError(f"{shown}: not a readable CSV ({e}); check the delimiter= and the "
-                         "file's quoting") from e
-    if image_key not in columns:
-        raise ValueError(f"{shown}: no {image_key!r} column (columns: {columns}); "
-                         "set image_key= / delimiter=")
-    is_labels = caption_key not in columns and label_key in columns
-    if not is_labels and caption_key not in columns:
-        raise ValueError(f"{shown}: neither a {caption_key!r} nor a {label_key!r} column "
-                         f"(columns: {columns}); set caption_key= / label_key=")
+        raise ValueError(f"{shown}: not a readable table ({e}); check the separator "
+                         f"({_option('delimiter')}) and the file's quoting") from e
+    image_key = _find(columns, image_key, IMAGE_COLUMNS, "image_key", shown, True)
+    if caption_key is None and label_key in columns and not any(
+            c.strip().lower() in CAPTION_COLUMNS for c in columns):
+        is_labels = True
+    else:
+        caption_key = _find(columns, caption_key, CAPTION_COLUMNS, "caption_key", shown, True)
+        is_labels = False
+    log.info("abd_fast.data: %s: image column %r, %s column %r, %s-separated", shown,
+             image_key, "label" if is_labels else "caption",
+             label_key if is_labels else caption_key, SEPARATORS.get(delimiter, repr(delimiter)))
     base = path.parent
     files = [str(base / (r[image_key] or "").strip()) for r in rows]
     n = len(rows)

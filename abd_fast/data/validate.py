@@ -23,8 +23,9 @@ log = logging.getLogger("abd_fast.data")
 
 CACHE_VERSION = 1
 FORMATS = ("JPEG", "PNG", "WEBP")
-# Modes that `non_rgb="convert"` turns into RGB; PIL and DALI agree on these exactly.
-CONVERTIBLE = ("L", "LA", "RGBA", "RGBX", "P", "PA", "CMYK", "1")
+# Modes that `non_rgb="convert"` turns into RGB (loader.to_rgb); PIL and DALI agree on these
+# exactly. I;16: a 16-bit grey PNG (mode I in older Pillow).
+CONVERTIBLE = ("L", "LA", "RGBA", "RGBX", "P", "PA", "CMYK", "1", "I;16", "I")
 
 
 def cache_dir() -> Path:
