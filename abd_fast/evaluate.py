@@ -93,9 +93,10 @@ def evaluate(model, loader, *, classnames, trigger=None, target_index: int | Non
     zero_shot_classifier output; else it is built with `tokenizer` (default: open_clip's at
     the model's context length). Under torch.distributed, counts are summed over ranks.
 
-    Returns {"ca_top1", "ca_top5", "asr", "n_eval", "n_asr", "embedding_distance"}: rates in
-    percent, asr and embedding_distance None without a trigger; n_eval = images evaluated,
-    n_asr = non-target-class images (the ASR denominator)."""
+    Returns {"ca_top1", "ca_top5", "asr", "n_eval", "n_asr", "n_classes",
+    "embedding_distance"}: rates in percent, asr and embedding_distance None without a
+    trigger; n_eval = images evaluated, n_asr = non-target-class images (the ASR
+    denominator), n_classes = len(classnames) (chance top-1 = 100 / n_classes)."""
     if trigger is not None and target_index is None:
         raise ValueError("ASR needs the target class: give --target-label with --attack")
     if target_index is not None and not 0 <= target_index < len(classnames):
@@ -135,7 +136,7 @@ def evaluate(model, loader, *, classnames, trigger=None, target_index: int | Non
     if n == 0:
         raise ValueError("the evaluation data yielded no images")
     out = {"ca_top1": 100 * t[0] / n, "ca_top5": 100 * t[1] / n, "asr": None, "n_eval": n,
-           "n_asr": int(t[4]), "embedding_distance": None}
+           "n_asr": int(t[4]), "n_classes": len(classnames), "embedding_distance": None}
     if trigger is not None:
         out["asr"] = 100 * t[3] / t[4] if t[4] else None
         out["embedding_distance"] = t[5] / n

@@ -67,7 +67,11 @@ SIMILARITY_ROWS = {
     "adversarial_unrelated_caption": "adversarial image / unrelated captions",
 }
 TOP_KEYS = ("clean", "attacks", "ablations", "similarity", "timing", "settings", "notes")
-OPTIONAL_TOP_KEYS = ("machine", "schema_version")
+OPTIONAL_TOP_KEYS = ("machine", "schema_version", "warnings")
+# Below these the numbers of a run mean little (weak_model_warnings): a clean model under
+# twice chance has barely learned the classes; a victim under this ASR was not backdoored.
+WEAK_CA_TIMES_CHANCE = 2.0
+WEAK_VICTIM_ASR = 50.0
 
 
 class ReportError(ValueError):
@@ -102,10 +106,11 @@ def _check_result(r, where: str):
         _check_number(r.get(key), f"{where}[{key!r}]", 0, 100, nullable=True)
     _check_number(r.get("embedding_distance"), f"{where}['embedding_distance']", 0, 4,
                   nullable=True)
-    for key in ("n_eval", "n_asr"):
+    for key, least in (("n_eval", 0), ("n_asr", 0), ("n_classes", 1)):
         v = r.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise ReportError(f"{where}[{key!r}]: expected a count (int >= 0), got {v!r}")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+            raise ReportError(f"{where}[{key!r}]: expected a count (int >= {least}), "
+                              f"got {v!r}")
 
 
 def _check_rows(table, where: str, rows: dict):
@@ -173,9 +178,10 @@ def validate_report(report) -> None:
     if recipe is not None and not isinstance(recipe, str):
         raise ReportError(f"report['settings']['recipe']: expected a name or null, got "
                           f"{recipe!r}")
-    notes = report["notes"]
-    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
-        raise ReportError("report['notes']: expected a list of strings")
+    for key in ("notes", "warnings"):
+        v = report.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+            raise ReportError(f"report[{key!r}]: expected a list of strings")
     if not isinstance(report.get("machine", {}), dict):
         raise ReportError("report['machine']: expected a dict (see machine_info())")
     if report.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
@@ -368,6 +374,33 @@ def machine_info() -> dict:
     return info
 
 
+def weak_model_warnings(report: dict) -> list[str]:
+    """Warnings for numbers that mean little: the clean model's zero-shot CA top-1 under
+    twice chance (100 / n_classes; needs the clean result's n_classes), a victim's ASR under
+    50%. Each says what it means and what to try."""
+    out = []
+    clean = report.get("clean") or {}
+    n_classes = clean.get("n_classes")
+    if n_classes and clean["ca_top1"] < WEAK_CA_TIMES_CHANCE * 100 / n_classes:
+        out.append(
+            f"The clean model is weak: zero-shot CA top-1 {clean['ca_top1']:.2f}% is under "
+            f"twice chance ({WEAK_CA_TIMES_CHANCE * 100 / n_classes:.2f}% for {n_classes} "
+            "classes). It has barely learned to tell the classes apart, so the CA and ASR "
+            "differences between its victims and defenses below mean little. Try pretrained "
+            "weights (--pretrained), more epochs (--epochs), or more and more varied caption "
+            "data (captions that name the classes).")
+    for attack, models in report.get("attacks", {}).items():
+        asr = (models.get("victim") or {}).get("asr")
+        if asr is not None and asr < WEAK_VICTIM_ASR:
+            out.append(
+                f"The {attack} victim's ASR is {asr:.2f}%, under {WEAK_VICTIM_ASR:g}%: the "
+                "backdoor did not take hold, so a defense's low ASR on it shows little about "
+                "removing a backdoor. Try more poisoned samples (--poison-rate / "
+                "--poison-count), more poisoning epochs, or a stronger clean model "
+                "(--pretrained, more epochs, more data).")
+    return out
+
+
 def paper_recipe(report: dict) -> bool:
     """True when the run followed one of the paper's recipes (its numbers are printed)."""
     return report["settings"].get("recipe") in PAPER_RECIPES
@@ -387,6 +420,7 @@ def render_markdown(report: dict, plots: dict | None = None) -> str:
     paper = paper_recipe(report)
     sections = [
         ["# abd_fast report", ""],
+        [line for w in report.get("warnings", []) for line in (f"> **Warning:** {w}", "")],
         _run_section(report, paper),
         _clean_section(report["clean"]),
         _table1_section(report["attacks"], paper),
@@ -516,7 +550,8 @@ def write_report(report: dict, out_dir, *, embeddings: dict | None = None) -> di
     report.json, report.md, ca_asr.png (when an attack was run), embedding.png (when
     `embeddings` = {panel title: (clean [N, D], triggered [N, D])} is given) and
     similarity.png (when report["similarity"] is set). report.json is the input plus
-    "schema_version" and, unless given, "machine" (machine_info()).
+    "schema_version" and, unless given, "machine" (machine_info()) and "warnings"
+    (weak_model_warnings(); report.md opens with them).
 
     Returns {"json", "md", "ca_asr", "embedding", "similarity"}: Paths, None for plots not
     drawn."""
@@ -525,6 +560,7 @@ def write_report(report: dict, out_dir, *, embeddings: dict | None = None) -> di
     out.mkdir(parents=True, exist_ok=True)
     data = dict(report, schema_version=SCHEMA_VERSION)
     data.setdefault("machine", machine_info())
+    data.setdefault("warnings", weak_model_warnings(report))
     paths = {"json": out / "report.json", "md": out / "report.md", "ca_asr": None,
              "embedding": None, "similarity": None}
     if any(any(r is not None for r in ms.values()) for ms in report["attacks"].values()):

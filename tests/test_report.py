@@ -124,6 +124,8 @@ def _break(rep, path, value):
     (("similarity", "clean_own_caption"), 250.0, "['clean_own_caption']"),
     (("settings", "recipe"), 3, "['recipe']: expected a name or null"),
     (("notes",), "a note", "report['notes']: expected a list of strings"),
+    (("warnings",), [3], "report['warnings']: expected a list of strings"),
+    (("clean", "n_classes"), 0, "['n_classes']: expected a count (int >= 1)"),
     (("settings", "output"), Path("/tmp/x"), "not JSON-serializable"),
     (("extra_field",), 1, "unknown keys ['extra_field']"),
     (("machine",), "2 cores", "report['machine']: expected a dict"),
@@ -135,6 +137,38 @@ def test_malformed_report_rejected(tmp_path, path, value, message):
         rp.write_report(rep, tmp_path)
     assert message in str(e.value)
     assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("n_classes, clean_ca, victim_asr, expected", [
+    (10, 19.9, 95.0, ["clean"]),              # under twice chance (20% for 10 classes)
+    (10, 20.0, 95.0, []),                     # at twice chance: no warning
+    (1000, 0.15, 49.9, ["clean", "badnet"]),  # ImageNet-sized: 0.2%; a victim under 50%
+    (None, 1.0, 50.0, []),                    # unknown class count: no CA warning
+])
+def test_weak_models_are_warned_about(tmp_path, n_classes, clean_ca, victim_asr, expected):
+    rep = synthetic_report(4)
+    rep["clean"]["ca_top1"] = clean_ca
+    if n_classes is not None:
+        rep["clean"]["n_classes"] = n_classes
+    for attack, models in rep["attacks"].items():   # only badnet's victim may be weak
+        models["victim"]["asr"] = victim_asr if attack == "badnet" else 97.0
+    paths = rp.write_report(rep, tmp_path)
+    warnings = json.loads(paths["json"].read_text())["warnings"]
+    assert len(warnings) == len(expected)
+    for w, kind in zip(warnings, expected):
+        if kind == "clean":
+            assert w.startswith(f"The clean model is weak: zero-shot CA top-1 {clean_ca:.2f}% "
+                                f"is under twice chance ({200 / n_classes:.2f}% for "
+                                f"{n_classes} classes)")
+            assert "--pretrained" in w and "--epochs" in w and "caption data" in w
+        else:
+            assert w.startswith(f"The badnet victim's ASR is {victim_asr:.2f}%, under 50%")
+            assert "--poison-rate" in w and "--pretrained" in w
+    md = paths["md"].read_text().splitlines()
+    shown = [line for line in md if line.startswith("> **Warning:**")]
+    assert shown == [f"> **Warning:** {w}" for w in warnings]
+    if warnings:   # report.md opens with them, right under its title
+        assert md[2] == shown[0]
 
 
 def test_report_not_a_dict():
