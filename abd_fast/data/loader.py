@@ -151,7 +151,8 @@ class Loader:
         self._invalid = {}
         # Mode of each sample as an index into _modes (0 = RGB), to count conversions.
         self._modes = ["RGB"] + sorted(set(checked.modes) - {"RGB"})
-        self._mode_index = np.asarray([self._modes.index(m) for m in checked.modes], np.int64)
+        code = {m: k for k, m in enumerate(self._modes)}
+        self._mode_index = np.asarray([code[m] for m in checked.modes], np.int64)
         for i, (reason, mode) in enumerate(zip(checked.reasons, checked.modes)):
             if not reason and mode != "RGB" and not (non_rgb == "convert" and mode in CONVERTIBLE):
                 reason = f"non-RGB image (mode {mode})"
