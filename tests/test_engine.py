@@ -225,3 +225,27 @@ def test_nan_loss_stops_keeping_last_good_checkpoint(small_data, tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
     assert trainer.step == 5  # the NaN step was not applied
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_epoch_summary_counts_converted_images(tmp_path, capsys):
+    """The end-of-epoch line and metrics.jsonl say how many non-RGB images were converted
+    (and, when any, how many samples were skipped)."""
+    import numpy as np
+
+    from abd_fast.data import build_loader
+    from abd_fast.models import create_model
+    from test_data import encode, write_pairs
+    rng = np.random.default_rng(0)
+    items = [(encode(rng, (34, 32), mode="L" if k % 4 == 0 else "RGB"), f"a shape {k}")
+             for k in range(48)]
+    csv_path, _ = write_pairs(tmp_path / "data", items)
+    seed_everything(0)
+    loader = build_loader(csv_path, train=True, batch_size=24, image_size=32, loader="torch",
+                          num_workers=0)
+    trainer = Trainer(create_model("abd-tiny-vit"), loader, noisy_mmcl(), output_dir=tmp_path,
+                      lr=1e-3, epochs=1, warmup=1, progress=False)
+    trainer.fit()
+    epoch = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "epoch_loss" in line]
+    assert epoch[0]["converted"] == 12 and "skipped" not in epoch[0]
+    assert "converted 12" in capsys.readouterr().out
