@@ -30,7 +30,7 @@ from .stages import Stages, StageError
 NAME = "ablation"
 PASS_FLAGS = ("train_data", "eval_data", "classnames", "target_label", "model", "image_size",
               "batch_size", "epochs", "lr", "warmup", "seed", "loader", "workers",
-              "checkpoint_every")
+              "checkpoint_every", "csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
 
 
 def add_parser(subparsers):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import common_parser, tool_output
+from .common import common_parser, loader_options, open_caption_data, tool_output
 
 NAME = "badclip-trigger"
 
@@ -57,7 +57,7 @@ def _target_images(args, train, naming, size: int):
                          "caption data whose captions name it")
     return torch.cat([b.images for b in build_loader(
         ev.subset(keep, "target"), train=False, batch_size=256, image_size=size,
-        loader="torch", num_workers=0)])
+        loader="torch", num_workers=0, non_rgb=loader_options(vars(args))["non_rgb"])])
 
 
 def run(args) -> int:
@@ -65,7 +65,7 @@ def run(args) -> int:
     (the target class) or else the training images whose captions name the target."""
     from abd_fast.attacks.badclip import BadCLIPConfig, optimize_patch
     from abd_fast.attacks.triggers import save_patch
-    from abd_fast.data import build_loader, open_source
+    from abd_fast.data import build_loader
     from abd_fast.models import create_model, get_tokenizer, image_spec
     for flag in ("train_data", "target_label", "model"):
         if not getattr(args, flag, None):
@@ -74,12 +74,12 @@ def run(args) -> int:
                          image_size=getattr(args, "image_size", None))
     spec = image_spec(model)
     seed = getattr(args, "seed", 0)
-    train = open_source(args.train_data)
+    train = open_caption_data(vars(args))
     naming, captions = _target_captions(train, args.target_label)
     target_images = _target_images(args, train, naming, spec.size)
     batches = build_loader(train, train=True, batch_size=getattr(args, "batch_size", None) or 64,
                            image_size=spec.size, seed=seed,
-                           loader=getattr(args, "loader", None))
+                           loader=getattr(args, "loader", None), **loader_options(vars(args)))
     cfg = BadCLIPConfig(steps=args.steps, lr=args.patch_lr, patch_size=args.patch_size, seed=seed)
     out = tool_output(args)
     with open(out / "badclip_losses.jsonl", "w") as log_file:

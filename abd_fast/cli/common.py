@@ -37,8 +37,8 @@ def common_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("common flags")
     g.add_argument("--config", metavar="FILE", help="YAML file of flag values; flags override it")
     g.add_argument("--train-data", metavar="PATH",
-                   help="caption data: CSV, WebDataset shards (brace pattern/.tar/dir); default: "
-                        "the embedded synthetic dataset")
+                   help="caption data: CSV/TSV, WebDataset shards (brace pattern/.tar/dir); "
+                        "default: the embedded synthetic dataset")
     g.add_argument("--eval-data", metavar="PATH",
                    help="evaluation data: ImageFolder or labels CSV; default: the synthetic "
                         "eval split when training on the synthetic data")
@@ -69,7 +69,60 @@ def common_parser() -> argparse.ArgumentParser:
                         "paper's numbers beside ours)")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="steps between checkpoints (0: only at the end)")
+    caption_data_flags(p)
     return p
+
+
+def separator(value: str) -> str:
+    """--csv-separator: a tab (`tab`, `\\t` or the character), a comma (`comma`, `,`) or any
+    other single character."""
+    s = {"tab": "\t", "\\t": "\t", "comma": ","}.get(str(value).lower(), str(value))
+    if len(s) != 1:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not one character; give tab, comma or the separator itself")
+    return s
+
+
+def caption_data_flags(p: argparse.ArgumentParser):
+    """How to read the caption data (--train-data): open_clip's CSV flags and the non-RGB
+    policy. Evaluation data (a labels CSV) is read by its header."""
+    g = p.add_argument_group("caption data format (--train-data)")
+    g.add_argument("--csv-img-key", metavar="COLUMN",
+                   help="a CSV/TSV's image-path column (default: found from the header: "
+                        "image, filepath, file, path or img)")
+    g.add_argument("--csv-caption-key", metavar="COLUMN",
+                   help="a CSV/TSV's caption column (default: found from the header: caption, "
+                        "title or text)")
+    g.add_argument("--csv-separator", type=separator, metavar="SEP",
+                   help="a CSV/TSV's separator: tab, comma or one character (default: the one "
+                        "that splits the header, tab first for .tsv)")
+    g.add_argument("--non-rgb", choices=["convert", "skip"],
+                   help="grayscale, palette, CMYK, RGBA, 16-bit images: convert to RGB, or "
+                        "skip them as bad samples (default: convert)")
+
+
+def source_options(cfg) -> dict:
+    """open_source's keywords for the caption data, from the caption-data flags (a settings
+    dict, or vars(args) of a tool)."""
+    return {"image_key": cfg.get("csv_img_key"), "caption_key": cfg.get("csv_caption_key"),
+            "delimiter": cfg.get("csv_separator")}
+
+
+def loader_options(cfg) -> dict:
+    """build_loader's keywords for the caption data: source_options and --non-rgb."""
+    return {**source_options(cfg), "non_rgb": cfg.get("non_rgb") or "convert"}
+
+
+def open_caption_data(cfg, source=None):
+    """The Manifest of the caption data (`source`, default --train-data) read with the
+    caption-data flags; a table whose columns or separator cannot be told is a UsageError
+    (its message lists the columns and names the flags)."""
+    from abd_fast.data import open_source
+    source = cfg.get("train_data") if source is None else source
+    try:
+        return open_source(source, **source_options(cfg))
+    except ValueError as e:
+        raise UsageError(f"--train-data: {e}") from e
 
 
 def attack_flags(p: argparse.ArgumentParser, required: bool):
@@ -99,7 +152,8 @@ COMMON_DEFAULTS = dict(config=None, train_data=None, eval_data=None, classnames=
                        target_label=None, model="abd-tiny-rn", pretrained=None,
                        image_size=None, batch_size=128, epochs=7, lr=2e-3, warmup=50, seed=0,
                        loader=None, workers=None, output=None, resume=None, compile=False,
-                       checkpoint_every=0, recipe=None, max_samples=None)
+                       checkpoint_every=0, recipe=None, max_samples=None, csv_img_key=None,
+                       csv_caption_key=None, csv_separator=None, non_rgb=None)
 
 
 def stage_parser(subparsers, name: str, defaults: dict, own_flags=None, *, help: str,
@@ -424,20 +478,17 @@ class Run:
 
     def train_loader(self):
         from abd_fast.data import build_loader
-        source = self.cfg.get("train_data") or self.synthetic.shards
+        source = open_caption_data(self.cfg, self.cfg.get("train_data") or self.synthetic.shards)
         n = self.cfg.get("max_samples")
-        if n is not None:  # a subset of the manifest, so both engines read the same samples
+        if n is not None and n < len(source):  # a subset: the same samples in both engines
             import numpy as np
-
-            from abd_fast.data.sources import open_source
-            manifest = open_source(source)
-            if n < len(manifest):
-                source = manifest.subset(np.sort(np.argsort(manifest.ids, kind="stable")[:n]),
-                                         f"first{n}")
+            source = source.subset(np.sort(np.argsort(source.ids, kind="stable")[:n]),
+                                   f"first{n}")
         return build_loader(source, train=True, batch_size=self.cfg["batch_size"],
                             image_size=self.spec.size, loader=self.cfg.get("loader"),
                             seed=self.cfg["seed"], rank=self.info.rank,
-                            world_size=self.info.world_size, num_workers=self.cfg.get("workers"))
+                            world_size=self.info.world_size, num_workers=self.cfg.get("workers"),
+                            **loader_options(self.cfg))
 
     def eval_loader(self):
         if self.eval_source is None:

@@ -11,7 +11,8 @@ import json
 
 from abd_fast.attacks.triggers import ATTACKS, LOCATIONS
 
-from .common import common_parser, to_uint8, tool_image_size, tool_output
+from .common import (common_parser, loader_options, open_caption_data, to_uint8, tool_image_size,
+                     tool_output)
 
 NAME = "export-poison"
 
@@ -86,17 +87,18 @@ def run(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from abd_fast.data import build_loader, open_source
+    from abd_fast.data import build_loader
     if not getattr(args, "train_data", None):
         raise SystemExit("export-poison needs --train-data (the caption data to poison)")
     size = tool_image_size(args)
-    manifest = open_source(args.train_data)
+    manifest = open_caption_data(vars(args))
     view = poison_view_from_args(args, manifest, size)
     pos = np.nonzero(np.isin(manifest.ids, view.poisoned_ids))[0]
     out = tool_output(args)
     loader = build_loader(manifest.subset(pos, "poison"), train=False,
                           batch_size=getattr(args, "batch_size", None) or 64, image_size=size,
-                          loader="torch", num_workers=0)
+                          loader="torch", num_workers=0,
+                          non_rgb=loader_options(vars(args))["non_rgb"])
     (out / "images").mkdir(exist_ok=True)
     rows = []
     for batch in loader:

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from . import badclip_trigger, defend, poison, pretrain, uap
-from .common import UsageError, check_flag_values, check_output, check_path, own_settings
+from .common import (UsageError, caption_data_flags, check_flag_values, check_output, check_path,
+                     loader_options, own_settings, source_options)
 from .stages import Stages, StageError, clock
 
 NAME = "pipeline"
@@ -118,7 +119,7 @@ def add_parser(subparsers):
         help="the whole job: clean model -> victims -> UAP -> defenses -> ablations -> report",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-data", metavar="PATH",
-                   help="caption data (CSV or WebDataset shards); default: the embedded "
+                   help="caption data (CSV/TSV or WebDataset shards); default: the embedded "
                         "synthetic dataset")
     p.add_argument("--eval-data", metavar="PATH",
                    help="ImageFolder or labels CSV (needed with --train-data)")
@@ -148,6 +149,7 @@ def add_parser(subparsers):
     p.add_argument("--config", metavar="FILE", help="YAML of these flags; flags override it")
     p.add_argument("--resume", action="store_true",
                    help="accepted for symmetry: a re-run always skips completed stages")
+    caption_data_flags(p)  # given to every stage
     return p
 
 
@@ -155,7 +157,9 @@ PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, classnames=None, target_label=None, model="abd-tiny-rn",
     pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
     defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, loader=None,
-    workers=None, recipe=None, output=None, config=None, resume=False, stage_flags=None)
+    workers=None, recipe=None, output=None, config=None, resume=False, stage_flags=None,
+    csv_img_key=None, csv_caption_key=None, csv_separator=None, non_rgb=None)
+CAPTION_DATA_FLAGS = ("csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
 
 
 def _settings(args, parser) -> dict:
@@ -270,7 +274,7 @@ def _data(cfg) -> dict:
         from abd_fast.data import BadDataError, open_source
         try:
             ev = open_source(cfg["eval_data"], classnames=cfg["classnames"])
-            train = open_source(cfg["train_data"])
+            train = open_source(cfg["train_data"], **source_options(cfg))
         except (BadDataError, ValueError, OSError) as e:
             raise UsageError(f"--train-data/--eval-data: {e}") from e
         if not ev.classnames:
@@ -278,8 +282,8 @@ def _data(cfg) -> dict:
                              "--classnames FILE (one name per line, in label order)")
         if train.captions is None:
             raise UsageError(f"--train-data {cfg['train_data']}: no captions found; give "
-                             "image-caption pairs (CSV with image,caption columns or "
-                             "WebDataset .jpg/.txt shards)")
+                             "image-caption pairs (a CSV/TSV with image and caption columns "
+                             "or WebDataset .jpg/.txt shards)")
         data = dict(train=str(cfg["train_data"]), eval=str(cfg["eval_data"]),
                     classnames=cfg["classnames"], names=list(ev.classnames),
                     target=cfg["target_label"], version=train.fingerprint)
@@ -349,7 +353,7 @@ class _StageFlags:
                   cfg["model"], "--seed", cfg["seed"]]
         if data["classnames"]:
             common += ["--classnames", data["classnames"]]
-        for key in ("image_size", "loader", "workers"):
+        for key in ("image_size", "loader", "workers", *CAPTION_DATA_FLAGS):
             if cfg[key] is not None:
                 common += [f"--{key.replace('_', '-')}", cfg[key]]
         self.common = common
@@ -391,11 +395,13 @@ def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
     wall = time.perf_counter() - t_start
     report = _report(cfg, data, st, results, tables, analysis.get("similarity"), uaps, notes,
                      wall=wall, demo=flags.demo)
-    from abd_fast.report import write_report
+    from abd_fast.report import weak_model_warnings, write_report
     paths = write_report(report, out, embeddings=analysis.get("embeddings"))
     print(f"report: {paths['md']} and {paths['json']}; plots: "
           + ", ".join(str(p) for k, p in paths.items() if k not in ("md", "json") and p)
           + f" | {clock(wall)} in this invocation", flush=True)
+    for warning in weak_model_warnings(report):  # report.md opens with them too
+        print(f"WARNING: {warning}", flush=True)
     return report
 
 
@@ -523,7 +529,8 @@ def _analyse(cfg, data, out: Path, victims, uaps) -> dict:
     tok = get_tokenizer(cfg["model"])
     n_batches = QUICK_OVERRIDES["similarity_batches"] if cfg["quick"] else SIMILARITY_BATCHES
     captions = build_loader(data["train"], train=False, batch_size=250, image_size=spec.size,
-                            loader=cfg["loader"], num_workers=cfg["workers"])
+                            loader=cfg["loader"], num_workers=cfg["workers"],
+                            **loader_options(cfg))
     sim = similarity_analysis(victim, captions, target=data["target"], trigger=trigger,
                               uap=UAP.load(uaps[a]) if a in uaps else None, mean=mean, std=std,
                               tokenizer=tok, max_batches=n_batches)

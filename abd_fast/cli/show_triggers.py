@@ -1,7 +1,7 @@
 """`show-triggers --output DIR`: a PNG grid of clean images vs each trigger."""
 from __future__ import annotations
 
-from .common import common_parser, to_uint8, tool_image_size, tool_output
+from .common import common_parser, loader_options, to_uint8, tool_image_size, tool_output
 
 NAME = "show-triggers"
 
@@ -21,9 +21,10 @@ def _sample_images(args, n: int, size: int):
     source = getattr(args, "eval_data", None) or getattr(args, "train_data", None)
     if source:
         from abd_fast.data import build_loader
+        caption_data = {} if getattr(args, "eval_data", None) else loader_options(vars(args))
         loader = build_loader(source, train=False, batch_size=n, image_size=size,
                               loader="torch", num_workers=0,
-                              classnames=getattr(args, "classnames", None))
+                              classnames=getattr(args, "classnames", None), **caption_data)
         batch = next(iter(loader))
         return batch.images, batch.ids
     import io
