@@ -10,5 +10,6 @@ dispatcher calls run by the command's kind:
       run other commands in-process through run_command (the dispatcher's main)
 common.py holds the common flags, config files, validation and the run set-up (Run);
 stages.py the resumable stage runner the jobs share. Adding a command: its module, and one
-line in abd_fast/train.py.
+line in abd_fast/train.py. open_clip_train.py is the other entry point's (python -m
+abd_fast.open_clip_train: open_clip's own trainer with our ClipLoss).
 """
