@@ -414,9 +414,9 @@ PLOT_CAPTIONS = {"ca_asr": "CA and ASR per attack and defense",
 
 
 def render_markdown(report: dict, plots: dict | None = None) -> str:
-    """report.md: settings and machine, Table I, Table II, Table III, similarity, timing,
-    plots (file names relative to report.md) and notes. With a paper recipe, the paper's
-    numbers (PAPER_REFERENCE) stand beside ours."""
+    """report.md: warnings, settings and machine, Table I, Table II, Table III, similarity,
+    timing, plots (file names relative to report.md) and notes. With a paper recipe, the
+    paper's numbers (PAPER_REFERENCE) stand beside ours."""
     paper = paper_recipe(report)
     sections = [
         ["# abd_fast report", ""],

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from abd_fast.report import weak_model_warnings
 from test_pipeline import _run, cache  # noqa: F401 (fixture)
 from test_train_cli import run_main, small_data  # noqa: F401 (fixture)
 
@@ -84,6 +85,12 @@ def test_pipeline_on_open_clip_tables(cache, tables, small_data, tmp_path, capsy
           *(_flags(layout) if given else [])], capsys)
     report = json.loads((out / "report.json").read_text())
     assert report["attacks"]["badnet"]["ft"]["n_eval"] == 20
+    # Whatever this tiny run's numbers, its weak-model warnings are the report's and open
+    # report.md (the clean result carries the class count they need).
+    assert report["clean"]["n_classes"] == 10
+    assert report["warnings"] == weak_model_warnings(report)
+    md = (out / "report.md").read_text()
+    assert all(f"> **Warning:** {w}" in md for w in report["warnings"])
     argv = json.loads((out / "poison-badnet" / "stage.json").read_text())["argv"]
     if given:  # the stages get the flags (the separator as parsed)
         assert argv[argv.index("--csv-caption-key") + 1] == "title"

@@ -57,7 +57,8 @@ def _target_images(args, train, naming, size: int):
                          "caption data whose captions name it")
     return torch.cat([b.images for b in build_loader(
         ev.subset(keep, "target"), train=False, batch_size=256, image_size=size,
-        loader="torch", num_workers=0, non_rgb=loader_options(vars(args))["non_rgb"])])
+        loader="torch", num_workers=0,
+        non_rgb="convert" if ev is not train else loader_options(vars(args))["non_rgb"])])
 
 
 def run(args) -> int:

@@ -51,7 +51,3 @@ def main(argv=None) -> int:
     prepare()
     from open_clip_train.main import main as open_clip_main
     return 1 if open_clip_main(argv) == -1 else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -145,9 +145,9 @@ def open_source(source, *, classnames=None, image_key: str | None = None,
             return _webdataset(s, tars)
         if any(q.is_dir() and not q.name.startswith(".") for q in p.iterdir()):
             return _imagefolder(p, s, classnames)
-    raise ValueError(f"cannot recognize data source {s!r}: expected a .csv or .tsv file, WebDataset "
-                     "shards (a .tar, a brace pattern like shards/{00000..00099}.tar, or a "
-                     "directory of .tar files) or an ImageFolder directory of class folders")
+    raise ValueError(f"cannot recognize data source {s!r}: expected a .csv or .tsv file, "
+                     "WebDataset shards (a .tar, a brace pattern like shards/{00000..00099}.tar, "
+                     "or a directory of .tar files) or an ImageFolder directory of class folders")
 
 
 def _stat_key(paths) -> list:
@@ -186,8 +186,9 @@ def _header(text: str, delimiter: str) -> list[str]:
 
 
 def _find(columns: list[str], given: str | None, candidates, key: str, shown: str,
-          required: bool) -> str | None:
-    """The column named `given`, else the one column among `candidates` (any case)."""
+          other: str = "") -> str:
+    """The column named `given`, else the one column among `candidates` (any case); `other`
+    ends the message when there is none."""
     if given is not None:
         if given not in columns:
             raise ValueError(f"{shown}: no {given!r} column (columns found: {columns}); "
@@ -197,12 +198,12 @@ def _find(columns: list[str], given: str | None, candidates, key: str, shown: st
     if len(found) > 1:
         raise ValueError(f"{shown}: several possible {key.split('_')[0]} columns {found} "
                          f"(columns found: {columns}); choose one with {_option(key)}")
-    if not found and required:
+    if not found:
         raise ValueError(f"{shown}: no {key.split('_')[0]} column among the columns found "
                          f"{columns} (looked for {list(candidates)}); name it with "
                          f"{_option(key)}, or give {_option('delimiter')} if the separator "
-                         "is neither a comma nor a tab")
-    return found[0] if found else None
+                         f"is neither a comma nor a tab{other}")
+    return found[0]
 
 
 def _separator(text: str, path: Path, image_key: str | None) -> str:
@@ -232,12 +233,13 @@ def _csv(path: Path, shown: str, classnames, image_key, caption_key, label_key, 
     except csv.Error as e:
         raise ValueError(f"{shown}: not a readable table ({e}); check the separator "
                          f"({_option('delimiter')}) and the file's quoting") from e
-    image_key = _find(columns, image_key, IMAGE_COLUMNS, "image_key", shown, True)
+    image_key = _find(columns, image_key, IMAGE_COLUMNS, "image_key", shown)
     if caption_key is None and label_key in columns and not any(
             c.strip().lower() in CAPTION_COLUMNS for c in columns):
         is_labels = True
     else:
-        caption_key = _find(columns, caption_key, CAPTION_COLUMNS, "caption_key", shown, True)
+        caption_key = _find(columns, caption_key, CAPTION_COLUMNS, "caption_key", shown,
+                            f" (evaluation data: a {label_key!r} column instead)")
         is_labels = False
     log.info("abd_fast.data: %s: image column %r, %s column %r, %s-separated", shown,
              image_key, "label" if is_labels else "caption",
