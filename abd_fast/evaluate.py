@@ -21,13 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from abd_fast.models import image_features, text_features
+from abd_fast.models import image_features, imagenet_templates, text_features
 from abd_fast.ops import normalize_images
-
-
-def _templates():
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-    return OPENAI_IMAGENET_TEMPLATES
 
 
 def default_tokenizer(model):
@@ -58,7 +53,7 @@ def zero_shot_classifier(model, tokenizer, classnames, templates=None, device="c
 
     templates: callables name -> prompt (default open_clip's 80 OPENAI_IMAGENET_TEMPLATES).
     Texts are encoded in chunks of at most max_texts prompts (whole classes)."""
-    templates = _templates() if templates is None else templates
+    templates = imagenet_templates() if templates is None else templates
     if not classnames:
         raise ValueError("zero-shot classification needs class names (--classnames)")
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
@@ -170,7 +165,7 @@ def similarity_analysis(model, loader, *, target: str, trigger=None, uap=None, m
     over them. trigger: an attack Trigger; uap: a defenses.uap.UAP; either may be None (its
     entries are then None). Returns the five values, n_images and target (report.json's
     "similarity" schema, docs/REPORT.md)."""
-    templates = _templates() if templates is None else templates
+    templates = imagenet_templates() if templates is None else templates
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
     sums = torch.zeros(5, dtype=torch.float64)
     n = 0

@@ -104,6 +104,13 @@ def get_tokenizer(name: str):
 
 # ---- weights -------------------------------------------------------------------------------
 
+def imagenet_templates():
+    """The 80 OpenAI ImageNet prompt templates (callables: class name -> caption): zero-shot
+    classifiers average over them, and the poisoning draws target captions from them."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    return OPENAI_IMAGENET_TEMPLATES
+
+
 def load_weights(model, path: str | os.PathLike, flag: str = "--pretrained"):
     """Loads the weights of the file `path` into `model` (strict), adapting open_clip's and
     OpenAI's layouts. Raises WeightsError with the file and the reason on any problem."""

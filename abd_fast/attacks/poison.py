@@ -21,13 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from abd_fast.models import imagenet_templates
+
 from .triggers import STREAM_CAPTION, STREAM_SELECT, Trigger, uniform
-
-
-def caption_templates():
-    """The 80 OpenAI ImageNet templates (callables: class name -> caption)."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-    return OPENAI_IMAGENET_TEMPLATES
 
 
 def target_regex(target: str):
@@ -111,7 +107,7 @@ class PoisonView:
         if self.trigger.name == "badclip" and self.natural_captions:
             pool = self.natural_captions
             return [pool[int(v * len(pool))] for v in u]
-        templates = caption_templates()
+        templates = imagenet_templates()
         return [templates[int(v * len(templates))](self.target) for v in u]
 
     def captions(self, ids: Tensor, captions: list[str]) -> list[str]:

@@ -28,12 +28,13 @@ def _target_captions(train, target: str):
     the patch is pulled towards: those captions, else the templates with the target."""
     import numpy as np
 
-    from abd_fast.attacks.poison import caption_templates, target_regex
+    from abd_fast.attacks.poison import target_regex
+    from abd_fast.models import imagenet_templates
     regex = target_regex(target)
     naming = np.asarray([i for i, c in enumerate(train.captions) if regex.search(c.lower())],
                         np.int64)
     captions = sorted({train.captions[i] for i in naming}) or [t(target) for t in
-                                                               caption_templates()]
+                                                               imagenet_templates()]
     return naming, captions
 
 
