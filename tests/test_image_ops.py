@@ -280,3 +280,28 @@ def test_shared_src_gradient_is_deterministic(kind):
         torch.set_num_threads(threads)
     assert grads[0].abs().sum() > 0
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_warp_refuses_a_grid_that_requires_grad_at_once(backend):
+    """The fused warp has no grid gradient: the call itself fails with a clear error (before,
+    it was accepted and failed later, in backward). Without grad mode, or with the grid
+    detached, the same call runs; the reference backend differentiates through the grid."""
+    dev = device_of(backend)
+    images = make_images(torch.uint8, dev)
+    grid, kw, _ = make_case("warp", False, dev)
+    grid.requires_grad_(True)
+    with pytest.raises(ValueError, match="no gradient with respect to its grid"):
+        apply_trigger(images, "warp", grid=grid, backend=backend)
+    op = torch.ops.abd_fast.image_op_triton if backend == "triton" else torch.ops.abd_fast.image_op
+    args = list(op_args("warp", dev))
+    args[2] = args[2].requires_grad_(True)
+    with pytest.raises(ValueError, match="grid.detach()"):
+        op(*args)
+    with torch.no_grad():
+        out = apply_trigger(images, "warp", grid=grid, backend=backend)
+    torch.testing.assert_close(out, apply_trigger(images, "warp", grid=grid.detach(),
+                                                  backend=backend))
+    ref = apply_trigger(images, "warp", grid=grid, backend="reference")
+    (g,) = torch.autograd.grad(ref.sum(), grid)
+    assert g.abs().sum() > 0

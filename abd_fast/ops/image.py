@@ -50,6 +50,11 @@ def _fake_backward(grad_out, images, kind, src, loc, rows, alpha, eps, std):
 
 def _setup_context(ctx, inputs, output):
     images, kind, src, loc, rows, alpha, eps, mean, std, out_dtype = inputs
+    if kind == "warp" and src.requires_grad:
+        # Refused here, when the call is recorded, rather than when backward reaches it.
+        raise ValueError("the fused warp has no gradient with respect to its grid: pass "
+                         "grid.detach() (or compute the warp under torch.no_grad()), or use "
+                         "backend='reference' (grid_sample) to differentiate through the grid")
     ctx.save_for_backward(images, src, loc, rows, std)
     ctx.kind, ctx.alpha, ctx.eps = kind, alpha, eps
 
