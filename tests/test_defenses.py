@@ -164,8 +164,9 @@ def test_uap_gradient_reaches_the_generator():
 def test_discriminator_output_and_weight_clipping():
     for S in (32, 37, 64):
         d = Discriminator(S)
-        out = d(torch.randn(3, 3, S, S))
-        assert out.shape == (3,) and ((out > 0) & (out < 1)).all()
+        out = d(torch.randn(3, 3, S, S))  # logits: the losses take the logits form
+        assert out.shape == (3,) and out.isfinite().all()
+        assert isinstance(d.net[-1], torch.nn.Conv2d)
     d = Discriminator(32)
     with torch.no_grad():
         for p in d.parameters():
@@ -222,14 +223,14 @@ def test_backdoor_loss_sign_and_pairing():
 
 def test_generator_loss_is_the_sum_of_its_terms():
     B, D, S = 4, 8, 16
-    d_fake = torch.rand(B) * 0.8 + 0.1
+    d_fake = torch.randn(B)  # the discriminator's logits
     adv, clean = torch.randn(B, 3, S, S), torch.randn(B, 3, S, S)
     fc, fa, ft = torch.randn(B, D), torch.randn(B, D), torch.randn(B, D)
     bd = torch.tensor(0.37)
     total, terms = generator_loss(d_fake, adv, clean, fc, fa, ft, backdoor=bd, lambda_bd=2.0)
     nce = lambda q, k: nce_by_hand(F.normalize(q.double(), dim=-1),  # noqa: E731
                                    F.normalize(k.double(), dim=-1), 10.0)
-    want = (-torch.log(d_fake.double()).mean().item()
+    want = (-torch.log(torch.sigmoid(d_fake.double())).mean().item()
             + 10 * (-nce(fc, fa) - 5 * nce(fa, ft))
             + F.mse_loss(adv, clean).item()
             + (-topology_by_hand(fc.double(), fa.double())
@@ -237,9 +238,10 @@ def test_generator_loss_is_the_sum_of_its_terms():
             + 2.0 * 0.37)
     assert total.item() == pytest.approx(want, rel=1e-4)
     assert set(terms) == {"gan", "adv", "mse", "topo", "backdoor"}
-    d_real = torch.rand(B) * 0.8 + 0.1
+    d_real = torch.randn(B)
     assert discriminator_loss(d_real, d_fake).item() == pytest.approx(
-        (-torch.log(d_real).mean() - torch.log(1 - d_fake).mean()).item(), rel=1e-5)
+        (-torch.log(torch.sigmoid(d_real)).mean()
+         - torch.log(1 - torch.sigmoid(d_fake)).mean()).item(), rel=1e-5)
 
 
 # ---- views -------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from torch import Tensor
 from abd_fast.evaluate import default_tokenizer
 from abd_fast.models import image_features, text_features
 from abd_fast.ops import apply_trigger, normalize_images
+from abd_fast.precision import (autocast, channels_last, full_precision, image_dtype,
+                                resolve_precision)
 
 from .triggers import STREAM_BADCLIP_INIT, patch_side, uniform
 
@@ -59,7 +61,9 @@ def _encode_texts(model, tokenizer, texts, device, chunk=512) -> Tensor:
 
 
 def _encode_images(model, images, mean, std, chunk=256) -> Tensor:
-    out = [image_features(model, normalize_images(images[k:k + chunk], mean, std))
+    dtype = image_dtype(images.device)
+    out = [image_features(model, normalize_images(images[k:k + chunk], mean, std,
+                                                  out_dtype=dtype))
            for k in range(0, len(images), chunk)]
     return torch.cat(out)
 
@@ -67,20 +71,26 @@ def _encode_images(model, images, mean, std, chunk=256) -> Tensor:
 def badclip_losses(a: Tensor, c: Tensor, t: Tensor, v: Tensor, batch_text: Tensor,
                    cfg: BadCLIPConfig) -> dict[str, Tensor]:
     """The three losses (module docstring) for anchors a [B,D], clean c [B,D], target text t
-    [D], target image v [D] and the batch's caption embeddings [B,D]; all L2-normalized."""
-    texts = torch.cat([t[None], batch_text])                        # [1 + B, D]
-    logits = a @ texts.T / cfg.temperature
-    contrastive = F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))
-    to_target = 1 - a @ v
-    pull = to_target.mean()
-    triplet = F.relu(cfg.margin + to_target - (1 - (a * c).sum(1))).mean()
+    [D], target image v [D] and the batch's caption embeddings [B,D]; all L2-normalized.
+    Computed in fp32 even under autocast (bf16 logits at temperature 0.07 would be off by
+    ~0.05, the triplet's margins by ~1/256)."""
+    a, c, t, v, batch_text = (x.float() for x in (a, c, t, v, batch_text))
+    with full_precision(a.device):
+        texts = torch.cat([t[None], batch_text])                    # [1 + B, D]
+        logits = a @ texts.T / cfg.temperature
+        contrastive = F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long,
+                                                          device=a.device))
+        to_target = 1 - a @ v
+        pull = to_target.mean()
+        triplet = F.relu(cfg.margin + to_target - (1 - (a * c).sum(1))).mean()
     total = cfg.w_contrastive * contrastive + cfg.w_pull * pull + cfg.w_triplet * triplet
     return {"loss": total, "contrastive": contrastive, "pull": pull, "triplet": triplet}
 
 
 def optimize_patch(model, batches, *, target_captions: list[str], target_images: Tensor,
                    mean, std, config: BadCLIPConfig | None = None, tokenizer=None,
-                   device="cpu", log=None) -> tuple[Tensor, list[dict]]:
+                   device="cpu", log=None, precision: str | None = "auto"
+                   ) -> tuple[Tensor, list[dict]]:
     """Optimizes the BadCLIP patch against `model` (frozen; its mode and requires_grad flags
     are restored after).
 
@@ -88,7 +98,8 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
     cycled until config.steps steps ran. target_captions: captions naming the target
     (natural ones from the data, or templates). target_images: uint8 [N,3,S,S] images of the
     target class. Returns (patch float32 [3,p,p] in [0,1], per-step loss dicts).
-    log(step, losses) is called every step when given."""
+    log(step, losses) is called every step when given. precision: of the model's forward
+    passes (abd_fast.precision; the patch, Adam and the losses stay fp32)."""
     cfg = config or BadCLIPConfig()
     if not target_captions:
         raise ValueError("BadCLIP needs captions naming the target (--target-label)")
@@ -103,8 +114,12 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
     model.eval()
     for q, _ in flags:
         q.requires_grad_(False)
+    precision = resolve_precision(precision, device)
+    layout = torch.channels_last if channels_last(precision, device) else None
+    if layout is not None:
+        model.to(memory_format=layout)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             t = F.normalize(_encode_texts(model, tokenizer, list(target_captions), device)
                             .mean(0), dim=0)
             v = F.normalize(_encode_images(model, target_images.to(device), mean, std).mean(0),
@@ -119,12 +134,16 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
             if batch.captions is None:
                 raise ValueError("BadCLIP's contrastive loss needs caption data (--train-data)")
             images = batch.images.to(device)
-            with torch.no_grad():
-                c = image_features(model, normalize_images(images, mean, std))
-                batch_text = _encode_texts(model, tokenizer, list(batch.captions), device)
-            x = apply_trigger(images, "patch", patch=patch, ys=m, xs=m, mean=mean, std=std)
-            a = image_features(model, x)
-            losses = badclip_losses(a, c, t, v, batch_text, cfg)
+            with autocast(device, precision):
+                dtype = image_dtype(device)
+                with torch.no_grad():
+                    c = image_features(model, normalize_images(images, mean, std,
+                                                               out_dtype=dtype))
+                    batch_text = _encode_texts(model, tokenizer, list(batch.captions), device)
+                x = apply_trigger(images, "patch", patch=patch, ys=m, xs=m, mean=mean, std=std,
+                                  out_dtype=dtype)
+                a = image_features(model, x)
+                losses = badclip_losses(a, c, t, v, batch_text, cfg)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
@@ -138,4 +157,6 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
         model.train(was_training)
         for q, flag in flags:
             q.requires_grad_(flag)
+        if layout is not None:
+            model.to(memory_format=torch.contiguous_format)
     return patch.detach().cpu(), history

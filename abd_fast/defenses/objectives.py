@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from abd_fast.ops import ClipLoss, info_nce
+from abd_fast.precision import full_precision
 
 
 class Contrastive:
@@ -95,7 +96,8 @@ class TextBank:
             raise RuntimeError("RoCLIP's text bank is empty: fill it before the first "
                                "nearest-neighbour epoch")
         bank = self.features[:self.count].to(image_features.device)
-        sim = F.normalize(image_features.detach().float(), dim=-1) @ bank.T
+        with full_precision(bank.device):  # a bf16 product would blur close neighbours
+            sim = F.normalize(image_features.detach().float(), dim=-1) @ bank.T
         return bank[sim.argmax(dim=1)].to(image_features.dtype)
 
     def state_dict(self) -> dict:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from abd_fast.ops import apply_perturbation, info_nce
+from abd_fast.precision import full_precision
 
 MODES = ("patch", "linf")
 
@@ -85,7 +86,10 @@ def _bn(c: int) -> nn.BatchNorm2d:
 
 class Discriminator(nn.Module):
     """AdvCLIP's discriminator: stride-2 convs (LeakyReLU 0.2, BatchNorm after the first) down to
-    at most 4x4, then a conv over what is left and a sigmoid: [B, 3, S, S] -> [B] in (0, 1)."""
+    at most 4x4, then a conv over what is left: [B, 3, S, S] -> [B] logits. AdvCLIP ends with a
+    sigmoid and a BCE on its output; here the losses take the logits
+    (binary_cross_entropy_with_logits: the same loss, stable in bf16/fp16, and the form CUDA
+    autocast accepts: it refuses F.binary_cross_entropy). sigmoid(D(x)) is the probability."""
 
     def __init__(self, image_size: int, width: int = 32):
         super().__init__()
@@ -96,7 +100,7 @@ class Discriminator(nn.Module):
             layers += [nn.BatchNorm2d(out)] if c != 3 else []
             layers += [nn.LeakyReLU(0.2)]
             c, s = out, s // 2
-        layers += [nn.Conv2d(c, 1, s, 1, 0), nn.Sigmoid()]
+        layers += [nn.Conv2d(c, 1, s, 1, 0)]
         self.net = nn.Sequential(*layers)
         for m in self.net:
             if isinstance(m, nn.Conv2d):
@@ -156,12 +160,15 @@ def topology_loss(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
         sim = (2.0 - dist) / 2.0
         return sim / sim.sum(dim=1, keepdim=True)
 
-    q, p = graph(_unit(a)), graph(_unit(b))
-
     def kl(p_, q_):
         return (p_ * ((p_ + eps).log() - (q_ + eps).log())).sum()
 
-    return kl(p, q) + kl(1 - p, 1 - q)
+    # fp32 even under autocast: bf16's 8-bit mantissa would round cosine similarities near 1
+    # (the nearest neighbours this graph is about) to steps of 1/256, and eps = 1e-7 in the
+    # logs is below bf16's resolution near 1.
+    with full_precision(a.device):
+        q, p = graph(_unit(a)), graph(_unit(b))
+        return kl(p, q) + kl(1 - p, 1 - q)
 
 
 def backdoor_loss(reference_features: Tensor, adversarial_features: Tensor, *, tau: float = 0.1,
@@ -195,11 +202,12 @@ def generator_loss(d_fake: Tensor, adv_images: Tensor, clean_images: Tensor,
         L_adv  = -InfoNCE(E_p(x), E_p(x')) - beta * InfoNCE(E_p(x'), E_T(t))
         L_topo = -U(E_p(x), E_p(x')) - gamma * U(E_p(x'), E_T(t))
 
-    d_fake: D(x') [B]; adv_images / clean_images: the normalized images x', x [B,3,S,S];
-    *_features: E_p(x), E_p(x'), E_T(t) [B, D]. Returns (L_G, its terms, detached)."""
-    gan = F.binary_cross_entropy(d_fake, torch.ones_like(d_fake))
+    d_fake: the discriminator's logits D(x') [B]; adv_images / clean_images: the normalized
+    images x', x [B,3,S,S]; *_features: E_p(x), E_p(x'), E_T(t) [B, D]. Returns (L_G, its
+    terms, detached). Safe under autocast: the BCE, MSE and topology terms run in fp32."""
+    gan = _bce(d_fake, 1.0)
     adv = -nce(clean_features, adv_features, tau) - beta * nce(adv_features, text_features, tau)
-    mse = F.mse_loss(adv_images, clean_images)
+    mse = F.mse_loss(adv_images.float(), clean_images.float())
     topo = (-topology_loss(clean_features, adv_features)
             - gamma * topology_loss(adv_features, text_features))
     total = gan + alpha * adv + mse + delta * topo
@@ -211,9 +219,14 @@ def generator_loss(d_fake: Tensor, adv_images: Tensor, clean_images: Tensor,
 
 
 def discriminator_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
-    """BCE(D(x), 1) + BCE(D(x'), 0)."""
-    return (F.binary_cross_entropy(d_real, torch.ones_like(d_real))
-            + F.binary_cross_entropy(d_fake, torch.zeros_like(d_fake)))
+    """BCE(D(x), 1) + BCE(D(x'), 0), from the discriminator's logits."""
+    return _bce(d_real, 1.0) + _bce(d_fake, 0.0)
+
+
+def _bce(logits: Tensor, target: float) -> Tensor:
+    """BCE(sigmoid(logits), target) in fp32, in the logits form (module Discriminator)."""
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
 # ---- the trained UAP as a file and as an evaluation "trigger" ------------------------------

@@ -1,0 +1,103 @@
+"""Numeric precision of the training loops: which autocast dtype, which memory layout.
+
+    precision = resolve_precision("auto", device)     # "bf16" or "fp32" (or "fp16")
+    with autocast(device, precision): loss = loss_fn(...)
+    x = normalize_images(images, mean, std, out_dtype=image_dtype(device))
+
+auto picks bf16 autocast only where the hardware runs it fast: a GPU (fp16 with a GradScaler
+on one without bf16), or a CPU with AMX-BF16 or AVX512-BF16, whose oneDNN kernels take bf16
+natively (a quick probe on such a Xeon: a ViT-B/32 forward + backward 1.69x faster than
+fp32). Elsewhere, e.g. a CPU with AVX2 only, bf16 is emulated and slower than fp32, so auto
+is fp32. Explicit "fp32" is today's arithmetic exactly (NCHW, no autocast); "bf16"/"fp16"
+autocast the forward pass; parameters, optimizer states and loss accumulation stay fp32.
+
+Channels-last: with bf16 on a CPU the convolution towers run channels-last (oneDNN's native
+layout for bf16; bf16 with NCHW inputs was once measured ~5x slower than fp32 under load).
+In fp32 the layout stays NCHW (docs/PERFORMANCE.md: channels-last measured no faster in
+fp32 on the AVX2 machine).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# CPU features whose presence makes bf16 matrix math faster than fp32 (/proc/cpuinfo names).
+FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags: /proc/cpuinfo's `flags`, else torch's own capability query
+    (the features it reports as present, under the same names)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return frozenset()
+    return frozenset(k for k, v in caps.items() if v is True)
+
+
+def auto_precision(device_type: str, flags=None, cuda_bf16: bool | None = None) -> str:
+    """What `--precision auto` means on a device: "bf16" on a GPU with bf16 ("fp16" on an older
+    one) and on a CPU with any of FAST_BF16_CPU_FLAGS; "fp32" otherwise. flags: the CPU's
+    feature names (default: this CPU's); cuda_bf16: whether the GPU has bf16 (default: asks)."""
+    if device_type == "cuda":
+        if cuda_bf16 is None:
+            cuda_bf16 = torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp16"
+    if device_type == "cpu":
+        flags = cpu_flags() if flags is None else frozenset(flags)
+        return "bf16" if flags & set(FAST_BF16_CPU_FLAGS) else "fp32"
+    return "fp32"
+
+
+def resolve_precision(precision: str | None, device) -> str:
+    """"auto" (or None) -> auto_precision(device); checks the name."""
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    device = torch.device(device)
+    return auto_precision(device.type) if precision == "auto" else precision
+
+
+def channels_last(precision: str, device) -> bool:
+    """Whether convolution towers and their inputs run channels-last: with autocast (bf16/fp16),
+    oneDNN's and cuDNN's fast layout for those dtypes; not in fp32, where it was measured no
+    faster here and would change today's fp32 arithmetic (module doc)."""
+    return precision in DTYPES
+
+
+def autocast(device, precision: str):
+    """The autocast context of a resolved precision (disabled for fp32)."""
+    device_type = torch.device(device).type
+    if precision == "fp32":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=DTYPES[precision])
+
+
+def image_dtype(device) -> torch.dtype:
+    """The dtype the fused image ops should write for the model: autocast's dtype when autocast
+    is on (the first convolution or patch embedding then takes the batch without a cast),
+    float32 otherwise."""
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32
+
+
+@contextlib.contextmanager
+def full_precision(device):
+    """Autocast off inside (for loss math that loses too much in bf16: similarity graphs,
+    KL terms, nearest-neighbour search); inputs must be cast to fp32 by the caller."""
+    with torch.autocast(torch.device(device).type, enabled=False):
+        yield
