@@ -32,6 +32,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from abd_fast.precision import autocast, resolve_precision
+from abd_fast.precision import channels_last as use_channels_last
+
 
 def effective_warmup(warmup: int, total: int) -> int:
     """Warmup steps actually used: at most total - 2, so the cosine has a first and last step."""
@@ -190,6 +193,30 @@ def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+# ---- torch.compile ---------------------------------------------------------------------------
+
+# Whether each training loop runs torch.compile by default (--compile/--no-compile), decided
+# by measurement including the compile time over a stage (docs/PERFORMANCE.md).
+COMPILE_DEFAULTS = {"pretrain": True, "poison": True, "badclip-trigger": False, "uap": False,
+                    "defend": True}
+
+
+def use_compile_cache():
+    """Points inductor's on-disk caches (FX graphs, AOTAutograd graphs, generated kernels) at
+    <abd_fast cache>/inductor unless TORCHINDUCTOR_CACHE_DIR is set: a graph compiled once is
+    loaded, not recompiled, by the pipeline's later stages and by later runs."""
+    from abd_fast.data.validate import cache_dir
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+def compile_module(module):
+    """torch.compile(module) with static shapes (a training loader drops its last partial
+    batch, so a stage sees one batch shape; dynamic shapes would compile slower code after
+    the first shape change) and the abd_fast compile cache."""
+    use_compile_cache()
+    return torch.compile(module, dynamic=False)
+
+
 # ---- RNG state -----------------------------------------------------------------------------
 
 def seed_everything(seed: int):
@@ -289,9 +316,13 @@ class Trainer:
     written by a Trainer of the same run. config: the run's settings (plain types), stored
     in checkpoints. extra: {name: object with state_dict()/load_state_dict()} saved and
     restored with the checkpoint (a stage's other modules or optimizers).
-    precision: "bf16" (autocast), "fp16" (autocast + GradScaler) or "fp32"; default bf16 on
-    GPU, fp32 on CPU. optimizer: a factory model -> torch optimizer (default: AdamW with
-    make_optimizer's groups); schedule: "cosine" (warmup + cosine to 0, lr_at) or "constant".
+    precision: "auto" (default: bf16 where the hardware runs it fast, else fp32; see
+    abd_fast.precision), "bf16" (autocast), "fp16" (autocast + GradScaler) or "fp32" (no
+    autocast: today's arithmetic exactly). channels_last: convolution weights (and so their
+    outputs) channels-last; default: abd_fast.precision.channels_last(precision). compile:
+    torch.compile the model (compile_module: fixed shapes, the abd_fast inductor cache).
+    optimizer: a factory model -> torch optimizer (default: AdamW with make_optimizer's
+    groups); schedule: "cosine" (warmup + cosine to 0, lr_at) or "constant".
 
     Files in output_dir (rank 0 only): checkpoint.pt (atomic; model, optimizer, scaler, step,
     epoch, batch position in the epoch, RNG states of every rank, config, extra) and
@@ -302,7 +333,8 @@ class Trainer:
                  warmup: int, output_dir, seed: int = 0, checkpoint_every: int = 0,
                  compile: bool = False, resume=None, weight_decay: float = 0.1,
                  config: dict | None = None, dist_info: DistInfo | None = None,
-                 precision: str | None = None, extra: dict | None = None,
+                 precision: str | None = "auto", channels_last: bool | None = None,
+                 extra: dict | None = None,
                  progress: bool | None = None, desc: str = "train",
                  on_epoch_end: Callable | None = None, optimizer: Callable | None = None,
                  schedule: str = "cosine"):
@@ -318,11 +350,11 @@ class Trainer:
         self.config, self.extra = dict(config or {}), dict(extra or {})
         self.desc, self.on_epoch_end = desc, on_epoch_end
         self.progress = sys.stderr.isatty() if progress is None else progress
-        if precision is None:
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be bf16, fp16 or fp32, not {precision!r}")
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
+        self.channels_last = (use_channels_last(self.precision, self.device)
+                              if channels_last is None else channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch < 1:
             raise ValueError("the training loader yields no batch (fewer samples than a batch)")
@@ -332,7 +364,7 @@ class Trainer:
         self.schedule = schedule
         self.optimizer = (make_optimizer(self.model, lr, weight_decay) if optimizer is None
                           else optimizer(self.model))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = self.epoch = self.batch = 0
         self.checkpoint_path = self.output_dir / "checkpoint.pt"
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -343,7 +375,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             wrapped = DistributedDataParallel(
                 wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.wrapped = torch.compile(wrapped) if compile else wrapped
+        self.wrapped = compile_module(wrapped) if compile else wrapped
 
     # -- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict:
@@ -407,12 +439,6 @@ class Trainer:
             os.replace(tmp, self.metrics_path)
 
     # -- the loop ------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
     def _log(self, record: dict):
         if self.info.is_main:
             with open(self.metrics_path, "a") as f:
@@ -444,7 +470,7 @@ class Trainer:
                           if self.schedule == "cosine" else self.lr)
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
-                    with self._autocast():
+                    with autocast(self.device, self.precision):
                         loss = self.loss_fn(self.wrapped, batch, epoch)
                     value = _mean_over_ranks(loss.detach().float(), self.info).item()
                     if not math.isfinite(value):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from abd_fast.models import image_features, text_features
 from abd_fast.ops import normalize_images
+from abd_fast.precision import channels_last, image_dtype, resolve_precision
 
 from . import objectives as obj
 from .uap import (UAP, Discriminator, UAPGenerator, apply_uap, backdoor_loss,
@@ -55,6 +56,10 @@ def uap_stage(run, reference=None) -> dict:
     size = patch_geometry(S, cfg["patch_area"])[0] if mode == "patch" else S
     gen = UAPGenerator(size, mode=mode, eps=cfg["eps"], seed=cfg["seed"])
     disc = Discriminator(S).to(device)
+    if channels_last(resolve_precision(cfg.get("precision"), device), device):
+        for m in (poisoned, reference, disc):  # the Trainer lays out only the generator
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
     betas = (0.5, 0.999)
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg["lr"], betas=betas)
     mean, std, tok = run.mean, run.std, run.tokenizer
@@ -63,8 +68,9 @@ def uap_stage(run, reference=None) -> dict:
 
     def loss_fn(model, batch, epoch):
         images = batch.images.to(device, non_blocking=True)
-        x = normalize_images(images, mean, std)
-        x_adv = apply_uap(images, model(), mean=mean, std=std, **geometry)
+        dtype = image_dtype(device)  # autocast's: the towers take the batch without a cast
+        x = normalize_images(images, mean, std, out_dtype=dtype)
+        x_adv = apply_uap(images, model(), mean=mean, std=std, out_dtype=dtype, **geometry)
         # Discriminator step (its own optimizer), then the generator's loss.
         d_opt.zero_grad(set_to_none=True)
         d_loss = discriminator_loss(disc(x), disc(x_adv.detach()))
@@ -77,7 +83,8 @@ def uap_stage(run, reference=None) -> dict:
             f_text = text_features(poisoned, tok(batch.captions).to(device))
             f_ref = None
             if use_bd:
-                x_ref = normalize_images(brighten(images, cfg["brightness"]), mean, std)
+                x_ref = normalize_images(brighten(images, cfg["brightness"]), mean, std,
+                                         out_dtype=dtype)
                 f_ref = image_features(reference if reference is not None else poisoned, x_ref)
         f_adv = image_features(poisoned, x_adv)
         bd = (backdoor_loss(f_ref, f_adv, tau=0.1, sign=cfg["backdoor_loss_sign"],
@@ -142,26 +149,29 @@ def defense_loss(run, method: str, *, uap: UAP | None = None, eda=None, bank=Non
     def loss_fn(model, batch, epoch):
         images = batch.images.to(device, non_blocking=True)
         captions, ids = batch.captions, batch.ids
+        dtype = image_dtype(device)  # autocast's: the tower takes the batch without a cast
         # Several image views are stacked as uint8 and normalized by one fused call that writes
         # the batch the model encodes (a torch.cat of fp32 views would cost more than the views).
         if method == "ft":
-            (img,), (txt,), scale = features(model, normalize_images(images, mean, std), [captions])
+            (img,), (txt,), scale = features(
+                model, normalize_images(images, mean, std, out_dtype=dtype), [captions])
             return obj.mmcl(img, txt, scale, c)
         if method == "cleanclip":
-            x = normalize_images(torch.cat([images, autoaugment(images)]), mean, std)
+            x = normalize_images(torch.cat([images, autoaugment(images)]), mean, std,
+                                 out_dtype=dtype)
             (img, img_aug), (txt, txt_aug), scale = features(
                 model, x, [captions, eda_view(eda, captions, ids, epoch)])
             return obj.cleanclip_objective(img, txt, img_aug, txt_aug, scale, c=c, **lambdas)
         if method == "roclip":
-            x_aug = normalize_images(cross_augment(images), mean, std)
+            x_aug = normalize_images(cross_augment(images), mean, std, out_dtype=dtype)
             (img,), (txt,), scale = features(model, x_aug, [eda_view(eda, captions, ids, epoch)])
             loss = obj.roclip_objective(img, txt, scale, bank, epoch,
                                         break_epoch=cfg["break_epoch"], c=c, update=False)
             bank.update(_gathered(txt.detach(), info.world_size))
             return loss
         # abd: views [clean, clean + UAP]
-        x = (normalize_images(images, mean, std) if cfg["no_adv"]
-             else uap.clean_and_adversarial(images, mean=mean, std=std))
+        x = (normalize_images(images, mean, std, out_dtype=dtype) if cfg["no_adv"]
+             else uap.clean_and_adversarial(images, mean=mean, std=std, out_dtype=dtype))
         text_views = [captions] + ([] if cfg["no_eda"] else [eda_view(eda, captions, ids, epoch)])
         imgs, txts, scale = features(model, x, text_views)
         return obj.abd_objective(imgs[0], txts[0], imgs[1] if len(imgs) > 1 else None,
