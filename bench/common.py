@@ -22,7 +22,11 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from abd_fast.precision import FAST_BF16_CPU_FLAGS, auto_precision, cpu_flags
+    info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "fast_bf16_flags": sorted(set(FAST_BF16_CPU_FLAGS) & cpu_flags()),
+            "auto_precision": auto_precision("cuda" if torch.cuda.is_available() else "cpu"),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():

@@ -1,40 +1,53 @@
 """Images/s of a whole ABD fine-tuning step (the `defend` stage's step, method abd, objective
-align), fused vs an unfused reference, on the same model, batch, optimizer and data:
+align) run several ways on the same model, batch, optimizer and data, in one process:
 
-  fused      the DALI loader engine (2 threads, our resize operator on CPU); the image views
-             [clean, image + UAP] by one call of the fused image op on the uint8 images stacked
-             twice (UAP.apply -> apply_perturbation on the second copy's rows: uint8 ->
-             paste/add -> clamp -> normalize in one pass, written as the model's batch); the
-             loss by abd_objective through objectives.Contrastive (fused CLIP loss and
-             InfoNCE, no materialized logits) -- what abd_fast.defenses.stages.defense_loss runs
-  reference  the torch loader engine (PIL in 2 DataLoader workers); the image views composed
-             eagerly in plain PyTorch (float, /255, paste the patch or add the clamped delta,
-             clamp, normalize); open_clip's ClipLoss for the multimodal term and, as CleanCLIP's
-             code does, cross entropy over materialized logits for the one-directional in-modal
-             terms
+  fp32-eager  today's step before --precision/--compile: fused image views and losses, fp32,
+              NCHW, eager -- the baseline every ratio is against
+  default     what `defend` runs now by default: --precision auto (abd_fast.precision: bf16
+              on a CPU with AMX/AVX512-BF16 or a GPU, fp32 elsewhere), its channels-last
+              choice, and torch.compile where the defend loop compiles by default
+              (abd_fast.engine.COMPILE_DEFAULTS)
+  bf16-cl     bf16 autocast + channels-last (+ the default compile), whatever the CPU: the
+              ratio an AMX machine would get; on a CPU without native bf16 it is emulated
+              (slow), which is why auto does not pick it there
+  reference   (--paths reference) the unfused eager step of earlier tables: the torch
+              loader engine (PIL in 2 DataLoader workers); the image views composed eagerly
+              (float, /255, paste the patch or add the clamped delta, clamp, normalize);
+              open_clip's ClipLoss for the multimodal term and, as CleanCLIP's code does,
+              cross entropy over materialized logits for the one-directional in-modal terms
 
-Shared by both: the text views [caption, EDA(caption)] (keyed by (epoch, id)) and the
+The fused paths: the DALI loader engine (2 threads, our resize operator on CPU); the image
+views [clean, image + UAP] by one call of the fused image op on the uint8 images stacked
+twice (UAP.apply -> apply_perturbation on the second copy's rows, written in the autocast
+dtype); the loss by abd_objective through objectives.Contrastive (fused CLIP loss and
+InfoNCE) -- what abd_fast.defenses.stages.defense_loss runs.
+
+Shared by all: the text views [caption, EDA(caption)] (keyed by (epoch, id)) and the
 tokenizer, one model forward over all views, AdamW (abd_fast.engine.make_optimizer, the
 fused kernel), the logit-scale clamp, flush-denormal mode (as the Trainer sets on CPU).
-Both models start from one state dict. Each step is timed whole, data loading included (the
+All models start from one state dict. Each step is timed whole, data loading included (the
 loaders run their workers as in training, 2 each), and in parts:
 
   loader      waiting for the next batch (next(iterator))
   views       the image views, concatenated
-  text        EDA + tokenizer (identical in both paths)
+  text        EDA + tokenizer (identical in every path)
   forward     model(x, tokens)
   loss        the objective's forward + backward (on detached feature leaves, so its cost is
               separated from the model's backward; the gradients are then passed on)
   backward    the model's backward
   optimizer   zero_grad, AdamW step, logit-scale clamp
 
-Each repeat builds a fresh epoch iterator (set_epoch(repeat): both paths see the same
-samples, crops and flips), runs --warmup untimed steps, then --steps timed ones. Repeats
-alternate A B B A ... so a slow phase of the shared machine hits both paths alike. Reported:
-median images/s over repeats per path, their ratio, and the median per-part ms.
+A compiled path's first step compiles (forward and backward graphs); it runs once before
+the repeats and its extra seconds are reported as "compile s" (with a warm inductor cache
+in $ABD_FAST_CACHE/inductor, a load; see docs/PERFORMANCE.md for cold and warm). Each repeat
+builds a fresh epoch iterator (set_epoch(repeat): every path sees the same samples, crops
+and flips), runs --warmup untimed steps, then --steps timed ones. The order of the paths
+rotates from repeat to repeat so a slow phase of the shared machine hits all alike.
+Reported: median images/s over repeats per path, its ratio to fp32-eager, per-repeat paired
+ratios, and the median per-part ms.
 
-    flock /tmp/abd_cpu.lock .venv/bin/python bench/step.py                 # both settings
-    flock /tmp/abd_cpu.lock .venv/bin/python bench/step.py --setting demo
+    flock /tmp/abd_cpu.lock .venv/bin/python bench/step.py                 # demo and 224-vit
+    flock /tmp/abd_cpu.lock .venv/bin/python bench/step.py --setting vit-b32
     .venv/bin/python bench/step.py --demo-report runs/demo/report.json --setting none
 
 Settings (--setting, repeatable; default demo and 224-vit):
@@ -42,11 +55,12 @@ Settings (--setting, repeatable; default demo and 224-vit):
            batch 128, patch UAP of 3% area; 64-px JPEG sources)
   224-vit  batch 64 of 224 px from the 256x256 JPEG shards of bench/loaders.py, model
            bench-vit-b32-tiny: ViT-B/32's geometry (32-px patches, 49 tokens) at the tiny
-           models' width 128 and depth 4 (a real ViT-B/32 step, ~1.7 TFLOP for 128 images,
-           would take well over 10 s on 2 cores, estimated; this keeps the pixel and loader
-           work of a 224-px run)
+           models' width 128 and depth 4 (keeps the pixel and loader work of a 224-px run)
   224-rn   abd-tiny-rn forced to 224 px, batch 64, same shards: a convolutional tower whose
-           cost grows with the pixels (7-10 s per step here; fewer steps and repeats)
+           cost grows with the pixels (7-10 s per step; fewer steps and repeats)
+  vit-b32  a real-size tower: open_clip's ViT-B-32 (random weights) at 224 px, 16 images +
+           16 captions, forward + backward of the CLIP loss only (views, text, forward, loss,
+           backward; no loader, no optimizer): the issue's "ViT-B/32 forward + backward"
 --demo-report adds the per-stage wall times of a `python -m abd_fast.train` demo run
 (report.json's "timing": {stage: seconds}). Writes bench/results/step.json.
 """
@@ -70,6 +84,7 @@ from bench.common import ROOT, machine, table, write_json  # noqa: E402
 
 PARTS = ("loader", "views", "text", "forward", "loss", "backward", "optimizer")
 # Per setting: model, image side, batch, data, and (warm-up, timed steps, repeats) defaults.
+# data None: one in-memory batch of random images and fixed captions, model step only.
 SETTINGS = {
     "demo": dict(model="abd-tiny-rn", image_size=32, batch_size=128, data="synthetic",
                  schedule=(3, 10, 6)),
@@ -77,7 +92,23 @@ SETTINGS = {
                     data="shards-256", schedule=(3, 10, 6)),
     "224-rn": dict(model="abd-tiny-rn", image_size=224, batch_size=64, data="shards-256",
                    schedule=(2, 3, 4)),
+    "vit-b32": dict(model="ViT-B-32", image_size=224, batch_size=16, data=None,
+                    schedule=(1, 3, 4)),
 }
+# The ways of running the step (module doc). compile / channels_last None: the defend
+# loop's default and the precision's.
+PATHS = {
+    "fp32-eager": dict(fused=True, precision="fp32", compile=False, channels_last=False),
+    "default": dict(fused=True, precision="auto", compile=None, channels_last=None),
+    "bf16-cl": dict(fused=True, precision="bf16", compile=None, channels_last=True),
+    "reference": dict(fused=False, precision="fp32", compile=False, channels_last=False),
+    # the parts of a default, one at a time (the choices of abd_fast.precision/engine)
+    "fp32-cl": dict(fused=True, precision="fp32", compile=False, channels_last=True),
+    "fp32-compile": dict(fused=True, precision="fp32", compile=True, channels_last=False),
+    "fp32-cl-compile": dict(fused=True, precision="fp32", compile=True, channels_last=True),
+}
+DEFAULT_PATHS = ("fp32-eager", "default", "bf16-cl")
+BASELINE = "fp32-eager"
 # ViT-B/32's geometry (224 px, 32 px patches: 49 tokens) at the tiny models' width and depth:
 # the pixels and the loader's work are those of a real 224-px run, the transformer is small.
 BENCH_VIT = {"embed_dim": 128,
@@ -109,8 +140,11 @@ def make_uap(image_size: int, mode: str = "patch", seed: int = 0):
 
 
 def fused_views(images, ids, uap, mean, std):
-    """[clean; adversarial] normalized fp32 views in one batch, as defense_loss builds them."""
-    return uap.clean_and_adversarial(images, mean=mean, std=std)
+    """[clean; adversarial] normalized views in one batch, as defense_loss builds them (in the
+    autocast dtype under autocast)."""
+    from abd_fast.precision import image_dtype
+    return uap.clean_and_adversarial(images, mean=mean, std=std,
+                                     out_dtype=image_dtype(images.device))
 
 
 def eager_views(images, ids, uap, mean, std):
@@ -156,24 +190,73 @@ def reference_loss(lambda1: float = 1.0, lambda2: float = 1.0):
 
 # ---- one path: loader + model + optimizer, timed step by step -------------------------------
 
+class MemoryLoader:
+    """The `vit-b32` setting's data: one fixed batch of random images and captions, yielded
+    `steps` times per epoch (the model step alone is timed, not decoding)."""
+
+    def __init__(self, batch_size: int, image_size: int, steps: int = 1000):
+        from abd_fast.data.loader import Batch
+        g = torch.Generator().manual_seed(0)
+        self.batch = Batch(images=torch.randint(0, 256, (batch_size, 3, image_size, image_size),
+                                                dtype=torch.uint8, generator=g),
+                           ids=torch.arange(batch_size),
+                           captions=[f"a photo of a thing, number {i}" for i in range(batch_size)],
+                           labels=None)
+        self.steps = steps
+
+    def set_epoch(self, epoch: int):
+        pass
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.steps))
+
+
+def path_options(spec: dict) -> dict:
+    """A PATHS entry with its defaults resolved: precision, channels_last, compile."""
+    from abd_fast.engine import COMPILE_DEFAULTS
+    from abd_fast.precision import channels_last, resolve_precision
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(spec["precision"], device)
+    return {"precision": precision,
+            "channels_last": (channels_last(precision, device) if spec["channels_last"] is None
+                              else spec["channels_last"]),
+            "compile": COMPILE_DEFAULTS["defend"] if spec["compile"] is None else spec["compile"]}
+
+
 class TrainPath:
-    def __init__(self, name, loader, model, views, loss, tokenizer, eda, mean, std, uap, lr):
-        from abd_fast.engine import make_optimizer
+    def __init__(self, name, loader, model, views, loss, tokenizer, eda, mean, std, uap, lr,
+                 precision="fp32", channels_last=False, compile=False, optimizer=True):
+        from abd_fast.engine import compile_module, make_optimizer
         self.name, self.loader, self.model = name, loader, model
         self.views, self.loss, self.tok, self.eda = views, loss, tokenizer, eda
         self.mean, self.std, self.uap = mean, std, uap
-        self.opt = make_optimizer(model, lr)
+        self.precision = precision
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.forward = compile_module(model) if compile else model
+        self.opt = make_optimizer(model, lr) if optimizer else None
+
+    def first_step(self) -> float:
+        """Seconds of the very first step (a compiled path compiles its graphs in it)."""
+        self.loader.set_epoch(0)
+        t0 = time.perf_counter()
+        self.run(0, 0, 1)
+        return time.perf_counter() - t0
 
     def run(self, epoch: int, warmup: int, steps: int) -> dict:
         """warmup untimed + `steps` timed training steps from a fresh epoch iterator."""
         from abd_fast.defenses.views import eda_view
         from abd_fast.engine import clamp_logit_scale
+        from abd_fast.precision import autocast
         self.model.train()
         self.loader.set_epoch(epoch)
         it = iter(self.loader)
         parts = {p: 0.0 for p in PARTS}
         n_images = 0
-        t_start = None
+        t_start = time.perf_counter()
         for k in range(warmup + steps):
             if k == warmup:
                 parts = {p: 0.0 for p in PARTS}
@@ -181,26 +264,31 @@ class TrainPath:
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            x = self.views(batch.images, batch.ids, self.uap, self.mean, self.std)
-            t2 = time.perf_counter()
-            tokens = self.tok(batch.captions + eda_view(self.eda, batch.captions, batch.ids,
-                                                        epoch))
-            t3 = time.perf_counter()
-            img, txt, scale = self.model(x, tokens)
-            t4 = time.perf_counter()
-            leaves = [t.detach().requires_grad_() for t in (img, txt, scale)]
-            B = len(batch)
-            (i, i_adv), (t, t_eda) = leaves[0].split(B), leaves[1].split(B)
-            loss = self.loss(i, t, i_adv, t_eda, leaves[2])
+            with autocast("cpu", self.precision):
+                x = self.views(batch.images, batch.ids, self.uap, self.mean, self.std)
+                t2 = time.perf_counter()
+                tokens = self.tok(batch.captions + eda_view(self.eda, batch.captions, batch.ids,
+                                                            epoch))
+                t3 = time.perf_counter()
+                img, txt, scale = self.forward(x, tokens)
+                t4 = time.perf_counter()
+                leaves = [t.detach().requires_grad_() for t in (img, txt, scale)]
+                B = len(batch)
+                (i, i_adv), (t, t_eda) = leaves[0].split(B), leaves[1].split(B)
+                loss = self.loss(i, t, i_adv, t_eda, leaves[2])
             loss.backward()
             value = loss.item()  # the engine's finiteness check
             t5 = time.perf_counter()
-            self.opt.zero_grad(set_to_none=True)
+            if self.opt is not None:
+                self.opt.zero_grad(set_to_none=True)
             t6 = time.perf_counter()
             torch.autograd.backward((img, txt, scale), [v.grad for v in leaves])
             t7 = time.perf_counter()
-            self.opt.step()
-            clamp_logit_scale(self.model)
+            if self.opt is not None:
+                self.opt.step()
+                clamp_logit_scale(self.model)
+            else:
+                self.model.zero_grad(set_to_none=True)
             t8 = time.perf_counter()
             if value != value:
                 raise RuntimeError(f"{self.name}: the loss is NaN")
@@ -233,47 +321,70 @@ def run_setting(name: str, cfg: dict, args) -> dict:
         _register_bench_model()
     warmup, steps, repeats = (a if a is not None else d for a, d in
                               zip((args.warmup, args.steps, args.repeats), cfg["schedule"]))
-    source = _data(cfg["data"])
+    source = _data(cfg["data"]) if cfg["data"] else None
     base = create_model(cfg["model"], image_size=cfg["image_size"])
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    spec = image_spec(base)
+    del base
+    spec = image_spec(create_model(cfg["model"], image_size=cfg["image_size"]))
     mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
     tok, uap = get_tokenizer(cfg["model"]), make_uap(spec.size, args.mode)
     B = cfg["batch_size"]
-    paths = {}
-    for pname, engine, views, loss in (("fused", "dali", fused_views, fused_loss()),
-                                       ("reference", "torch", eager_views, reference_loss())):
+    names = args.paths or list(DEFAULT_PATHS)
+    if BASELINE not in names:
+        names = [BASELINE, *names]
+    paths, options = {}, {}
+    for pname in names:
+        spec_p = PATHS[pname]
+        options[pname] = opts = path_options(spec_p)
         model = create_model(cfg["model"], image_size=cfg["image_size"])
         model.load_state_dict(state)
-        loader = build_loader(source, train=True, batch_size=B, image_size=spec.size,
-                              loader=engine, seed=0, num_workers=args.workers)
-        if warmup + steps > len(loader):
-            raise SystemExit(f"--warmup + --steps ({warmup + steps}) exceed the "
-                             f"{len(loader)} batches of an epoch of {source}")
+        if source is None:
+            loader = MemoryLoader(B, spec.size)
+        else:
+            loader = build_loader(source, train=True, batch_size=B, image_size=spec.size,
+                                  loader="dali" if spec_p["fused"] else "torch", seed=0,
+                                  num_workers=args.workers)
+            if warmup + steps > len(loader):
+                raise SystemExit(f"--warmup + --steps ({warmup + steps}) exceed the "
+                                 f"{len(loader)} batches of an epoch of {source}")
+        views, loss = ((fused_views, fused_loss()) if spec_p["fused"]
+                       else (eager_views, reference_loss()))
         paths[pname] = TrainPath(pname, loader, model, views, loss, tok, EDA(seed=0), mean, std,
-                             uap, lr=1e-4)
-    engine_note = {"dali_resize_operator": getattr(paths["fused"].loader, "fast_resize", None)}
+                                 uap, lr=1e-4, optimizer=source is not None, **opts)
     print(f"[{name}] {cfg['model']} {spec.size} px, batch {B} ({2 * B} images + {2 * B} "
           f"captions per forward), UAP {args.mode}, {repeats} repeats x {steps} "
-          f"steps (+{warmup} warm-up)", flush=True)
+          f"steps (+{warmup} warm-up); paths: "
+          + "; ".join(f"{p} = {o['precision']}{', channels-last' if o['channels_last'] else ''}"
+                      f"{', compiled' if o['compile'] else ', eager'}"
+                      for p, o in options.items()), flush=True)
+    first = {}
+    for p, path in paths.items():  # compiles (or loads the compiled graphs) before timing
+        first[p] = path.first_step()
+        print(f"  first step {p:10s} {first[p]:7.1f} s", flush=True)
     runs = {p: [] for p in paths}
+    order = list(paths)
     for r in range(repeats):
-        order = ("fused", "reference") if r % 2 == 0 else ("reference", "fused")
-        for p in order:
+        for p in order[r % len(order):] + order[:r % len(order)]:
             res = paths[p].run(r, warmup, steps)
             runs[p].append(res)
-            print(f"  repeat {r} {p:9s} {res['images_per_s']:7.1f} images/s "
+            print(f"  repeat {r} {p:10s} {res['images_per_s']:7.1f} images/s "
                   f"({res['step_ms']:.0f} ms/step)", flush=True)
-    out = {"machine": machine(), "settings": {**cfg, "warmup": warmup, "steps": steps, "repeats": repeats,
-                        "source": source, "uap_mode": args.mode, "workers": args.workers
-                        or os.cpu_count(), **engine_note},
-           "runs": runs, "paths": {}}
+    out = {"machine": machine(),
+           "settings": {**cfg, "warmup": warmup, "steps": steps, "repeats": repeats,
+                        "source": source, "uap_mode": args.mode,
+                        "workers": args.workers or os.cpu_count()},
+           "options": options, "runs": runs, "paths": {}}
+    base_runs = runs[BASELINE]
     for p, rs in runs.items():
-        out["paths"][p] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-    f, ref = out["paths"]["fused"], out["paths"]["reference"]
-    out["ratio"] = f["images_per_s"] / ref["images_per_s"]
-    out["paired_ratios"] = [a["images_per_s"] / b["images_per_s"]
-                            for a, b in zip(runs["fused"], runs["reference"])]
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        step_s = med["step_ms"] / 1e3
+        out["paths"][p] = {**med, "first_step_s": first[p],
+                           "compile_s": max(0.0, first[p] - step_s) if options[p]["compile"]
+                           else None,
+                           "ratio": med["images_per_s"] / statistics.median(
+                               r["images_per_s"] for r in base_runs),
+                           "paired_ratios": [a["images_per_s"] / b["images_per_s"]
+                                             for a, b in zip(rs, base_runs)]}
     return out
 
 
@@ -302,8 +413,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", action="append", choices=[*SETTINGS, "none"],
-                    help="demo, 224-vit, 224-rn (default: demo and 224-vit); none: only "
-                         "--demo-report. Repeat the flag for several.")
+                    help="demo, 224-vit, 224-rn, vit-b32 (default: demo and 224-vit); none: "
+                         "only --demo-report. Repeat the flag for several.")
+    ap.add_argument("--paths", type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+                    help=f"comma list of {', '.join(PATHS)} (default: "
+                         f"{','.join(DEFAULT_PATHS)}; {BASELINE} is always run)")
     ap.add_argument("--steps", type=int, help="timed steps per repeat (default: per setting)")
     ap.add_argument("--warmup", type=int, help="untimed steps per repeat (default: per setting)")
     ap.add_argument("--repeats", type=int, help="repeats per path, interleaved (default: per "
@@ -315,19 +429,25 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if any(v is not None and v < 1 for v in (args.steps, args.warmup, args.repeats)):
         raise SystemExit("--steps, --warmup and --repeats must be at least 1")
+    unknown = [p for p in args.paths or () if p not in PATHS]
+    if unknown:
+        raise SystemExit(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+    from abd_fast.engine import use_compile_cache
+    use_compile_cache()
     torch.set_flush_denormal(True)
     payload = {"machine": machine(), "args": vars(args), "settings": {}}
     rows = []
     for name in [s for s in (args.setting or ["demo", "224-vit"]) if s != "none"]:
         res = run_setting(name, SETTINGS[name], args)
         payload["settings"][name] = res
-        for p in ("fused", "reference"):
-            rows.append({"setting": name, "path": p, **res["paths"][p],
-                         "ratio": f"{res['ratio']:.2f}x" if p == "fused" else ""})
+        for p, r in res["paths"].items():
+            rows.append({"setting": name, "path": p, **r,
+                         "ratio": f"{r['ratio']:.2f}x" if p != BASELINE else "",
+                         "compile_s": "" if r["compile_s"] is None else r["compile_s"]})
     if rows:
         print(table(rows, [("setting", "setting"), ("path", "path"),
-                           ("images_per_s", "images/s"), ("ratio", "fused/ref"),
-                           ("step_ms", "step ms")]
+                           ("images_per_s", "images/s"), ("ratio", f"x {BASELINE}"),
+                           ("step_ms", "step ms"), ("compile_s", "compile s")]
                     + [(f"{p}_ms", p) for p in PARTS]))
     if args.demo_report:
         timing = read_demo_report(args.demo_report)
