@@ -5,6 +5,10 @@ import zlib
 # @triton.jit function is defined. No test may reach the network.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Training commands compile their loops by default where that pays over a real stage; the
+# tests' stages are tiny and a first compile takes 20-90 s, so they run eager unless a test
+# asks for --compile (tests/test_compile.py does).
+os.environ.setdefault("ABD_FAST_COMPILE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

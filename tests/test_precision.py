@@ -44,3 +44,90 @@ def test_channels_last_and_image_dtype_follow_the_precision():
         assert image_dtype("cpu") == torch.bfloat16
     with autocast("cpu", "fp32"):
         assert image_dtype("cpu") == torch.float32
+
+
+# ---- the Trainer's precision and layout, on a toy CLIP (a conv tower and a text bag) --------
+
+from abd_fast.data.loader import Batch  # noqa: E402
+from abd_fast.engine import Trainer  # noqa: E402
+
+
+class ToyClip(torch.nn.Module):
+    """CLIP's interface, tiny: model(x, tokens) -> (image features, text features, scale)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.visual = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                          torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                          torch.nn.Linear(8, dim))
+        self.text = torch.nn.EmbeddingBag(50, dim)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x, tokens):
+        img = torch.nn.functional.normalize(self.visual(x), dim=-1)
+        txt = torch.nn.functional.normalize(self.text(tokens), dim=-1)
+        return img, txt, self.logit_scale.exp()
+
+
+class FakeLoader:
+    """n_batches fixed batches of `batch_size` uint8 8x8 images, ids and token rows."""
+
+    def __init__(self, n_batches=3, batch_size=6, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.batch_size = batch_size
+        self.batches = [Batch(images=torch.randint(0, 256, (batch_size, 3, 8, 8),
+                                                   dtype=torch.uint8, generator=g),
+                              ids=torch.arange(batch_size) + k * batch_size,
+                              captions=torch.randint(0, 50, (batch_size, 5), generator=g))
+                        for k in range(n_batches)]
+        self.start = 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.start = start_batch
+
+    def __iter__(self):
+        return iter(self.batches[self.start:])
+
+
+def toy_loss(seen=None):
+    """The stages' pattern: images normalized by the fused op in the autocast dtype, the
+    model's forward, the fused CLIP loss. seen: a list collecting what each call observed."""
+    from abd_fast.ops import clip_loss, normalize_images
+
+    def loss_fn(model, batch, epoch):
+        x = normalize_images(batch.images, (0.5,) * 3, (0.25,) * 3,
+                             out_dtype=image_dtype("cpu"))
+        img, txt, scale = model(x, batch.captions)
+        if seen is not None:
+            seen.append({"autocast": torch.is_autocast_enabled("cpu"), "x": x.dtype,
+                         "features": img.dtype})
+        return clip_loss(img, txt, scale)
+    return loss_fn
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_precision_autocast_and_layout(tmp_path, precision):
+    seen = []
+    model = ToyClip()
+    trainer = Trainer(model, FakeLoader(), toy_loss(seen), lr=1e-2, epochs=1, warmup=0,
+                      output_dir=tmp_path, precision=precision, progress=False)
+    summary = trainer.fit()
+    conv = model.visual[0].weight
+    assert trainer.precision == precision and trainer.channels_last == (precision == "bf16")
+    assert conv.is_contiguous(memory_format=torch.channels_last) == (precision == "bf16")
+    low = precision == "bf16"
+    assert seen and all(s == {"autocast": low, "x": torch.bfloat16 if low else torch.float32,
+                              "features": torch.bfloat16 if low else torch.float32}
+                        for s in seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights fp32
+    assert summary["step"] == 3 and torch.isfinite(torch.tensor(summary["loss"]))
+
+
+def test_trainer_auto_precision_is_this_machines(tmp_path):
+    trainer = Trainer(ToyClip(), FakeLoader(), toy_loss(), lr=1e-2, epochs=1, warmup=0,
+                      output_dir=tmp_path, progress=False)
+    assert trainer.precision == auto_precision("cpu")

@@ -18,6 +18,7 @@ and after every step the patch is projected back to [0, 1].
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from abd_fast.engine import compile_module
 from abd_fast.evaluate import default_tokenizer
 from abd_fast.models import image_features, text_features
 from abd_fast.ops import apply_trigger, normalize_images
@@ -89,8 +91,8 @@ def badclip_losses(a: Tensor, c: Tensor, t: Tensor, v: Tensor, batch_text: Tenso
 
 def optimize_patch(model, batches, *, target_captions: list[str], target_images: Tensor,
                    mean, std, config: BadCLIPConfig | None = None, tokenizer=None,
-                   device="cpu", log=None, precision: str | None = "auto"
-                   ) -> tuple[Tensor, list[dict]]:
+                   device="cpu", log=None, precision: str | None = "auto",
+                   compile: bool = False) -> tuple[Tensor, list[dict]]:
     """Optimizes the BadCLIP patch against `model` (frozen; its mode and requires_grad flags
     are restored after).
 
@@ -99,7 +101,8 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
     (natural ones from the data, or templates). target_images: uint8 [N,3,S,S] images of the
     target class. Returns (patch float32 [3,p,p] in [0,1], per-step loss dicts).
     log(step, losses) is called every step when given. precision: of the model's forward
-    passes (abd_fast.precision; the patch, Adam and the losses stay fp32)."""
+    passes (abd_fast.precision; the patch, Adam and the losses stay fp32); compile: the image
+    encoder's passes through torch.compile (abd_fast.engine.compile_module)."""
     cfg = config or BadCLIPConfig()
     if not target_captions:
         raise ValueError("BadCLIP needs captions naming the target (--target-label)")
@@ -118,6 +121,9 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
     layout = torch.channels_last if channels_last(precision, device) else None
     if layout is not None:
         model.to(memory_format=layout)
+    encode = functools.partial(image_features, model)
+    if compile:
+        encode = compile_module(encode)
     try:
         with torch.no_grad(), autocast(device, precision):
             t = F.normalize(_encode_texts(model, tokenizer, list(target_captions), device)
@@ -137,12 +143,11 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
             with autocast(device, precision):
                 dtype = image_dtype(device)
                 with torch.no_grad():
-                    c = image_features(model, normalize_images(images, mean, std,
-                                                               out_dtype=dtype))
+                    c = encode(normalize_images(images, mean, std, out_dtype=dtype))
                     batch_text = _encode_texts(model, tokenizer, list(batch.captions), device)
                 x = apply_trigger(images, "patch", patch=patch, ys=m, xs=m, mean=mean, std=std,
                                   out_dtype=dtype)
-                a = image_features(model, x)
+                a = encode(x)
                 losses = badclip_losses(a, c, t, v, batch_text, cfg)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()

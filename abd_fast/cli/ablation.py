@@ -97,8 +97,10 @@ def run(args, parser, run_command) -> int:
     for key in PASS_FLAGS:
         if cfg.get(key) is not None:
             common += [f"--{key.replace('_', '-')}", str(cfg[key])]
-    if cfg.get("compile"):
-        common.append("--compile")
+    if cfg.get("precision") is not None:
+        common += ["--precision", cfg["precision"]]
+    if cfg.get("compile") is not None:
+        common.append("--compile" if cfg["compile"] else "--no-compile")
     table = cfg["table"]
     out = Path(cfg["output"])
     rows = planned_rows((table,), uap_bd_given=cfg.get("uap") is not None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from abd_fast.engine import default_compile
+
 from .common import common_parser, loader_options, open_caption_data, tool_output
 
 NAME = "badclip-trigger"
@@ -12,6 +14,7 @@ NAME = "badclip-trigger"
 def add_parser(subparsers):
     p = subparsers.add_parser(NAME, parents=[common_parser()],
                               help="optimize BadCLIP's trigger patch against a model")
+    p.set_defaults(compile=default_compile(NAME), precision="auto")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--patch-lr", type=float, default=0.01, help="Adam learning rate of the patch")
     p.add_argument("--patch-size", type=int, default=None,
@@ -92,7 +95,8 @@ def run(args) -> int:
                     f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
         patch, _ = optimize_patch(model, batches, target_captions=captions,
                                   target_images=target_images, mean=spec.mean, std=spec.std,
-                                  config=cfg, tokenizer=get_tokenizer(args.model), log=log)
+                                  config=cfg, tokenizer=get_tokenizer(args.model), log=log,
+                                  precision=args.precision, compile=args.compile)
     path = out / args.patch_name
     save_patch(patch, path)
     print(f"wrote {path}; use it with --attack badclip --trigger-file {path}")

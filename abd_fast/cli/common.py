@@ -63,7 +63,7 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", metavar="DIR", help="output directory")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue from CKPT (default: OUTPUT/checkpoint.pt)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed_flags(g)
     g.add_argument("--recipe", metavar="NAME",
                    help="the recipe a config file follows (abd-paper: reports print the "
                         "paper's numbers beside ours)")
@@ -125,6 +125,20 @@ def open_caption_data(cfg, source=None):
         raise UsageError(f"--train-data: {e}") from e
 
 
+def speed_flags(p):
+    """--precision and --compile/--no-compile (abd_fast.precision, abd_fast.engine): their
+    defaults are the measured-faster choice of each training loop."""
+    from abd_fast.precision import PRECISIONS
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="training arithmetic: auto = bf16 autocast on a GPU or a CPU with "
+                        "AMX/AVX512-BF16, else fp32; fp32 = no autocast (reproduces runs "
+                        "before --precision existed, with --no-compile); fp16 = autocast + "
+                        "GradScaler (for GPUs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training loop's model (compiled graphs are cached "
+                        "in $ABD_FAST_CACHE/inductor and reused by later stages and runs)")
+
+
 def attack_flags(p: argparse.ArgumentParser, required: bool):
     """--attack and the trigger's flags (poison needs them; eval, uap, defend take them for
     the ASR)."""
@@ -152,8 +166,15 @@ COMMON_DEFAULTS = dict(config=None, train_data=None, eval_data=None, classnames=
                        target_label=None, model="abd-tiny-rn", pretrained=None,
                        image_size=None, batch_size=128, epochs=7, lr=2e-3, warmup=50, seed=0,
                        loader=None, workers=None, output=None, resume=None, compile=False,
-                       checkpoint_every=0, recipe=None, max_samples=None, csv_img_key=None,
-                       csv_caption_key=None, csv_separator=None, non_rgb=None)
+                       precision="auto", checkpoint_every=0, recipe=None, max_samples=None,
+                       csv_img_key=None, csv_caption_key=None, csv_separator=None, non_rgb=None)
+
+
+def training_defaults(command: str, **changes) -> dict:
+    """COMMON_DEFAULTS of a training command: its loop's compile default (measured:
+    abd_fast.engine.default_compile) and the command's `changes`."""
+    from abd_fast.engine import default_compile
+    return dict(COMMON_DEFAULTS, compile=default_compile(command), **changes)
 
 
 def stage_parser(subparsers, name: str, defaults: dict, own_flags=None, *, help: str,
@@ -213,7 +234,7 @@ def check_flag_values(data: dict, parser: argparse.ArgumentParser, where: str) -
                            ("--config", "--help"))
             raise UsageError(f"{where}: unknown key {key!r}; keys are flag names: "
                              f"{', '.join(known)}")
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if not isinstance(value, bool):
                 raise UsageError(f"{where}: {key} must be true or false, got {value!r}")
             out[action.dest] = value
@@ -529,17 +550,19 @@ class Run:
         loss_fn(model, batch, epoch) for the Trainer."""
         from abd_fast.engine import contrastive_loss
         from abd_fast.ops import normalize_images
+        from abd_fast.precision import image_dtype
         loss, device, tok = contrastive_loss(self.info), self.info.device, self.tokenizer
         mean, std = self.mean, self.std
 
         def loss_fn(model, batch, epoch):
             images = batch.images.to(device, non_blocking=True)
             captions = batch.captions
+            dtype = image_dtype(device)  # autocast's: the tower takes the batch without a cast
             if poison is not None:
                 captions = poison.captions(batch.ids, captions)
-                x = poison.images(images, batch.ids, mean=mean, std=std)
+                x = poison.images(images, batch.ids, mean=mean, std=std, out_dtype=dtype)
             else:
-                x = normalize_images(images, mean, std)
+                x = normalize_images(images, mean, std, out_dtype=dtype)
             image_features, text_features, scale = model(x, tok(captions).to(device))
             return loss(image_features, text_features, scale)
         return loss_fn
@@ -555,7 +578,8 @@ class Run:
                           lr=cfg["lr"], epochs=cfg["epochs"], warmup=cfg["warmup"],
                           output_dir=cfg["output"], seed=cfg["seed"],
                           checkpoint_every=cfg["checkpoint_every"], compile=cfg["compile"],
-                          resume=cfg.get("resume"), config=config, dist_info=self.info,
+                          precision=cfg["precision"], resume=cfg.get("resume"), config=config,
+                          dist_info=self.info,
                           desc=desc, **trainer_kw)
         return trainer.fit()
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 
-from .common import (COMMON_DEFAULTS, Run, UsageError, attack_flags, check_defense_inputs,
-                     check_number, print_training, stage_parser)
+from .common import (Run, UsageError, attack_flags, check_defense_inputs, check_number,
+                     print_training, stage_parser, training_defaults)
 
 NAME = "defend"
 # The demo's recipe, measured on the badnet victim (docs/METHOD.md): ABD with one epoch of
 # batch 64, lr 3e-4, warmup 5 on --max-samples 4096 (24 s) gives CA 82.8 / ASR 9.3 (lr 2e-4
 # at batch 128: ASR 16.2; lr 5e-4: CA 81.3). The attack flags only drive the evaluation.
-DEFAULTS = dict(COMMON_DEFAULTS, output="runs/defend", checkpoint=None, method="abd", uap=None,
-                abd_objective="align", no_adv=False, no_eda=False, break_epoch=2,
-                bank_size=4096, lambda1=1.0, lambda2=1.0, attack=None, trigger_file=None,
-                trigger_option=None, epochs=1, batch_size=64, lr=3e-4, warmup=5)
+DEFAULTS = training_defaults(NAME, output="runs/defend", checkpoint=None, method="abd", uap=None,
+                             abd_objective="align", no_adv=False, no_eda=False, break_epoch=2,
+                             bank_size=4096, lambda1=1.0, lambda2=1.0, attack=None,
+                             trigger_file=None, trigger_option=None, epochs=1, batch_size=64,
+                             lr=3e-4, warmup=5)
 
 
 def _flags(p):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import badclip_trigger, defend, poison, pretrain, uap
 from .common import (UsageError, caption_data_flags, check_flag_values, check_output, check_path,
-                     loader_options, own_settings, source_options)
+                     loader_options, own_settings, source_options, speed_flags)
 from .stages import Stages, StageError, clock
 
 NAME = "pipeline"
@@ -142,6 +142,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, help="seed of every stage (default 0)")
     p.add_argument("--loader", choices=["torch", "dali"], help="decoding engine")
     p.add_argument("--workers", type=int, metavar="N", help="decoding workers per process")
+    speed_flags(p)  # given: passed to every stage; else each stage's own default
     p.add_argument("--recipe", metavar="NAME",
                    help="recipe name for the report (abd-paper prints the paper's numbers)")
     p.add_argument("--output", metavar="DIR", help="run directory (default runs/demo; "
@@ -157,8 +158,9 @@ PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, classnames=None, target_label=None, model="abd-tiny-rn",
     pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
     defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, loader=None,
-    workers=None, recipe=None, output=None, config=None, resume=False, stage_flags=None,
-    csv_img_key=None, csv_caption_key=None, csv_separator=None, non_rgb=None)
+    workers=None, precision=None, compile=None, recipe=None, output=None, config=None,
+    resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
+    non_rgb=None)
 CAPTION_DATA_FLAGS = ("csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
 
 
@@ -353,9 +355,11 @@ class _StageFlags:
                   cfg["model"], "--seed", cfg["seed"]]
         if data["classnames"]:
             common += ["--classnames", data["classnames"]]
-        for key in ("image_size", "loader", "workers", *CAPTION_DATA_FLAGS):
+        for key in ("image_size", "loader", "workers", "precision", *CAPTION_DATA_FLAGS):
             if cfg[key] is not None:
                 common += [f"--{key.replace('_', '-')}", cfg[key]]
+        if cfg["compile"] is not None:
+            common.append("--compile" if cfg["compile"] else "--no-compile")
         self.common = common
         self.q = _flags(QUICK_OVERRIDES["common"]) if self.quick else []
         self.victim = common + ["--target-label", data["target"]] + self.q
@@ -499,6 +503,20 @@ def _ablations(st: Stages, cfg, flags: _StageFlags, clean: str, victims, uaps, r
                       prefix=f"ablation-{a}-")
 
 
+def _speed_settings(cfg) -> dict:
+    """The precision the training stages ran in (resolved here: auto depends on the machine)
+    and whether each training loop was compiled (--compile/--no-compile, else its default).
+    A config's stage-flags may override either for one command."""
+    import torch
+
+    from abd_fast.engine import COMPILE_DEFAULTS, default_compile
+    from abd_fast.precision import resolve_precision
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"precision": resolve_precision(cfg["precision"], device),
+            "compile": {k: default_compile(k) if cfg["compile"] is None else cfg["compile"]
+                        for k in COMPILE_DEFAULTS}}
+
+
 def _analyse(cfg, data, out: Path, victims, uaps) -> dict:
     """Stage 5: similarity analysis (ABD Fig. 2) on the first attack's victim with its UAP,
     and the clean/triggered image embeddings of the victim, FT and ABD for embedding.png."""
@@ -592,7 +610,7 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
                      "defenses": cfg["defenses"], "seed": cfg["seed"], "quick": quick,
                      "pretrained": cfg["pretrained"], "poison": POISON,
                      "demo_overrides": demo, "pipeline_flags": PIPELINE_FLAGS,
-                     "stage_flags": cfg["stage_flags"],
+                     "stage_flags": cfg["stage_flags"], **_speed_settings(cfg),
                      **({"quick_overrides": QUICK_OVERRIDES} if quick else {})},
         "notes": notes,
     }

@@ -1,14 +1,14 @@
 """`poison`: fine-tune a CLIP on clean + poisoned caption data with MMCL (plant a backdoor)."""
 from __future__ import annotations
 
-from .common import (COMMON_DEFAULTS, Run, UsageError, attack_flags, check_int, print_training,
-                     stage_parser)
+from .common import (Run, UsageError, attack_flags, check_int, print_training,
+                     stage_parser, training_defaults)
 
 NAME = "poison"
 # demo: 10% poisons -> ASR 96-99% (docs/ATTACKS.md)
-DEFAULTS = dict(COMMON_DEFAULTS, output="runs/poison", attack=None, poison_count=None,
-                poison_rate=None, trigger_file=None, trigger_option=None, epochs=3, lr=1e-3,
-                warmup=50)
+DEFAULTS = training_defaults(NAME, output="runs/poison", attack=None, poison_count=None,
+                             poison_rate=None, trigger_file=None, trigger_option=None, epochs=3,
+                             lr=1e-3, warmup=50)
 
 
 def _flags(p):

@@ -2,11 +2,11 @@
 --pretrained weights; without --train-data, on the embedded synthetic dataset."""
 from __future__ import annotations
 
-from .common import COMMON_DEFAULTS, Run, print_training, stage_parser
+from .common import Run, print_training, stage_parser, training_defaults
 
 NAME = "pretrain"
 # The demo's clean model: 10 epochs (see COMMON_DEFAULTS for the measurement).
-DEFAULTS = dict(COMMON_DEFAULTS, output="runs/pretrain", epochs=10)
+DEFAULTS = training_defaults(NAME, output="runs/pretrain", epochs=10)
 
 
 def add_parser(subparsers):

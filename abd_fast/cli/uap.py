@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import math
 
-from .common import (COMMON_DEFAULTS, Run, UsageError, attack_flags, check_defense_inputs,
-                     check_number, print_training, stage_parser)
+from .common import (Run, UsageError, attack_flags, check_defense_inputs, check_number,
+                     print_training, stage_parser, training_defaults)
 
 NAME = "uap"
 # The attack flags of uap/defend only drive the evaluation (ASR); by default they come from
 # the poisoned checkpoint's run. The defaults are the demo's, measured on the badnet victim
 # (CA 86.7, ASR 99.1; one seed each, docs/METHOD.md): one UAP epoch over the 10,000 pairs
 # (31 s) already sends 100% of non-target images to the target.
-DEFAULTS = dict(COMMON_DEFAULTS, output="runs/uap", checkpoint=None, reference_model=None,
-                mode="patch", patch_area=0.03, eps=0.03, no_backdoor_loss=False,
-                backdoor_loss_sign=1.0, backdoor_loss_pairing="reference-query",
-                lambda_bd=1.0, brightness=1.2, attack=None, trigger_file=None,
-                trigger_option=None, epochs=1, batch_size=64, lr=2e-4, warmup=0)
+DEFAULTS = training_defaults(NAME, output="runs/uap", checkpoint=None, reference_model=None,
+                             mode="patch", patch_area=0.03, eps=0.03, no_backdoor_loss=False,
+                             backdoor_loss_sign=1.0, backdoor_loss_pairing="reference-query",
+                             lambda_bd=1.0, brightness=1.2, attack=None, trigger_file=None,
+                             trigger_option=None, epochs=1, batch_size=64, lr=2e-4, warmup=0)
 
 
 def _flags(p):
