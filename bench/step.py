@@ -6,7 +6,7 @@ align) run several ways on the same model, batch, optimizer and data, in one pro
   default     what `defend` runs now by default: --precision auto (abd_fast.precision: bf16
               on a CPU with AMX/AVX512-BF16 or a GPU, fp32 elsewhere), its channels-last
               choice, and torch.compile where the defend loop compiles by default
-              (abd_fast.engine.COMPILE_DEFAULTS)
+              (abd_fast.engine.default_compile)
   bf16-cl     bf16 autocast + channels-last (+ the default compile), whatever the CPU: the
               ratio an AMX machine would get; on a CPU without native bf16 it is emulated
               (slow), which is why auto does not pick it there
@@ -216,14 +216,14 @@ class MemoryLoader:
 
 def path_options(spec: dict) -> dict:
     """A PATHS entry with its defaults resolved: precision, channels_last, compile."""
-    from abd_fast.engine import COMPILE_DEFAULTS
+    from abd_fast.engine import default_compile
     from abd_fast.precision import channels_last, resolve_precision
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(spec["precision"], device)
     return {"precision": precision,
             "channels_last": (channels_last(precision, device) if spec["channels_last"] is None
                               else spec["channels_last"]),
-            "compile": COMPILE_DEFAULTS["defend"] if spec["compile"] is None else spec["compile"]}
+            "compile": default_compile("defend") if spec["compile"] is None else spec["compile"]}
 
 
 class TrainPath:
