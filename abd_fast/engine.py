@@ -4,10 +4,12 @@
     result = trainer.fit()       # loss_fn(model, batch, epoch) -> scalar loss
 
 `Trainer` runs epochs over an abd_fast.data loader: AdamW (make_optimizer), the schedule
-below per optimizer step, logit_scale clamp after each step, AMP (bf16) on GPU and fp32 on
-CPU, optional torch.compile, DDP under torchrun (init_distributed; the stage's contrastive
-loss is `contrastive_loss(dist)`: gathered features with grad, local loss), rank-0 I/O:
-checkpoints (every N steps and at the end), a progress bar and metrics.jsonl.
+below per optimizer step, logit_scale clamp after each step, autocast by precision (auto:
+bf16 where the hardware runs it fast, else fp32; abd_fast.precision), torch.compile
+(compile_module; per-loop defaults COMPILE_DEFAULTS), DDP under torchrun
+(init_distributed; the stage's contrastive loss is `contrastive_loss(dist)`: gathered
+features with grad, local loss), rank-0 I/O: checkpoints (every N steps and at the end), a
+progress bar and metrics.jsonl.
 
 Schedule (per optimizer step s = 0 .. total-1, warmup w):
     s <  w: lr = base * (s + 1) / (w + 1)                  linear warmup, never 0
@@ -376,8 +378,8 @@ class Trainer:
         self.desc, self.on_epoch_end = desc, on_epoch_end
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.precision = resolve_precision(precision, self.device)
-        self.channels_last = (use_channels_last(self.precision, self.device)
-                              if channels_last is None else channels_last)
+        self.channels_last = (use_channels_last(precision) if channels_last is None
+                              else channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = len(loader)

@@ -11,10 +11,12 @@ fp32). Elsewhere, e.g. a CPU with AVX2 only, bf16 is emulated and slower than fp
 is fp32. Explicit "fp32" is today's arithmetic exactly (NCHW, no autocast); "bf16"/"fp16"
 autocast the forward pass; parameters, optimizer states and loss accumulation stay fp32.
 
-Channels-last: with bf16 on a CPU the convolution towers run channels-last (oneDNN's native
-layout for bf16; bf16 with NCHW inputs was once measured ~5x slower than fp32 under load).
-In fp32 the layout stays NCHW (docs/PERFORMANCE.md: channels-last measured no faster in
-fp32 on the AVX2 machine).
+Channels-last: the convolution towers run channels-last (their weights, hence their
+activations and gradients) under every precision but an explicit "fp32". It is oneDNN's
+native layout: bf16 with NCHW inputs was once measured ~5x slower than fp32 under load on the
+AMX Xeon, and in fp32 the demo's defend step ran 1.19x faster channels-last on the AVX2 EPYC
+(bench/step.py, docs/PERFORMANCE.md). Explicit "fp32" keeps NCHW: a different layout picks
+different kernels, whose rounding differs, and "fp32" promises today's results bit for bit.
 """
 from __future__ import annotations
 
@@ -70,11 +72,10 @@ def resolve_precision(precision: str | None, device) -> str:
     return auto_precision(device.type) if precision == "auto" else precision
 
 
-def channels_last(precision: str, device) -> bool:
-    """Whether convolution towers and their inputs run channels-last: with autocast (bf16/fp16),
-    oneDNN's and cuDNN's fast layout for those dtypes; not in fp32, where it was measured no
-    faster here and would change today's fp32 arithmetic (module doc)."""
-    return precision in DTYPES
+def channels_last(requested: str | None) -> bool:
+    """Whether the convolution towers run channels-last under the --precision `requested`
+    (before resolving auto): always but for an explicit "fp32" (module doc)."""
+    return requested != "fp32"
 
 
 def autocast(device, precision: str):

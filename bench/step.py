@@ -221,7 +221,7 @@ def path_options(spec: dict) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(spec["precision"], device)
     return {"precision": precision,
-            "channels_last": (channels_last(precision, device) if spec["channels_last"] is None
+            "channels_last": (channels_last(spec["precision"]) if spec["channels_last"] is None
                               else spec["channels_last"]),
             "compile": default_compile("defend") if spec["compile"] is None else spec["compile"]}
 

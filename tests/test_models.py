@@ -122,3 +122,19 @@ def test_image_size_override_interpolates_vit_positions(tmp_path):
     big = create_model(TINY, pretrained=path, image_size=64)
     assert image_spec(big).size == 64
     assert big.encode_image(torch.rand(1, 3, 64, 64)).shape[0] == 1
+
+
+def test_cached_tokenizer_gives_the_tokenizers_rows():
+    from abd_fast.models import CachedTokenizer, get_tokenizer
+    tok = get_tokenizer("abd-tiny-rn")
+    assert isinstance(tok, CachedTokenizer) and tok.context_length == 32
+    plain = tok.tokenizer
+    small = CachedTokenizer(plain, size=3)
+    texts = ["a photo of a star", "a red circle", "a photo of a star", "two blue squares"]
+    for batch in (texts, texts[1:], ["new words here", "a red circle"] * 2, texts):
+        torch.testing.assert_close(small(batch), plain(batch), rtol=0, atol=0)
+        assert len(small.rows) <= 3  # bounded: the oldest captions go first
+    # a batch longer than the cache still gets every row
+    torch.testing.assert_close(small(texts + ["x", "y", "z"]), plain(texts + ["x", "y", "z"]),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(small("one caption"), plain("one caption"), rtol=0, atol=0)

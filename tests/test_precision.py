@@ -37,8 +37,8 @@ def test_resolve_precision():
 
 
 def test_channels_last_and_image_dtype_follow_the_precision():
-    assert not channels_last("fp32", "cpu")
-    assert channels_last("bf16", "cpu") and channels_last("fp16", "cuda")
+    assert not channels_last("fp32")  # explicit fp32: today's layout and results
+    assert all(channels_last(p) for p in ("auto", None, "bf16", "fp16"))
     assert image_dtype("cpu") == torch.float32
     with autocast("cpu", "bf16"):
         assert image_dtype("cpu") == torch.bfloat16
@@ -109,7 +109,7 @@ def toy_loss(seen=None):
     return loss_fn
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 def test_trainer_precision_autocast_and_layout(tmp_path, precision):
     seen = []
     model = ToyClip()
@@ -117,9 +117,10 @@ def test_trainer_precision_autocast_and_layout(tmp_path, precision):
                       output_dir=tmp_path, precision=precision, progress=False)
     summary = trainer.fit()
     conv = model.visual[0].weight
-    assert trainer.precision == precision and trainer.channels_last == (precision == "bf16")
-    assert conv.is_contiguous(memory_format=torch.channels_last) == (precision == "bf16")
-    low = precision == "bf16"
+    assert trainer.precision == resolve_precision(precision, "cpu")
+    assert trainer.channels_last == (precision != "fp32")
+    assert conv.is_contiguous(memory_format=torch.channels_last) == (precision != "fp32")
+    low = trainer.precision == "bf16"
     assert seen and all(s == {"autocast": low, "x": torch.bfloat16 if low else torch.float32,
                               "features": torch.bfloat16 if low else torch.float32}
                         for s in seen)

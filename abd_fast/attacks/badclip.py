@@ -117,8 +117,8 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
     model.eval()
     for q, _ in flags:
         q.requires_grad_(False)
+    layout = torch.channels_last if channels_last(precision) else None
     precision = resolve_precision(precision, device)
-    layout = torch.channels_last if channels_last(precision, device) else None
     if layout is not None:
         model.to(memory_format=layout)
     encode = functools.partial(image_features, model)

@@ -569,7 +569,8 @@ class Run:
 
     def fit(self, loss_fn, loader, desc: str, module=None, **trainer_kw) -> dict:
         """Trains `module` (default: the CLIP) with loss_fn through the engine's Trainer;
-        trainer_kw: its other options (optimizer, schedule, extra)."""
+        trainer_kw: its other options (optimizer, schedule, extra; compile, default
+        --compile)."""
         from abd_fast.engine import Trainer
         cfg = self.cfg
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()
@@ -577,10 +578,10 @@ class Run:
         trainer = Trainer(self.model if module is None else module, loader, loss_fn,
                           lr=cfg["lr"], epochs=cfg["epochs"], warmup=cfg["warmup"],
                           output_dir=cfg["output"], seed=cfg["seed"],
-                          checkpoint_every=cfg["checkpoint_every"], compile=cfg["compile"],
+                          checkpoint_every=cfg["checkpoint_every"],
                           precision=cfg["precision"], resume=cfg.get("resume"), config=config,
                           dist_info=self.info,
-                          desc=desc, **trainer_kw)
+                          desc=desc, **{"compile": cfg["compile"], **trainer_kw})
         return trainer.fit()
 
     def evaluate(self, loader, trigger=None, **notes) -> dict | None:

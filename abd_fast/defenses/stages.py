@@ -12,12 +12,15 @@ defend  fine-tunes the poisoned model with FT, CleanCLIP, RoCLIP or ABD; eval.js
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
+from abd_fast.engine import compile_module
 from abd_fast.models import image_features, text_features
 from abd_fast.ops import normalize_images
-from abd_fast.precision import channels_last, image_dtype, resolve_precision
+from abd_fast.precision import channels_last, image_dtype
 
 from . import objectives as obj
 from .uap import (UAP, Discriminator, UAPGenerator, apply_uap, backdoor_loss,
@@ -56,12 +59,19 @@ def uap_stage(run, reference=None) -> dict:
     size = patch_geometry(S, cfg["patch_area"])[0] if mode == "patch" else S
     gen = UAPGenerator(size, mode=mode, eps=cfg["eps"], seed=cfg["seed"])
     disc = Discriminator(S).to(device)
-    if channels_last(resolve_precision(cfg.get("precision"), device), device):
+    if channels_last(cfg.get("precision")):
         for m in (poisoned, reference, disc):  # the Trainer lays out only the generator
             if m is not None:
                 m.to(memory_format=torch.channels_last)
     betas = (0.5, 0.999)
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg["lr"], betas=betas)
+    # The work is in the frozen image towers and the discriminator, not the generator (one
+    # tiny map from a fixed z): --compile compiles those.
+    encode = functools.partial(image_features, poisoned)
+    encode_ref = encode if reference is None else functools.partial(image_features, reference)
+    discriminate = disc
+    if cfg.get("compile"):
+        encode, encode_ref, discriminate = map(compile_module, (encode, encode_ref, disc))
     mean, std, tok = run.mean, run.std, run.tokenizer
     use_bd = not cfg["no_backdoor_loss"]
     geometry = dict(mode=mode, image_size=S, area=cfg["patch_area"], eps=cfg["eps"])
@@ -73,30 +83,31 @@ def uap_stage(run, reference=None) -> dict:
         x_adv = apply_uap(images, model(), mean=mean, std=std, out_dtype=dtype, **geometry)
         # Discriminator step (its own optimizer), then the generator's loss.
         d_opt.zero_grad(set_to_none=True)
-        d_loss = discriminator_loss(disc(x), disc(x_adv.detach()))
+        d_loss = discriminator_loss(discriminate(x), discriminate(x_adv.detach()))
         d_loss.backward()
         _average_grads(disc, info.world_size)
         d_opt.step()
         disc.clip_weights(0.01)
         with torch.no_grad():
-            f_clean = image_features(poisoned, x)
+            f_clean = encode(x)
             f_text = text_features(poisoned, tok(batch.captions).to(device))
             f_ref = None
             if use_bd:
                 x_ref = normalize_images(brighten(images, cfg["brightness"]), mean, std,
                                          out_dtype=dtype)
-                f_ref = image_features(reference if reference is not None else poisoned, x_ref)
-        f_adv = image_features(poisoned, x_adv)
+                f_ref = encode_ref(x_ref)
+        f_adv = encode(x_adv)
         bd = (backdoor_loss(f_ref, f_adv, tau=0.1, sign=cfg["backdoor_loss_sign"],
                             pairing=cfg["backdoor_loss_pairing"]) if use_bd else None)
-        loss, _ = generator_loss(disc(x_adv), x_adv, x, f_clean, f_adv, f_text,
+        loss, _ = generator_loss(discriminate(x_adv), x_adv, x, f_clean, f_adv, f_text,
                                  backdoor=bd, lambda_bd=cfg["lambda_bd"])
         return loss
 
     summary = run.fit(loss_fn, run.train_loader(), f"uap ({mode})", module=gen,
                       optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=cfg["lr"],
                                                            betas=betas),
-                      schedule="constant", extra={"discriminator": disc, "d_optimizer": d_opt})
+                      schedule="constant", extra={"discriminator": disc, "d_optimizer": d_opt},
+                      compile=False)
     gen.eval()
     with torch.no_grad():
         uap = UAP(gen().cpu(), **geometry)
