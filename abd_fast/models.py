@@ -83,7 +83,60 @@ def create_model(name: str, *, pretrained: str | os.PathLike | None = None,
         logger.setLevel(level)
     if pretrained is not None:
         load_weights(model, pretrained)
+    _accept_short_text(model)
     return model.to(device)
+
+
+# ---- text batches cut after their longest caption -------------------------------------------
+
+def _accept_short_text(model):
+    """Lets the text tower of an open_clip CLIP take token batches with fewer columns than its
+    context (trim_tokens), where the result is the same: under its causal mask a position's
+    output depends only on the tokens up to it, and the pooled position (argmax: the EOT
+    token) is kept, so the cut columns change nothing but the rounding. Sets
+    model.short_text. open_clip's CLIP adds its whole positional embedding and mask; this
+    encode_text slices both to the batch's length (for a full-length batch, the same ops on
+    the same values: bit for bit open_clip's)."""
+    import types
+
+    import open_clip
+    model.short_text = False
+    mask = getattr(model, "attn_mask", None)
+    if type(model) is not open_clip.CLIP or model.text_pool_type != "argmax" or mask is None:
+        return
+    causal = torch.ones(mask.shape, dtype=torch.bool).triu(1)
+    if not torch.equal(torch.isneginf(mask), causal) or mask[~causal].any():
+        return
+    model.encode_text = types.MethodType(_encode_text, model)
+    model.short_text = True
+
+
+def _encode_text(self, text, normalize: bool = False):
+    """open_clip.CLIP.encode_text for a batch of L <= context_length columns."""
+    from open_clip.transformer import text_global_pool
+    L = text.shape[1]
+    cast_dtype = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast_dtype)
+    x = x + self.positional_embedding[:L].to(cast_dtype)
+    x = self.transformer(x, attn_mask=self.attn_mask[:L, :L])
+    x = self.ln_final(x)
+    x = text_global_pool(x, text, self.text_pool_type,
+                         eos_token_id=getattr(self, "text_eos_id", None))
+    if self.text_projection is not None:
+        x = (self.text_projection(x) if isinstance(self.text_projection, torch.nn.Linear)
+             else x @ self.text_projection)
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def trim_tokens(tokens):
+    """tokens [N, C] (zero-padded) without the columns after the batch's last token, their
+    number rounded up to a multiple of ceil(C / 4) to 8: at most 4 shapes per context, so a
+    compiled model compiles at most 4 times (the demo's 32-token context: 8, 16, 24, 32)."""
+    C = tokens.shape[1]
+    used = tokens.ne(0).any(0).nonzero()
+    n = int(used[-1]) + 1 if len(used) else 1
+    step = -(-C // 32) * 8
+    return tokens[:, :min(C, -(-n // step) * step)].contiguous()
 
 
 def image_features(model, x):
@@ -96,22 +149,24 @@ def text_features(model, tokens):
     return torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
-def get_tokenizer(name: str):
+def get_tokenizer(name: str, trim: bool = False):
     """open_clip's tokenizer of the architecture `name`, remembering its captions' tokens
-    (CachedTokenizer)."""
+    (CachedTokenizer); trim: its batches cut after their longest caption (trim_tokens; for a
+    model with short_text only)."""
     import open_clip
     _register_configs()
-    return CachedTokenizer(open_clip.get_tokenizer(name))
+    return CachedTokenizer(open_clip.get_tokenizer(name), trim=trim)
 
 
 class CachedTokenizer:
     """A tokenizer that keeps the token row of each of the last `size` captions it saw: the
     training loops tokenize the same captions every epoch, and open_clip's BPE tokenizer (text
     cleaning with ftfy, then BPE, in Python) costs ~26 ms per 256 captions on 2 CPU cores, a
-    few % of a demo step. A row depends on its caption only, so the output is unchanged."""
+    few % of a demo step. A row depends on its caption only, so the output is unchanged.
+    trim: a batch's columns after its longest caption are dropped (trim_tokens)."""
 
-    def __init__(self, tokenizer, size: int = 100_000):
-        self.tokenizer, self.size, self.rows = tokenizer, size, {}
+    def __init__(self, tokenizer, size: int = 100_000, trim: bool = False):
+        self.tokenizer, self.size, self.trim, self.rows = tokenizer, size, trim, {}
 
     def __call__(self, texts, context_length=None):
         if context_length is not None or isinstance(texts, str):
@@ -123,7 +178,8 @@ class CachedTokenizer:
             self.rows.update((t, rows[t]) for t in missing)
             while len(self.rows) > self.size:  # the oldest first (dicts keep insertion order)
                 del self.rows[next(iter(self.rows))]
-        return torch.stack([rows[t] for t in texts])
+        out = torch.stack([rows[t] for t in texts])
+        return trim_tokens(out) if self.trim else out
 
     def __getattr__(self, name):  # context_length, vocab_size, encode, ... of the tokenizer
         return getattr(self.tokenizer, name)

@@ -17,6 +17,7 @@ native layout: bf16 with NCHW inputs was once measured ~5x slower than fp32 unde
 AMX Xeon, and in fp32 the demo's defend step ran 1.19x faster channels-last on the AVX2 EPYC
 (bench/step.py, docs/PERFORMANCE.md). Explicit "fp32" keeps NCHW: a different layout picks
 different kernels, whose rounding differs, and "fp32" promises today's results bit for bit.
+For the same reason it keeps the text batches at their full context (trim_text).
 """
 from __future__ import annotations
 
@@ -76,6 +77,17 @@ def channels_last(requested: str | None) -> bool:
     """Whether the convolution towers run channels-last under the --precision `requested`
     (before resolving auto): always but for an explicit "fp32" (module doc)."""
     return requested != "fp32"
+
+
+def trim_text(requested: str | None) -> bool:
+    """Whether training cuts each token batch after its longest caption
+    (abd_fast.models.trim_tokens) under the --precision `requested`: like channels-last,
+    always but for an explicit "fp32". The result is the same in exact arithmetic (causal
+    mask, EOT pooling) but the attention's sums run over fewer columns, whose rounding may
+    differ on some CPU; an explicit "fp32" keeps today's results bit for bit. On the demo's
+    captions (11 tokens median of a 32-token context) it skips about a third of the text
+    tower's work (docs/PERFORMANCE.md)."""
+    return channels_last(requested)
 
 
 def autocast(device, precision: str):

@@ -5,11 +5,13 @@ align) run several ways on the same model, batch, optimizer and data, in one pro
               NCHW, eager -- the baseline every ratio is against
   default     what `defend` runs now by default: --precision auto (abd_fast.precision: bf16
               on a CPU with AMX/AVX512-BF16 or a GPU, fp32 elsewhere), its channels-last
-              choice, and torch.compile where the defend loop compiles by default
-              (abd_fast.engine.default_compile)
+              and trimmed-text choices (abd_fast.precision), and torch.compile where the
+              defend loop compiles by default (abd_fast.engine.default_compile)
   bf16-cl     bf16 autocast + channels-last (+ the default compile), whatever the CPU: the
               ratio an AMX machine would get; on a CPU without native bf16 it is emulated
               (slow), which is why auto does not pick it there
+  fp32-cl, fp32-trim, fp32-compile, fp32-cl-trim, fp32-cl-compile  (--paths ...) one or
+              two of the default's parts alone, fp32
   reference   (--paths reference) the unfused eager step of earlier tables: the torch
               loader engine (PIL in 2 DataLoader workers); the image views composed eagerly
               (float, /255, paste the patch or add the clamped delta, clamp, normalize);
@@ -30,7 +32,7 @@ loaders run their workers as in training, 2 each), and in parts:
 
   loader      waiting for the next batch (next(iterator))
   views       the image views, concatenated
-  text        EDA + tokenizer (identical in every path)
+  text        EDA + tokenizer (+ trim_tokens where the path trims: fp32 explicit does not)
   forward     model(x, tokens)
   loss        the objective's forward + backward (on detached feature leaves, so its cost is
               separated from the model's backward; the gradients are then passed on)
@@ -95,17 +97,28 @@ SETTINGS = {
     "vit-b32": dict(model="ViT-B-32", image_size=224, batch_size=16, data=None,
                     schedule=(1, 3, 4)),
 }
-# The ways of running the step (module doc). compile / channels_last None: the defend
-# loop's default and the precision's.
+# The ways of running the step (module doc). compile / channels_last / trim_text None: the
+# defend loop's default and the precision's.
 PATHS = {
-    "fp32-eager": dict(fused=True, precision="fp32", compile=False, channels_last=False),
-    "default": dict(fused=True, precision="auto", compile=None, channels_last=None),
-    "bf16-cl": dict(fused=True, precision="bf16", compile=None, channels_last=True),
-    "reference": dict(fused=False, precision="fp32", compile=False, channels_last=False),
+    "fp32-eager": dict(fused=True, precision="fp32", compile=False, channels_last=False,
+                       trim_text=False),
+    "default": dict(fused=True, precision="auto", compile=None, channels_last=None,
+                    trim_text=None),
+    "bf16-cl": dict(fused=True, precision="bf16", compile=None, channels_last=True,
+                    trim_text=None),
+    "reference": dict(fused=False, precision="fp32", compile=False, channels_last=False,
+                      trim_text=False),
     # the parts of a default, one at a time (the choices of abd_fast.precision/engine)
-    "fp32-cl": dict(fused=True, precision="fp32", compile=False, channels_last=True),
-    "fp32-compile": dict(fused=True, precision="fp32", compile=True, channels_last=False),
-    "fp32-cl-compile": dict(fused=True, precision="fp32", compile=True, channels_last=True),
+    "fp32-cl": dict(fused=True, precision="fp32", compile=False, channels_last=True,
+                    trim_text=False),
+    "fp32-trim": dict(fused=True, precision="fp32", compile=False, channels_last=False,
+                      trim_text=True),
+    "fp32-compile": dict(fused=True, precision="fp32", compile=True, channels_last=False,
+                         trim_text=False),
+    "fp32-cl-trim": dict(fused=True, precision="fp32", compile=False, channels_last=True,
+                         trim_text=True),
+    "fp32-cl-compile": dict(fused=True, precision="fp32", compile=True, channels_last=True,
+                            trim_text=False),
 }
 DEFAULT_PATHS = ("fp32-eager", "default", "bf16-cl")
 BASELINE = "fp32-eager"
@@ -215,25 +228,31 @@ class MemoryLoader:
 
 
 def path_options(spec: dict) -> dict:
-    """A PATHS entry with its defaults resolved: precision, channels_last, compile."""
+    """A PATHS entry with its defaults resolved: precision, channels_last, trim_text,
+    compile."""
     from abd_fast.engine import default_compile
-    from abd_fast.precision import channels_last, resolve_precision
+    from abd_fast.precision import channels_last, resolve_precision, trim_text
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(spec["precision"], device)
-    return {"precision": precision,
-            "channels_last": (channels_last(spec["precision"]) if spec["channels_last"] is None
-                              else spec["channels_last"]),
-            "compile": default_compile("defend") if spec["compile"] is None else spec["compile"]}
+
+    def choice(key, default):
+        return default(spec["precision"]) if spec[key] is None else spec[key]
+    compile = choice("compile", lambda _: default_compile("defend"))
+    # as the training commands: no trimmed text in a compiled loop (abd_fast.cli.common.Run)
+    return {"precision": precision, "channels_last": choice("channels_last", channels_last),
+            "trim_text": choice("trim_text", lambda p: trim_text(p) and not compile),
+            "compile": compile}
 
 
 class TrainPath:
     def __init__(self, name, loader, model, views, loss, tokenizer, eda, mean, std, uap, lr,
-                 precision="fp32", channels_last=False, compile=False, optimizer=True):
+                 precision="fp32", channels_last=False, trim_text=False, compile=False,
+                 optimizer=True):
         from abd_fast.engine import compile_module, make_optimizer
         self.name, self.loader, self.model = name, loader, model
         self.views, self.loss, self.tok, self.eda = views, loss, tokenizer, eda
         self.mean, self.std, self.uap = mean, std, uap
-        self.precision = precision
+        self.precision, self.trim_text = precision, trim_text
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.forward = compile_module(model) if compile else model
@@ -250,6 +269,7 @@ class TrainPath:
         """warmup untimed + `steps` timed training steps from a fresh epoch iterator."""
         from abd_fast.defenses.views import eda_view
         from abd_fast.engine import clamp_logit_scale
+        from abd_fast.models import trim_tokens
         from abd_fast.precision import autocast
         self.model.train()
         self.loader.set_epoch(epoch)
@@ -269,6 +289,8 @@ class TrainPath:
                 t2 = time.perf_counter()
                 tokens = self.tok(batch.captions + eda_view(self.eda, batch.captions, batch.ids,
                                                             epoch))
+                if self.trim_text:
+                    tokens = trim_tokens(tokens)
                 t3 = time.perf_counter()
                 img, txt, scale = self.forward(x, tokens)
                 t4 = time.perf_counter()
@@ -355,6 +377,7 @@ def run_setting(name: str, cfg: dict, args) -> dict:
           f"captions per forward), UAP {args.mode}, {repeats} repeats x {steps} "
           f"steps (+{warmup} warm-up); paths: "
           + "; ".join(f"{p} = {o['precision']}{', channels-last' if o['channels_last'] else ''}"
+                      f"{', trimmed text' if o['trim_text'] else ''}"
                       f"{', compiled' if o['compile'] else ', eager'}"
                       for p, o in options.items()), flush=True)
     first = {}

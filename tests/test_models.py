@@ -138,3 +138,62 @@ def test_cached_tokenizer_gives_the_tokenizers_rows():
     torch.testing.assert_close(small(texts + ["x", "y", "z"]), plain(texts + ["x", "y", "z"]),
                                rtol=0, atol=0)
     torch.testing.assert_close(small("one caption"), plain("one caption"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["abd-tiny-rn", "abd-tiny-vit"])
+def test_text_tower_gives_the_same_features_for_trimmed_token_batches(name):
+    """A token batch cut after its longest caption (trim_tokens) gives the features of the
+    full-context batch (causal mask, EOT pooling), and their gradients; a full-length batch
+    is open_clip's own encode_text bit for bit."""
+    import open_clip
+
+    from abd_fast.models import get_tokenizer, trim_tokens
+    model = create_model(name)
+    assert model.short_text
+    tok = get_tokenizer(name)
+    captions = ["a photo of a star", "x",
+                "two small red circles next to a large blue square on green grass at noon"]
+    full = tok(captions)
+    short = trim_tokens(full)
+    assert short.shape[1] < full.shape[1] and short.shape[1] % 8 == 0
+    assert torch.equal(short, full[:, :short.shape[1]])
+    assert torch.equal(full[:, short.shape[1]:], torch.zeros_like(full[:, short.shape[1]:]))
+    assert torch.equal(model.encode_text(full), open_clip.CLIP.encode_text(model, full))
+    ref = open_clip.CLIP.encode_text(model, full)
+    got = model.encode_text(short)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    g_ref = torch.autograd.grad(ref.square().sum(), list(model.transformer.parameters()))
+    g_got = torch.autograd.grad(got.square().sum(), list(model.transformer.parameters()))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # through the whole model, as the training loops call it
+    img = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(model(img, short)[1], model(img, full)[1], rtol=1e-5, atol=1e-6)
+    # the tokenizer's trimmed batches
+    trimmed = get_tokenizer(name, trim=True)
+    assert torch.equal(trimmed(captions), short)
+    assert trimmed(["a b"]).shape[1] == 8
+
+
+def test_trim_tokens_rounds_to_few_shapes():
+    from abd_fast.models import trim_tokens
+    for context, step in ((32, 8), (77, 24)):
+        widths = set()
+        for last in range(context):
+            t = torch.zeros(2, context, dtype=torch.long)
+            t[1, :last + 1] = 5
+            w = trim_tokens(t).shape[1]
+            assert last < w <= context and (w % step == 0 or w == context)
+            widths.add(w)
+        assert len(widths) <= 4
+
+
+def test_only_text_towers_where_trimming_is_exact_take_short_batches():
+    """A text tower without a causal mask (every position sees every other) must not be fed
+    trimmed batches: create_model leaves it as open_clip built it."""
+    from abd_fast.models import _accept_short_text
+    model = create_model(TINY)
+    del model.encode_text  # back to open_clip's
+    model.attn_mask = torch.zeros_like(model.attn_mask)
+    _accept_short_text(model)
+    assert not model.short_text and "encode_text" not in vars(model)

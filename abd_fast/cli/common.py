@@ -468,6 +468,7 @@ class Run:
         import torch
 
         from abd_fast.models import WeightsError, create_model, get_tokenizer, image_spec
+        from abd_fast.precision import trim_text
         cfg = self.cfg
         weights = cfg.get("checkpoint") or cfg.get("pretrained")
         try:
@@ -476,7 +477,12 @@ class Run:
         except WeightsError as e:
             raise UsageError(str(e).replace("--pretrained", weights_flag, 1)) from e
         self.model.to(self.info.device)
-        self.tokenizer = get_tokenizer(cfg["model"])
+        # Token batches cut after their longest caption where that is exact for the model
+        # (models.trim_tokens) and the precision allows it (precision.trim_text); not for a
+        # compiled loop, which would compile again for each new width.
+        self.tokenizer = get_tokenizer(cfg["model"], trim=self.model.short_text
+                                       and trim_text(cfg.get("precision"))
+                                       and not cfg.get("compile"))
         self.spec = image_spec(self.model)
         self.mean = torch.tensor(self.spec.mean, device=self.info.device)
         self.std = torch.tensor(self.spec.std, device=self.info.device)
