@@ -197,20 +197,30 @@ def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 # ---- torch.compile ---------------------------------------------------------------------------
 
-# Whether each training loop runs torch.compile by default (--compile/--no-compile), decided
-# by measurement including the compile time over a stage (docs/PERFORMANCE.md).
-COMPILE_DEFAULTS = {"pretrain": True, "poison": True, "badclip-trigger": False, "uap": False,
-                    "defend": True}
+# Whether each training loop runs torch.compile by default (--compile/--no-compile), per
+# device, decided by measurement including the compile time over a stage
+# (docs/PERFORMANCE.md). CPU, measured on the AVX2 EPYC: the compiled demo step was no faster
+# than the eager channels-last one, and a cold compile (55-80 s) costs more than a whole
+# defend stage, so no CPU loop compiles by default. GPU: not measured (no GPU here); the
+# loops whose stages run longest compile, the usual win of inductor on a GPU.
+COMPILE_DEFAULTS = {
+    "cpu": {"pretrain": False, "poison": False, "badclip-trigger": False, "uap": False,
+            "defend": False},
+    "cuda": {"pretrain": True, "poison": True, "badclip-trigger": False, "uap": False,
+             "defend": True},
+}
+LOOPS = tuple(COMPILE_DEFAULTS["cpu"])
 COMPILE_ENV = "ABD_FAST_COMPILE"  # "0": no loop compiles by default (--compile still does)
 
 
 def default_compile(loop: str) -> bool:
-    """Whether `loop` (a COMPILE_DEFAULTS key) compiles unless told: its measured default,
-    unless $ABD_FAST_COMPILE is "0" or no C++ compiler is found (inductor needs one to
-    compile for a CPU)."""
-    if os.environ.get(COMPILE_ENV, "1") == "0" or not COMPILE_DEFAULTS[loop]:
+    """Whether `loop` (one of LOOPS) compiles unless told: its measured default on this
+    device (COMPILE_DEFAULTS), unless $ABD_FAST_COMPILE is "0" or, on a CPU, no C++ compiler
+    is found (inductor needs one)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if os.environ.get(COMPILE_ENV, "1") == "0" or not COMPILE_DEFAULTS[device][loop]:
         return False
-    if not torch.cuda.is_available():
+    if device == "cpu":
         import shutil
 
         from torch._inductor import config

@@ -42,9 +42,13 @@ def test_compiled_once_per_shape_and_reused_across_stages_and_runs(tmp_path, fre
     assert counters["aot_autograd"]["autograd_cache_hit"] > hits  # loaded from the disk cache
 
 
-def test_default_compile_per_loop(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_default_compile_per_loop(monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)  # a C++ compiler
     monkeypatch.setenv(engine.COMPILE_ENV, "1")
-    for loop, measured in engine.COMPILE_DEFAULTS.items():
-        assert engine.default_compile(loop) == measured
+    assert set(engine.COMPILE_DEFAULTS[device]) == set(engine.LOOPS)
+    for loop in engine.LOOPS:
+        assert engine.default_compile(loop) == engine.COMPILE_DEFAULTS[device][loop]
     monkeypatch.setenv(engine.COMPILE_ENV, "0")
-    assert not any(engine.default_compile(loop) for loop in engine.COMPILE_DEFAULTS)
+    assert not any(engine.default_compile(loop) for loop in engine.LOOPS)

@@ -509,12 +509,12 @@ def _speed_settings(cfg) -> dict:
     A config's stage-flags may override either for one command."""
     import torch
 
-    from abd_fast.engine import COMPILE_DEFAULTS, default_compile
+    from abd_fast.engine import LOOPS, default_compile
     from abd_fast.precision import resolve_precision
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {"precision": resolve_precision(cfg["precision"], device),
             "compile": {k: default_compile(k) if cfg["compile"] is None else cfg["compile"]
-                        for k in COMPILE_DEFAULTS}}
+                        for k in LOOPS}}
 
 
 def _analyse(cfg, data, out: Path, victims, uaps) -> dict:
