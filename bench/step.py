@@ -99,26 +99,22 @@ SETTINGS = {
 }
 # The ways of running the step (module doc). compile / channels_last / trim_text None: the
 # defend loop's default and the precision's.
-PATHS = {
-    "fp32-eager": dict(fused=True, precision="fp32", compile=False, channels_last=False,
-                       trim_text=False),
-    "default": dict(fused=True, precision="auto", compile=None, channels_last=None,
-                    trim_text=None),
-    "bf16-cl": dict(fused=True, precision="bf16", compile=None, channels_last=True,
-                    trim_text=None),
-    "reference": dict(fused=False, precision="fp32", compile=False, channels_last=False,
-                      trim_text=False),
-    # the parts of a default, one at a time (the choices of abd_fast.precision/engine)
-    "fp32-cl": dict(fused=True, precision="fp32", compile=False, channels_last=True,
-                    trim_text=False),
-    "fp32-trim": dict(fused=True, precision="fp32", compile=False, channels_last=False,
-                      trim_text=True),
-    "fp32-compile": dict(fused=True, precision="fp32", compile=True, channels_last=False,
-                         trim_text=False),
-    "fp32-cl-trim": dict(fused=True, precision="fp32", compile=False, channels_last=True,
-                         trim_text=True),
-    "fp32-cl-compile": dict(fused=True, precision="fp32", compile=True, channels_last=True,
-                            trim_text=False),
+def _path(precision, compile, channels_last, trim_text, fused=True):
+    return dict(fused=fused, precision=precision, compile=compile, channels_last=channels_last,
+                trim_text=trim_text)
+
+
+PATHS = {  # precision, compile, channels_last, trim_text
+    "fp32-eager": _path("fp32", False, False, False),
+    "default": _path("auto", None, None, None),
+    "bf16-cl": _path("bf16", None, True, None),
+    "reference": _path("fp32", False, False, False, fused=False),
+    # the parts of a default, one or two at a time (the choices of abd_fast.precision/engine)
+    "fp32-cl": _path("fp32", False, True, False),
+    "fp32-trim": _path("fp32", False, False, True),
+    "fp32-compile": _path("fp32", True, False, False),
+    "fp32-cl-trim": _path("fp32", False, True, True),
+    "fp32-cl-compile": _path("fp32", True, True, False),
 }
 DEFAULT_PATHS = ("fp32-eager", "default", "bf16-cl")
 BASELINE = "fp32-eager"
