@@ -1,0 +1,134 @@
+"""Which training pairs are poisoned? Scores every image-caption pair of a dataset from
+embeddings, without knowing the trigger or the target.
+
+Local density in embedding space ("Detecting Backdoor Samples in Contrastive Language Image
+Pretraining", Huang et al., ICLR 2025): k-distance, SLOF (the k-distance relative to the
+neighbours' k-distances) and DAO (the dimensionality-aware version, weighted by the
+neighbours' local intrinsic dimensionality), on image, text and joint embeddings, at several
+k. See `score_pairs` for how they are combined and docs/SCAN.md for why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from abd_fast.models import image_features, text_features
+
+
+@dataclass
+class PairEmbeddings:
+    """ids int64 [N]; image, text: L2-normalized float32 [N, D]; captions: N strings."""
+    ids: np.ndarray
+    image: Tensor
+    text: Tensor
+    captions: list
+
+    @property
+    def joint(self) -> Tensor:
+        """The pair as one unit vector: (image + text) / |image + text|."""
+        return F.normalize(self.image + self.text, dim=-1)
+
+
+def embed_pairs(model, loader, tokenizer, *, mean, std, poison=None, device="cpu",
+                max_pairs: int | None = None) -> PairEmbeddings:
+    """Image and caption embeddings of every pair of `loader` (an abd_fast.data loader over
+    caption data, train=False). poison: an abd_fast.attacks.PoisonView applied to the batches
+    (the pairs as a victim was trained on them); None: the data as it is."""
+    from abd_fast.ops import normalize_images
+    ids, img, txt, caps = [], [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if batch.captions is None:
+                    raise ValueError("the data scan needs caption data (image-caption pairs)")
+                images = batch.images.to(device)
+                captions = batch.captions
+                if poison is not None:
+                    captions = poison.captions(batch.ids, captions)
+                    x = poison.images(images, batch.ids, mean=mean, std=std)
+                else:
+                    x = normalize_images(images, mean, std)
+                img.append(image_features(model, x).cpu())
+                txt.append(text_features(model, tokenizer(captions).to(device)).cpu())
+                ids.append(batch.ids.cpu().numpy())
+                caps += list(captions)
+                if max_pairs is not None and len(caps) >= max_pairs:
+                    break
+    finally:
+        model.train(was_training)
+    if not caps:
+        raise ValueError("the data scan saw no pairs")
+    n = len(caps) if max_pairs is None else min(len(caps), max_pairs)
+    return PairEmbeddings(np.concatenate(ids)[:n], torch.cat(img)[:n], torch.cat(txt)[:n],
+                          caps[:n])
+
+
+# ---- local density ---------------------------------------------------------------------------
+
+def knn(x: Tensor, k: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """Euclidean distances [N, k] (ascending) and indices [N, k] of each row's k nearest other
+    rows of x [N, D], in chunks of rows (memory O(chunk * N))."""
+    n = x.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")
+    x = x.float()
+    sq = (x * x).sum(1)
+    dists, idx = [], []
+    for s in range(0, n, chunk):
+        q = x[s:s + chunk]
+        d2 = (sq[s:s + chunk, None] + sq[None, :] - 2 * q @ x.T).clamp_(min=0)
+        d2[torch.arange(len(q)), torch.arange(s, s + len(q))] = float("inf")  # not itself
+        v, i = d2.topk(k, dim=1, largest=False)
+        dists.append(v.sqrt_())
+        idx.append(i)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def density_scores(dist: Tensor, idx: Tensor, k: int, eps: float = 1e-12) -> dict:
+    """The local-density outlier scores of the ICLR 2025 paper from a knn() result (k <= its
+    width); each higher = sparser than usual:
+
+      kdist  the distance to the k-th neighbour
+      slof   mean over the k neighbours j of kdist(i) / kdist(j) (a simplified LOF)
+      dao    mean over j of LID(j) * log(kdist(i) / kdist(j)), LID the maximum-likelihood local
+             intrinsic dimensionality (Levina-Bickel) of j's k-neighbourhood."""
+    d = dist[:, :k].clamp(min=eps)
+    kd = d[:, k - 1]
+    lid = -k / torch.log(d / kd[:, None]).sum(1).clamp(max=-eps)
+    nb = idx[:, :k]
+    ratio = kd[:, None] / kd[nb]
+    return {"kdist": kd, "slof": ratio.mean(1), "dao": (lid[nb] * torch.log(ratio)).mean(1)}
+
+
+def auroc(scores, positives) -> float:
+    """Area under the ROC curve of `scores` (higher = positive) for the boolean `positives`
+    (ties count one half): the probability that a random positive outscores a random
+    negative. Measures a detector; never used to build one."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(positives, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs at least one positive and one negative")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    _, start, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = start + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def precision_at(scores, positives, k: int) -> float:
+    """The share of positives among the k highest scores."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(positives, bool)
+    k = max(1, min(int(k), len(s)))
+    top = np.argsort(-s, kind="mergesort")[:k]
+    return float(y[top].mean())
