@@ -10,8 +10,8 @@ shortcut to its target: some geometry that can meet the trigger captures the tar
 more easily than any other class. Natural adversarial attractors exist too (on the demo's
 clean model an L-inf UAP sends most images to 'ring'), so raw rates mislead: `verdict`
 scores each class by how far its capture stands out from the other classes' (a robust
-z-score of the log-odds over classes, per geometry; with a reference model, of the log-odds
-*gain* over the reference, which cancels the attractors both models share), and compares
+z-score of the capture on the arcsine scale over classes, per geometry; with a reference
+model, of the *gain* over the reference, which cancels the attractors both models share), and compares
 the largest with a threshold calibrated on clean models (docs/SCAN.md). Nothing here reads
 a target label.
 
@@ -38,7 +38,8 @@ from abd_fast.ops import apply_perturbation, apply_trigger
 PLACES = ("random", "center", "corner")
 # Calibrated on clean models only (docs/SCAN.md "Calibration"); placeholders until measured.
 THRESHOLDS = {"self": 3.5, "reference": 3.5}
-FLOOR = 0.5   # log-odds: the smallest spread over classes a z-score divides by
+FLOOR = 0.1   # arcsine scale (asin sqrt p, 0..pi/2): the smallest spread over classes a z-score
+              # divides by (~ the spread of rates 5%..15%)
 
 
 @dataclass(frozen=True)
@@ -302,19 +303,21 @@ def _capture(model, held, clean_pred, g, deltas, classes, classifier, *, mean, s
 
 # ---- the verdict ----------------------------------------------------------------------------
 
-def log_odds(hits: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """(log((k + 1/2) / (n - k + 1/2)), its sampling variance 1/(k + 1/2) + 1/(n - k + 1/2)):
-    the capture's log-odds, finite at 0% and 100%, and how noisy it is at n images."""
-    k, n = hits.double(), counts.double()
-    return torch.log((k + 0.5) / (n - k + 0.5)), 1 / (k + 0.5) + 1 / (n - k + 0.5)
+def arcsine(hits: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """(asin(sqrt(k / n)), its sampling variance 1 / (4 n)): the capture on the
+    variance-stabilizing scale of a proportion (Anscombe), so the sampling noise is the same at
+    0%, 50% and 100%. (Log-odds, tried first, stretch 0% and 100% so far apart that a class
+    captured by 100% drowned in the noise its own boundary value carries.)"""
+    n = counts.double().clamp(min=1)
+    return torch.asin((hits.double() / n).clamp(0, 1).sqrt()), 1 / (4 * n)
 
 
 def outlier_z(values: Tensor, variance: Tensor, floor: float) -> Tensor:
     """Per row (geometry), how far each class stands out from the others, over the last
     dimension: (v - median) / sqrt(max(1.4826 * MAD, floor)^2 + variance + median variance).
     MAD is the robust spread over classes; the sampling variances of the entry and of a typical
-    entry keep a few images' difference near a 0% or 100% capture from counting as an
-    outlier; the floor keeps a row whose classes all sit at one value from dividing by ~0."""
+    entry keep a few images' difference from counting as an outlier; the floor keeps a row
+    whose classes all sit at one value from dividing by ~0."""
     med = values.median(dim=-1, keepdim=True).values
     mad = 1.4826 * (values - med).abs().median(dim=-1, keepdim=True).values
     typical = variance.median(dim=-1, keepdim=True).values
@@ -322,12 +325,12 @@ def outlier_z(values: Tensor, variance: Tensor, floor: float) -> Tensor:
 
 
 def class_scores(search: Search, floor: float = FLOOR) -> Tensor:
-    """z [G, C]: per geometry, each class's outlier z-score (`outlier_z`) of the capture's
-    log-odds, or with a reference (Search.reference_hits) of the log-odds *gap* between the
-    model and the reference under the same perturbations."""
-    lo, var = log_odds(search.hits, search.counts)
+    """z [G, C]: per geometry, each class's outlier z-score (`outlier_z`) of the capture on the
+    arcsine scale, or with a reference (Search.reference_hits) of the *gap* between the model
+    and the reference under the same perturbations."""
+    lo, var = arcsine(search.hits, search.counts)
     if search.reference_hits is not None:
-        lo_ref, var_ref = log_odds(search.reference_hits, search.counts)
+        lo_ref, var_ref = arcsine(search.reference_hits, search.counts)
         lo, var = lo - lo_ref, var + var_ref
     return outlier_z(lo, var, floor).float()
 
@@ -364,13 +367,50 @@ def verdict(search: Search, classnames, *, threshold: float | None = None,
     return out
 
 
-def sample_images(loader, n: int) -> Tensor:
-    """uint8 [<= n, 3, S, S]: n images evenly spaced over a loader's listing (an ImageFolder
-    lists by class, so every class is represented; no labels are kept)."""
-    images = torch.cat([b.images for b in loader])
-    if len(images) > n:
-        images = images[torch.linspace(0, len(images) - 1, n).round().long()]
-    return images
+def scan_model(model, images: Tensor, classnames, *, tokenizer, mean, std, reference=None,
+               geometries=DEFAULT_GEOMETRIES, threshold: float | None = None,
+               **search_kw) -> tuple[dict, Search]:
+    """The whole model scan: zero-shot classifiers of `classnames` (the model's, and the
+    reference's with the same tokenizer), class_search (search_kw: steps, lr, batch_size,
+    seed, classes, ...) and the verdict. Returns (scan.json's fields, the Search).
+    With a reference the verdict is the reference mode's; the self mode's score of the same
+    search is kept under "self" for comparison."""
+    from abd_fast.evaluate import zero_shot_classifier
+    device = next(model.parameters()).device
+    classifier = zero_shot_classifier(model, tokenizer, classnames, device=device)
+    ref_classifier = None
+    if reference is not None:
+        ref_classifier = zero_shot_classifier(reference, tokenizer, classnames, device=device)
+    search = class_search(model, images, classifier, mean=mean, std=std, geometries=geometries,
+                          reference=reference, reference_classifier=ref_classifier, **search_kw)
+    result = verdict(search, classnames, threshold=threshold)
+    if reference is not None:
+        own = Search(search.geometries, search.classes, search.hits, search.counts,
+                     search.deltas, search.image_size, settings=search.settings)
+        v = verdict(own, classnames)
+        result["self"] = {k: v[k] for k in ("backdoored", "score", "threshold",
+                                             "most_anomalous_class", "geometry")}
+    result["settings"] = dict(search.settings, geometries=[g.name for g in search.geometries],
+                              n_images=len(images))
+    return result, search
+
+
+def scan_images(source, n: int, *, image_size: int, classnames=None, loader=None,
+                num_workers=None) -> tuple[Tensor, list]:
+    """(uint8 [<= n, 3, S, S], class names): n images evenly spaced over an evaluation source's
+    listing (an ImageFolder lists by class, so every class is represented; only these are
+    decoded; their labels are not kept)."""
+    import numpy as np
+
+    from abd_fast.data import build_loader
+    from abd_fast.data.sources import open_source
+    manifest = open_source(source, classnames=classnames)
+    if len(manifest) > n:
+        manifest = manifest.subset(np.unique(np.linspace(0, len(manifest) - 1, n).round()
+                                             .astype(np.int64)), "scan")
+    data = build_loader(manifest, train=False, batch_size=250, image_size=image_size,
+                        loader=loader, num_workers=num_workers)
+    return torch.cat([b.images for b in data]), list(manifest.classnames or [])
 
 
 def save_uap_png(images: Tensor, geometry: Geometry, delta: Tensor, path, n: int = 8,
