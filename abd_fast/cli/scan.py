@@ -54,7 +54,7 @@ def check(cfg: dict):
         raise UsageError("--checkpoint is needed: the CLIP to judge")
     check_path(cfg, "checkpoint", "file")
     check_path(cfg, "reference_model", "file")
-    cfg.update(_architecture(cfg["checkpoint"], cfg))
+    cfg.update(architecture(cfg["checkpoint"], cfg))
     if cfg.get("output") is None:
         cfg["output"] = str(Path(cfg["checkpoint"]).parent)
     check_int(cfg, "steps")
@@ -62,7 +62,7 @@ def check(cfg: dict):
     cfg["geometries"] = [g.name for g in geometries(cfg)]
 
 
-def _architecture(path, cfg) -> dict:
+def architecture(path, cfg) -> dict:
     """model and image size from an abd_fast checkpoint's run, unless given: nothing else of it
     (in particular not the target label it may record)."""
     from abd_fast.engine import CheckpointError, load_checkpoint
@@ -89,16 +89,11 @@ def geometries(cfg):
 
 def run(cfg: dict) -> int:
     from abd_fast.engine import atomic_write_text
-    from abd_fast.models import WeightsError, create_model
     from abd_fast.scan.model import save_uap_png, scan_images, scan_model
+
+    from .scan_data import load_reference
     run = Run(cfg, weights_flag="--checkpoint")
-    reference = None
-    if cfg.get("reference_model"):
-        try:
-            reference = create_model(cfg["model"], pretrained=cfg["reference_model"],
-                                     image_size=cfg.get("image_size")).to(run.info.device)
-        except WeightsError as e:
-            raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
+    reference = load_reference(run, cfg.get("reference_model"))
     t0 = time.perf_counter()
     images, classnames = scan_images(run.eval_source, cfg["scan_images"],
                                      image_size=run.spec.size, classnames=run.classnames_file,

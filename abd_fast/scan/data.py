@@ -5,7 +5,8 @@ Local density in embedding space ("Detecting Backdoor Samples in Contrastive Lan
 Pretraining", Huang et al., ICLR 2025): k-distance, SLOF (the k-distance relative to the
 neighbours' k-distances) and DAO (the dimensionality-aware version, weighted by the
 neighbours' local intrinsic dimensionality), on image, text and joint embeddings, at several
-k. See `score_pairs` for how they are combined and docs/SCAN.md for why.
+k; and, with a clean reference model, how badly each image agrees with its caption under
+that model. See `score_pairs` for how they are combined and docs/SCAN.md for why.
 """
 from __future__ import annotations
 
@@ -132,3 +133,84 @@ def precision_at(scores, positives, k: int) -> float:
     k = max(1, min(int(k), len(s)))
     top = np.argsort(-s, kind="mergesort")[:k]
     return float(y[top].mean())
+
+
+# ---- the pair score ---------------------------------------------------------------------------
+
+DENSITY_KS = (8, 16, 32, 64)
+DENSITY_VIEWS = ("image", "joint")
+TAIL_Z = 3.0   # robust z beyond which a pair counts in a tail (orient_by_tail)
+
+
+def robust_z(s: np.ndarray) -> np.ndarray:
+    """(s - median) / (1.4826 MAD): how unusual each value is, robust to the poisoned minority."""
+    s = np.asarray(s, np.float64)
+    med = np.median(s)
+    mad = 1.4826 * np.median(np.abs(s - med))
+    return (s - med) / max(mad, 1e-12)
+
+
+def orient_by_tail(z: np.ndarray, cut: float = TAIL_Z) -> tuple[np.ndarray, int]:
+    """(z or -z, +1 or -1): the sign whose tail beyond `cut` holds more pairs. A poisoned
+    minority makes a tail on one side, and which one depends on the poison count: many poisons
+    are a dense cluster (low k-distance), few are sparse outliers (high); the issue's probe
+    found both."""
+    sign = 1 if np.mean(z > cut) >= np.mean(z < -cut) else -1
+    return sign * z, sign
+
+
+def density_features(emb: "PairEmbeddings", ks=DENSITY_KS, views=DENSITY_VIEWS) -> dict:
+    """{"<view>-<kdist|slof|dao>-k<k>": float64 [N]} for the image and joint embeddings."""
+    out = {}
+    for view in views:
+        x = {"image": emb.image, "text": emb.text, "joint": emb.joint}[view]
+        dist, idx = knn(x, min(max(ks), len(x) - 1))
+        for k in ks:
+            if k < len(x):
+                for name, s in density_scores(dist, idx, k).items():
+                    out[f"{view}-{name}-k{k}"] = s.numpy().astype(np.float64)
+    return out
+
+
+def score_pairs(emb: "PairEmbeddings", reference: "PairEmbeddings | None" = None,
+                ks=DENSITY_KS) -> dict:
+    """Per pair, how likely it is poisoned (higher = more likely): {"score": [N], and the
+    signals it is made of}.
+
+    With a clean reference model's embeddings of the same pairs (`reference`): the score is
+    the robust z of the pair's image-caption *disagreement* under the reference, 1 - cos(image,
+    caption). A poisoned pair is an image with a caption it does not show (a triggered image
+    of any class captioned as the target); the victim learned to align it, a clean model does
+    not. Measured (docs/SCAN.md) this alone finds the poisons at 10% and at 1%; mixing the
+    density signals in lowered it.
+    Without a reference: the mean over embeddings (image, joint), k (`ks`) and density measures
+    (k-distance, SLOF, DAO) of each one's robust z, each oriented toward its heavier tail
+    (`orient_by_tail`). The density signals are returned either way ("density": the mean)."""
+    feats = density_features(emb, ks)
+    oriented = {}
+    for name, s in feats.items():
+        oriented[name], _ = orient_by_tail(robust_z(s))
+    density = np.mean(np.stack(list(oriented.values())), 0)
+    out = {"density": density}
+    if reference is not None:
+        if len(reference.ids) != len(emb.ids) or not np.array_equal(reference.ids, emb.ids):
+            raise ValueError("the reference's embeddings must be of the same pairs, in order")
+        disagreement = 1 - (reference.image * reference.text).sum(1).double().numpy()
+        out["reference_disagreement"] = disagreement
+        out["score"] = robust_z(disagreement)
+    else:
+        out["score"] = density
+    return out
+
+
+def scan_pairs(model, loader, tokenizer, *, mean, std, reference=None, poison=None,
+               device="cpu") -> tuple[PairEmbeddings, dict]:
+    """The whole data scan: embeddings of every pair of `loader` under `model` (and under a
+    clean `reference` CLIP), then score_pairs. poison: a PoisonView (the pairs as a victim was
+    trained on them; None: the data as it is). Returns (the model's embeddings, the scores)."""
+    emb = embed_pairs(model, loader, tokenizer, mean=mean, std=std, poison=poison, device=device)
+    ref = None
+    if reference is not None:
+        ref = embed_pairs(reference, loader, tokenizer, mean=mean, std=std, poison=poison,
+                          device=device)
+    return emb, score_pairs(emb, ref)
