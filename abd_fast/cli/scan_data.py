@@ -14,8 +14,9 @@ from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, sta
 NAME = "scan-data"
 RANKING_FILE = "scan_data.csv"
 CLEANED_FILE = "cleaned.csv"
+SUMMARY_FILE = "scan_data.json"
 DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, output=None,
-                drop_top=None)
+                drop_top=None, poisoned_by=None)
 
 
 def _flags(p):
@@ -28,6 +29,11 @@ def _flags(p):
     p.add_argument("--drop-top", type=int, metavar="K",
                    help="also write cleaned.csv (image,caption): the data without the K "
                         "highest-scored pairs")
+    p.add_argument("--poisoned-by", metavar="FILE",
+                   help="measure the scan: a poisoning run's checkpoint (from `poison` on "
+                        "--train-data); the pairs are scanned as that run poisoned them and "
+                        "scan_data.json gets the AUROC and the precision at the poison count "
+                        "(its poisoned ids only measure the scores, they never make them)")
 
 
 def add_parser(subparsers):
@@ -41,6 +47,7 @@ def check(cfg: dict):
     if cfg.get("train_data") is None:
         raise UsageError("--train-data is needed: the image-caption pairs to scan")
     check_path(cfg, "reference_model", "file")
+    check_path(cfg, "poisoned_by", "file")
     check_int(cfg, "drop_top", 0)
     if cfg.get("output") is None:
         cfg["output"] = str(Path(cfg["checkpoint"]).parent)
@@ -60,9 +67,29 @@ def load_reference(run: Run, path):
         raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
 
 
-def scan_training_data(run: Run, source, *, reference=None, poison=None):
-    """(embeddings, scores) of every pair of `source` (abd_fast.scan.data.scan_pairs) with the
-    run's model; poison: a PoisonView (the pairs as a victim saw them)."""
+def poison_view(path, manifest, image_size: int):
+    """The PoisonView a `poison` run (its checkpoint's config) put over `manifest`."""
+    from abd_fast.attacks import PoisonView, make_trigger
+    from abd_fast.engine import load_checkpoint
+
+    from .common import trigger_options
+    run = load_checkpoint(path, "--poisoned-by").get("config", {})
+    if not run.get("attack") or not run.get("target_label"):
+        raise UsageError(f"--poisoned-by {path}: not a poisoning run's checkpoint (its config "
+                         "names no attack and target); give the checkpoint `poison` wrote")
+    try:
+        trigger = make_trigger(run["attack"], image_size=image_size, seed=run["seed"],
+                               **trigger_options(run))
+        return PoisonView(manifest, trigger, target=run["target_label"], seed=run["seed"],
+                          count=run.get("poison_count"), rate=run.get("poison_rate"))
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--poisoned-by {path}: cannot re-create its poisoning ({e})") from e
+
+
+def scan_training_data(run: Run, source, *, reference=None, poisoned_by=None):
+    """(embeddings, scores, PoisonView or None) of every pair of `source`
+    (abd_fast.scan.data.scan_pairs) with the run's model; poisoned_by: a poisoning run's
+    checkpoint, whose PoisonView the pairs are seen through (as that victim saw them)."""
     from abd_fast.data import BadDataError, build_loader
     from abd_fast.scan.data import scan_pairs
     try:
@@ -70,9 +97,11 @@ def scan_training_data(run: Run, source, *, reference=None, poison=None):
                               loader=run.cfg.get("loader"), num_workers=run.cfg.get("workers"))
     except (BadDataError, ValueError) as e:
         raise UsageError(f"--train-data {source}: {e}") from e
+    poison = None if poisoned_by is None else poison_view(poisoned_by, loader.manifest,
+                                                           run.spec.size)
     try:
-        return scan_pairs(run.model, loader, run.tokenizer, mean=run.mean, std=run.std,
-                          reference=reference, poison=poison, device=run.info.device)
+        return (*scan_pairs(run.model, loader, run.tokenizer, mean=run.mean, std=run.std,
+                            reference=reference, poison=poison, device=run.info.device), poison)
     except ValueError as e:
         raise UsageError(f"--train-data {source}: {e}") from e
 
@@ -113,6 +142,21 @@ def write_cleaned(path: Path, manifest, drop_ids: set):
     return len(lines) - 1
 
 
+def measure(emb, scores: dict, poison) -> dict:
+    """How well the scores find the poisoned pairs (known only to measure): AUROC and the
+    precision among the poison-count highest, for the score and each signal."""
+    import numpy as np
+
+    from abd_fast.scan.data import auroc, precision_at
+    poisoned = np.isin(emb.ids, poison.poisoned_ids)
+    out = {"auroc": auroc(scores["score"], poisoned),
+           "precision_at_poison_count": precision_at(scores["score"], poisoned, poison.count),
+           "poison_count": int(poisoned.sum())}
+    out["signals_auroc"] = {k: round(auroc(v, poisoned), 4) for k, v in scores.items()
+                            if k != "score"}
+    return out
+
+
 def _csv_text(rows) -> str:
     import io
     buf = io.StringIO()
@@ -124,7 +168,8 @@ def run(cfg: dict) -> int:
     run = Run(cfg, weights_flag="--checkpoint")
     reference = load_reference(run, cfg.get("reference_model"))
     t0 = time.perf_counter()
-    emb, scores = scan_training_data(run, cfg["train_data"], reference=reference)
+    emb, scores, poison = scan_training_data(run, cfg["train_data"], reference=reference,
+                                             poisoned_by=cfg.get("poisoned_by"))
     if not run.info.is_main:
         return 0
     out = Path(cfg["output"])
@@ -138,7 +183,11 @@ def run(cfg: dict) -> int:
     summary = dict(pairs=len(order), reference_model=cfg.get("reference_model"),
                    score="reference disagreement" if reference is not None else "density",
                    seconds=round(time.perf_counter() - t0, 2))
+    if poison is not None:
+        summary.update(measure(emb, scores, poison), poisoned_by=cfg["poisoned_by"])
+        msg += (f"; AUROC {summary['auroc']:.3f}, precision at the poison count "
+                f"{summary['precision_at_poison_count']:.3f} ({poison.count} poisoned)")
     from abd_fast.engine import atomic_write_text
-    atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "scan_data.json")
+    atomic_write_text(json.dumps(summary, indent=1) + "\n", out / SUMMARY_FILE)
     print(f"{msg} ({summary['seconds']:.0f} s)", flush=True)
     return 0
