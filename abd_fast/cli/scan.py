@@ -13,10 +13,10 @@ from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, sta
 
 NAME = "scan"
 SCAN_FILE = "scan.json"
-# Measured on the demo's models (docs/SCAN.md): 30 Adam steps of 16 images per class and
-# geometry, over 500 evaluation images (half fit the perturbations, half measure them).
+# docs/SCAN.md: 40 Adam steps of 8 images per class, geometry and restart, 3 random starts,
+# over 500 evaluation images (half fit the perturbations, half measure them).
 DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, output=None,
-                geometries=None, steps=30, batch_size=16, lr=0.3, scan_images=500,
+                geometries=None, steps=40, batch_size=8, lr=0.3, restarts=3, scan_images=500,
                 threshold=None)
 # Never read by the scan: a backdoor's target and trigger (the checkpoint's run may record them).
 UNKNOWN_TO_THE_SCAN = ("target_label", "attack", "trigger_file", "trigger_option",
@@ -34,6 +34,8 @@ def _flags(p):
                         "fraction>, linf-<eps> (default: "
                         "patch-random-0.25,patch-center-0.25,linf-4/255,linf-8/255)")
     p.add_argument("--steps", type=int, metavar="N", help="Adam steps per geometry")
+    p.add_argument("--restarts", type=int, metavar="N",
+                   help="random starts per class and geometry (the best by fit loss is kept)")
     p.add_argument("--scan-images", type=int, metavar="N",
                    help="evaluation images used (evenly spaced; half fit, half measure)")
     p.add_argument("--threshold", type=float, metavar="Z",
@@ -58,6 +60,7 @@ def check(cfg: dict):
     if cfg.get("output") is None:
         cfg["output"] = str(Path(cfg["checkpoint"]).parent)
     check_int(cfg, "steps")
+    check_int(cfg, "restarts")
     check_int(cfg, "scan_images", 4)
     cfg["geometries"] = [g.name for g in geometries(cfg)]
 
@@ -104,7 +107,7 @@ def run(cfg: dict) -> int:
                                 mean=run.mean, std=run.std, reference=reference,
                                 geometries=geometries(cfg), threshold=cfg.get("threshold"),
                                 steps=cfg["steps"], batch_size=cfg["batch_size"],
-                                lr=cfg["lr"], seed=cfg["seed"])
+                                lr=cfg["lr"], seed=cfg["seed"], restarts=cfg["restarts"])
     result.update(checkpoint=str(cfg["checkpoint"]), reference_model=cfg.get("reference_model"),
                   model=cfg["model"], eval_data=str(run.eval_source),
                   seconds=round(time.perf_counter() - t0, 2))

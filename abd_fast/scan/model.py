@@ -208,7 +208,7 @@ def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
                  geometries=DEFAULT_GEOMETRIES, classes=None, steps: int = 30,
                  batch_size: int = 16, lr: float = 0.1, fit_fraction: float = 0.5,
                  seed: int = 0, logit_scale: float = 100.0, reference=None,
-                 reference_classifier: Tensor | None = None) -> Search:
+                 reference_classifier: Tensor | None = None, restarts: int = 1) -> Search:
     """Trains, for each geometry and each class, a universal perturbation toward that class, and
     measures its capture rate on held-out images.
 
@@ -219,7 +219,8 @@ def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
     trains the perturbations (each step: batch_size images per class, all classes of a
     geometry in one forward pass), the rest measures them. steps, lr: Adam on the
     perturbation's free parameters (sigmoid for patches, eps * tanh for L-inf); the loss is the
-    cross-entropy of logit_scale * cosine toward the class.
+    cross-entropy of logit_scale * cosine toward the class. restarts: random starts per class
+    and geometry (the best by fit loss is kept; cost x restarts).
     reference, reference_classifier: a clean CLIP (and its classifier, same classes): each
     perturbation is also measured on it, with the same images and patch places
     (Search.reference_hits). Perturbations that exploit what both models share (natural
@@ -243,24 +244,34 @@ def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
     n_fit = min(len(images) - 2, max(2, round(fit_fraction * len(images))))
     fit, held = images[order[:n_fit]], images[order[n_fit:]]
     K = len(classes)
-    target = torch.tensor(classes, device=device).repeat_interleave(batch_size)
+    # restarts: R perturbations per class from different random starts, trained together
+    # (row r * K + j is class j's r-th); the one with the lowest fit loss over the last steps
+    # is measured. A patch search can stall in a poor start (seen on the BadCLIP victim).
+    R = int(restarts)
+    target = torch.tensor(classes, device=device).repeat(R).repeat_interleave(batch_size)
     hits, ref_hits, counts, deltas = [], [], [], []
     with _Frozen(model, reference):
         clean_pred = predictions(model, held, classifier, mean=mean, std=std)
         for g in geometries:
-            shape = (K, 3, g.side(S), g.side(S)) if g.mode == "patch" else (K, 3, S, S)
+            shape = (R * K, 3, g.side(S), g.side(S)) if g.mode == "patch" else (R * K, 3, S, S)
             w = (torch.randn(shape, generator=gen) if g.mode == "patch"
-                 else torch.zeros(shape)).to(device).requires_grad_(True)
+                 else 0.1 * torch.randn(shape, generator=gen)).to(device).requires_grad_(True)
             opt = torch.optim.Adam([w], lr=lr)
-            for _ in range(steps):
-                idx = torch.randint(0, len(fit), (K * batch_size,), generator=gen)
+            recent = torch.zeros(R * K, device=device)
+            for step in range(steps):
+                idx = torch.randint(0, len(fit), (R * K * batch_size,), generator=gen)
                 delta = _delta(g, w).repeat_interleave(batch_size, 0)
                 x = perturb(fit[idx].to(device), g, delta, mean=mean, std=std, gen=gen)
                 logits = logit_scale * image_features(model, x) @ classifier.T
-                loss = F.cross_entropy(logits, target)
+                per_row = F.cross_entropy(logits, target, reduction="none")
+                loss = per_row.mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if step >= steps - max(1, steps // 4):
+                    recent += per_row.detach().view(R * K, batch_size).mean(1)
+            best = recent.view(R, K).argmin(0) * K + torch.arange(K, device=device)
+            w = w.detach()[best]
             d = _delta(g, w).detach()
             with torch.no_grad():
                 h, n, rh = _capture(model, held, clean_pred, g, d, classes, classifier,
@@ -273,6 +284,7 @@ def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
     return Search(geometries, classes, torch.stack(hits), torch.stack(counts), deltas, S,
                   reference_hits=None if reference is None else torch.stack(ref_hits),
                   settings=dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                restarts=R,
                                 n_fit=int(n_fit), n_held_out=len(held)))
 
 
