@@ -13,10 +13,10 @@ from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, sta
 
 NAME = "scan"
 SCAN_FILE = "scan.json"
-# docs/SCAN.md: 40 Adam steps of 8 images per class, geometry and restart, 3 random starts,
+# docs/SCAN.md: 40 Adam steps of 8 images per class, geometry and restart, 2 random starts,
 # over 500 evaluation images (half fit the perturbations, half measure them).
 DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, output=None,
-                geometries=None, steps=40, batch_size=8, lr=0.3, restarts=3, scan_images=500,
+                geometries=None, steps=40, batch_size=8, lr=0.3, restarts=2, scan_images=500,
                 threshold=None)
 # Never read by the scan: a backdoor's target and trigger (the checkpoint's run may record them).
 UNKNOWN_TO_THE_SCAN = ("target_label", "attack", "trigger_file", "trigger_option",
@@ -32,7 +32,7 @@ def _flags(p):
     p.add_argument("--geometries", metavar="LIST",
                    help="comma-separated UAP geometries: patch-<random|center|corner>-<side "
                         "fraction>, linf-<eps> (default: "
-                        "patch-random-0.25,patch-center-0.25,linf-4/255,linf-8/255)")
+                        "patch-random-0.25,patch-center-0.25,linf-8/255)")
     p.add_argument("--steps", type=int, metavar="N", help="Adam steps per geometry")
     p.add_argument("--restarts", type=int, metavar="N",
                    help="random starts per class and geometry (the best by fit loss is kept)")
