@@ -539,7 +539,8 @@ def _scan_section(scans: dict | None) -> list[str]:
         data = {} if name == "clean" else entry.get("data", {})
         rows.append([_cell(name if name == "clean" else f"{name} victim"),
                      "backdoored" if model.get("backdoored") else "clean",
-                     f"{format_number(model.get('score'))} / {format_number(model.get('threshold'))}",
+                     f"{format_number(model.get('score'))} / "
+                     f"{format_number(model.get('threshold'))}",
                      _cell(model.get("suspected_target") or "-"), _cell(model.get("mode", "")),
                      format_number(data.get("auroc"), 3) if data else "-",
                      format_number(data.get("precision_at_poison_count"), 3) if data else "-"])

@@ -61,7 +61,8 @@ def test_scan_with_a_reference_scores_the_gap(models, tmp_path, capsys):
     assert r["self"]["threshold"] > 0
 
 
-def test_scan_data_ranks_every_pair_and_drops_the_top(models, small_data, tmp_path, capsys):  # noqa: F811
+def test_scan_data_ranks_every_pair_and_drops_the_top(models, small_data,  # noqa: F811
+                                                       tmp_path, capsys):
     out, common = models
     code, err = run_main(["scan-data", "--checkpoint", out / "victim" / "checkpoint.pt",
                           *common, "--reference-model", out / "clean" / "checkpoint.pt",

@@ -78,6 +78,18 @@ def architecture(path, cfg) -> dict:
             and k not in given}
 
 
+def load_reference(run: Run, path):
+    """The clean reference CLIP of the run's architecture, or None."""
+    if not path:
+        return None
+    from abd_fast.models import WeightsError, create_model
+    try:
+        return create_model(run.cfg["model"], pretrained=path,
+                            image_size=run.cfg.get("image_size")).to(run.info.device).eval()
+    except WeightsError as e:
+        raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
+
+
 def geometries(cfg):
     from abd_fast.scan.model import DEFAULT_GEOMETRIES, Geometry
     if not cfg.get("geometries"):
@@ -93,8 +105,6 @@ def geometries(cfg):
 def run(cfg: dict) -> int:
     from abd_fast.engine import atomic_write_text
     from abd_fast.scan.model import save_uap_png, scan_images, scan_model
-
-    from .scan_data import load_reference
     run = Run(cfg, weights_flag="--checkpoint")
     reference = load_reference(run, cfg.get("reference_model"))
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, stage_parser
+from .scan import architecture, load_reference
 
 NAME = "scan-data"
 RANKING_FILE = "scan_data.csv"
@@ -51,20 +52,7 @@ def check(cfg: dict):
     check_int(cfg, "drop_top", 0)
     if cfg.get("output") is None:
         cfg["output"] = str(Path(cfg["checkpoint"]).parent)
-    from .scan import architecture
     cfg.update(architecture(cfg["checkpoint"], cfg))
-
-
-def load_reference(run: Run, path):
-    """The clean reference CLIP of the run's architecture, or None."""
-    if not path:
-        return None
-    from abd_fast.models import WeightsError, create_model
-    try:
-        return create_model(run.cfg["model"], pretrained=path,
-                            image_size=run.cfg.get("image_size")).to(run.info.device).eval()
-    except WeightsError as e:
-        raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
 
 
 def poison_view(path, manifest, image_size: int):

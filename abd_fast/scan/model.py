@@ -11,8 +11,8 @@ more easily than any other class. Natural adversarial attractors exist too (on t
 clean model an L-inf UAP sends most images to 'ring'), so raw rates mislead: `verdict`
 scores each class by how far its capture stands out from the other classes' (a robust
 z-score of the capture on the arcsine scale over classes, per geometry; with a reference
-model, of the *gain* over the reference, which cancels the attractors both models share), and compares
-the largest with a threshold calibrated on clean models (docs/SCAN.md). Nothing here reads
+model, of the *gain* over the reference, which cancels the attractors both models share),
+and compares the largest with a threshold calibrated on clean models (docs/SCAN.md). Nothing here reads
 a target label.
 
     from abd_fast.scan import class_search, verdict
@@ -25,7 +25,6 @@ is a trained perturbation toward the suspected target.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
