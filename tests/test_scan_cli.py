@@ -3,36 +3,27 @@ verdict itself is tested on a planted backdoor in test_scan.py): the files they 
 that never reads the target label, --drop-top's cleaned data, and their validation errors."""
 import csv
 import json
-import shutil
 
 import pytest
 
 from abd_fast.data.sources import open_source
+from test_defense_cli import victim  # noqa: F401 (fixture)
 from test_train_cli import run_main, small_data  # noqa: F401 (fixture)
 
 SCAN = ["--steps", "2", "--scan-images", "20", "--geometries", "patch-center-0.25,linf-8/255"]
 
 
 @pytest.fixture(scope="module")
-def models(small_data, tmp_path_factory):  # noqa: F811
-    """A clean tiny ViT and a badnet victim of it (one epoch each; its run records target
-    'star')."""
-    import abd_fast.train as cli
-    out = tmp_path_factory.mktemp("scan")
-    common = ["--model", "abd-tiny-vit", "--train-data", str(small_data.csv), "--eval-data",
-              str(small_data.eval_dir), "--batch-size", "16", "--epochs", "1", "--warmup", "2",
-              "--workers", "0", "--loader", "torch"]
-    assert cli.main(["pretrain", *common, "--output", str(out / "clean")]) == 0
-    assert cli.main(["poison", *common, "--pretrained", str(out / "clean" / "checkpoint.pt"),
-                     "--attack", "badnet", "--target-label", "star", "--poison-count", "16",
-                     "--output", str(out / "victim")]) == 0
-    yield out, common[:6] + common[-4:]
-    shutil.rmtree(out)
+def models(victim):  # noqa: F811
+    """test_defense_cli's clean tiny ViT and blended victim (its run records target 'star'),
+    with the common flags a scan takes."""
+    out, common = victim
+    return out, common[:6] + common[-4:]
 
 
 def _scan(models, tmp_path, capsys, name, *extra):
     out, common = models
-    code, err = run_main(["scan", "--checkpoint", out / "victim" / "checkpoint.pt", *common,
+    code, err = run_main(["scan", "--checkpoint", out / "poisoned" / "checkpoint.pt", *common,
                           *SCAN, "--output", tmp_path / name, *extra], capsys)
     assert code == 0, err
     result = json.loads((tmp_path / name / "scan.json").read_text())
@@ -64,7 +55,7 @@ def test_scan_with_a_reference_scores_the_gap(models, tmp_path, capsys):
 def test_scan_data_ranks_every_pair_and_drops_the_top(models, small_data,  # noqa: F811
                                                        tmp_path, capsys):
     out, common = models
-    code, err = run_main(["scan-data", "--checkpoint", out / "victim" / "checkpoint.pt",
+    code, err = run_main(["scan-data", "--checkpoint", out / "poisoned" / "checkpoint.pt",
                           *common, "--reference-model", out / "clean" / "checkpoint.pt",
                           "--drop-top", "10", "--output", tmp_path], capsys)
     assert code == 0, err
@@ -90,7 +81,7 @@ def test_scan_data_ranks_every_pair_and_drops_the_top(models, small_data,  # noq
 def test_scan_flags_are_validated_before_any_work(models, tmp_path, capsys, command, argv,
                                                   message):
     out, common = models
-    ckpt = [] if argv == [] else ["--checkpoint", out / "victim" / "checkpoint.pt"]
+    ckpt = [] if argv == [] else ["--checkpoint", out / "poisoned" / "checkpoint.pt"]
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code, err = run_main([command, *ckpt, *common, *argv, "--output", tmp_path], capsys)
     assert code == 2 and message.replace("{tmp}", str(tmp_path)) in err, err
