@@ -45,8 +45,6 @@ def add_parser(subparsers):
 def check(cfg: dict):
     if cfg.get("checkpoint") is None:
         raise UsageError("--checkpoint is needed: the CLIP whose embeddings score the pairs")
-    if cfg.get("train_data") is None:
-        raise UsageError("--train-data is needed: the image-caption pairs to scan")
     check_path(cfg, "reference_model", "file")
     check_path(cfg, "poisoned_by", "file")
     check_int(cfg, "drop_top", 0)
@@ -156,7 +154,8 @@ def run(cfg: dict) -> int:
     run = Run(cfg, weights_flag="--checkpoint")
     reference = load_reference(run, cfg.get("reference_model"))
     t0 = time.perf_counter()
-    emb, scores, poison = scan_training_data(run, cfg["train_data"], reference=reference,
+    source = cfg.get("train_data") or run.synthetic.shards  # default: the embedded data
+    emb, scores, poison = scan_training_data(run, source, reference=reference,
                                              poisoned_by=cfg.get("poisoned_by"))
     if not run.info.is_main:
         return 0
@@ -166,7 +165,7 @@ def run(cfg: dict) -> int:
     if cfg.get("drop_top"):
         from abd_fast.data.sources import open_source
         dropped = {int(emb.ids[i]) for i in order[:cfg["drop_top"]]}
-        kept = write_cleaned(out / CLEANED_FILE, open_source(cfg["train_data"]), dropped)
+        kept = write_cleaned(out / CLEANED_FILE, open_source(source), dropped)
         msg += f"; {kept} pairs kept (top {cfg['drop_top']} dropped) -> {out / CLEANED_FILE}"
     summary = dict(pairs=len(order), reference_model=cfg.get("reference_model"),
                    score="reference disagreement" if reference is not None else "density",
