@@ -64,7 +64,10 @@ def test_the_verdict_flips_between_a_backdoored_model_and_the_same_model_without
     clean, victim, classifier, _ = toy
     names = ["a", "b", "c", "d", "e", "f"]
     s_clean, s_victim = _search(clean, toy), _search(victim, toy)
-    v_clean, v_victim = verdict(s_clean, names), verdict(s_victim, names)
+    # Self mode at a threshold of 3: the toy has none of the natural attractors the demo's
+    # calibrated self threshold allows for (docs/SCAN.md); reference mode below uses its own.
+    v_clean = verdict(s_clean, names, threshold=3)
+    v_victim = verdict(s_victim, names, threshold=3)
     assert v_victim["backdoored"] and v_victim["suspected_target"] == "e", v_victim
     assert not v_clean["backdoored"] and v_clean["suspected_target"] is None, v_clean
     assert v_victim["per_class"]["e"] > 70 > max(v for k, v in v_victim["per_class"].items()
