@@ -9,7 +9,8 @@ import json
 import time
 from pathlib import Path
 
-from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, stage_parser
+from .common import (COMMON_DEFAULTS, Run, UsageError, check_int, check_path, loader_options,
+                     open_caption_data, stage_parser)
 from .scan import architecture, load_reference
 
 NAME = "scan-data"
@@ -80,7 +81,8 @@ def scan_training_data(run: Run, source, *, reference=None, poisoned_by=None):
     from abd_fast.scan.data import scan_pairs
     try:
         loader = build_loader(source, train=False, batch_size=250, image_size=run.spec.size,
-                              loader=run.cfg.get("loader"), num_workers=run.cfg.get("workers"))
+                              loader=run.cfg.get("loader"), num_workers=run.cfg.get("workers"),
+                              **loader_options(run.cfg))
     except (BadDataError, ValueError) as e:
         raise UsageError(f"--train-data {source}: {e}") from e
     poison = None if poisoned_by is None else poison_view(poisoned_by, loader.manifest,
@@ -163,9 +165,8 @@ def run(cfg: dict) -> int:
     order = write_ranking(out / RANKING_FILE, emb, scores)
     msg = f"scan-data: {len(order)} pairs ranked -> {out / RANKING_FILE}"
     if cfg.get("drop_top"):
-        from abd_fast.data.sources import open_source
         dropped = {int(emb.ids[i]) for i in order[:cfg["drop_top"]]}
-        kept = write_cleaned(out / CLEANED_FILE, open_source(source), dropped)
+        kept = write_cleaned(out / CLEANED_FILE, open_caption_data(cfg, source), dropped)
         msg += f"; {kept} pairs kept (top {cfg['drop_top']} dropped) -> {out / CLEANED_FILE}"
     summary = dict(pairs=len(order), reference_model=cfg.get("reference_model"),
                    score="reference disagreement" if reference is not None else "density",
