@@ -39,7 +39,7 @@ def embed_pairs(model, loader, tokenizer, *, mean, std, poison=None, device="cpu
     """Image and caption embeddings of every pair of `loader` (an abd_fast.data loader over
     caption data, train=False). poison: an abd_fast.attacks.PoisonView applied to the batches
     (the pairs as a victim was trained on them); None: the data as it is."""
-    from abd_fast.ops import normalize_images
+    from abd_fast.attacks import training_pairs
     ids, img, txt, caps = [], [], [], []
     was_training = model.training
     model.eval()
@@ -48,13 +48,8 @@ def embed_pairs(model, loader, tokenizer, *, mean, std, poison=None, device="cpu
             for batch in loader:
                 if batch.captions is None:
                     raise ValueError("the data scan needs caption data (image-caption pairs)")
-                images = batch.images.to(device)
-                captions = batch.captions
-                if poison is not None:
-                    captions = poison.captions(batch.ids, captions)
-                    x = poison.images(images, batch.ids, mean=mean, std=std)
-                else:
-                    x = normalize_images(images, mean, std)
+                x, captions = training_pairs(poison, batch.images.to(device), batch.ids,
+                                             batch.captions, mean=mean, std=std)
                 img.append(image_features(model, x).cpu())
                 txt.append(text_features(model, tokenizer(captions).to(device)).cpu())
                 ids.append(batch.ids.cpu().numpy())
