@@ -34,15 +34,19 @@ class PairEmbeddings:
         return F.normalize(self.image + self.text, dim=-1)
 
 
-def embed_pairs(model, loader, tokenizer, *, mean, std, poison=None, device="cpu",
-                max_pairs: int | None = None) -> PairEmbeddings:
+def embed_pairs(models, loader, tokenizer, *, mean, std, poison=None, device="cpu",
+                max_pairs: int | None = None) -> list[PairEmbeddings]:
     """Image and caption embeddings of every pair of `loader` (an abd_fast.data loader over
-    caption data, train=False). poison: an abd_fast.attacks.PoisonView applied to the batches
-    (the pairs as a victim was trained on them); None: the data as it is."""
+    caption data, train=False) under each of `models` (CLIPs sharing the tokenizer and image
+    normalization), one PairEmbeddings per model; the data is decoded once. poison: an
+    abd_fast.attacks.PoisonView applied to the batches (the pairs as a victim was trained on
+    them); None: the data as it is."""
     from abd_fast.attacks import training_pairs
-    ids, img, txt, caps = [], [], [], []
-    was_training = model.training
-    model.eval()
+    ids, caps = [], []
+    img, txt = [[] for _ in models], [[] for _ in models]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         with torch.no_grad():
             for batch in loader:
@@ -50,19 +54,23 @@ def embed_pairs(model, loader, tokenizer, *, mean, std, poison=None, device="cpu
                     raise ValueError("the data scan needs caption data (image-caption pairs)")
                 x, captions = training_pairs(poison, batch.images.to(device), batch.ids,
                                              batch.captions, mean=mean, std=std)
-                img.append(image_features(model, x).cpu())
-                txt.append(text_features(model, tokenizer(captions).to(device)).cpu())
+                tokens = tokenizer(captions).to(device)
+                for k, m in enumerate(models):
+                    img[k].append(image_features(m, x).cpu())
+                    txt[k].append(text_features(m, tokens).cpu())
                 ids.append(batch.ids.cpu().numpy())
                 caps += list(captions)
                 if max_pairs is not None and len(caps) >= max_pairs:
                     break
     finally:
-        model.train(was_training)
+        for m, training in zip(models, modes):
+            m.train(training)
     if not caps:
         raise ValueError("the data scan saw no pairs")
     n = len(caps) if max_pairs is None else min(len(caps), max_pairs)
-    return PairEmbeddings(np.concatenate(ids)[:n], torch.cat(img)[:n], torch.cat(txt)[:n],
-                          caps[:n])
+    ids = np.concatenate(ids)[:n]
+    return [PairEmbeddings(ids, torch.cat(i)[:n], torch.cat(t)[:n], caps[:n])
+            for i, t in zip(img, txt)]
 
 
 # ---- local density ---------------------------------------------------------------------------
@@ -203,9 +211,7 @@ def scan_pairs(model, loader, tokenizer, *, mean, std, reference=None, poison=No
     """The whole data scan: embeddings of every pair of `loader` under `model` (and under a
     clean `reference` CLIP), then score_pairs. poison: a PoisonView (the pairs as a victim was
     trained on them; None: the data as it is). Returns (the model's embeddings, the scores)."""
-    emb = embed_pairs(model, loader, tokenizer, mean=mean, std=std, poison=poison, device=device)
-    ref = None
-    if reference is not None:
-        ref = embed_pairs(reference, loader, tokenizer, mean=mean, std=std, poison=poison,
-                          device=device)
-    return emb, score_pairs(emb, ref)
+    models = [model] if reference is None else [model, reference]
+    emb, *ref = embed_pairs(models, loader, tokenizer, mean=mean, std=std, poison=poison,
+                            device=device)
+    return emb, score_pairs(emb, ref[0] if ref else None)
