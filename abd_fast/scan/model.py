@@ -37,7 +37,7 @@ from abd_fast.ops import apply_perturbation, apply_trigger
 PLACES = ("random", "center", "corner")
 # Calibrated on clean models only (docs/SCAN.md "Calibration", bench/scan_table.py): the
 # largest score of the clean models plus 1. self: clean models of seeds 0, 1, 2 (largest 6.13,
-# the natural attractor 'ring'); reference: clean fine-tunes of the reference.
+# the natural attractor "ring"); reference: clean fine-tunes of the reference (1.69, 1.68).
 THRESHOLDS = {"self": 7.1, "reference": 2.7}
 FLOOR = 0.1   # arcsine scale (asin sqrt p, 0..pi/2): the smallest spread over classes a z-score
               # divides by (~ the spread of rates 5%..15%)
