@@ -67,7 +67,7 @@ SIMILARITY_ROWS = {
     "adversarial_unrelated_caption": "adversarial image / unrelated captions",
 }
 TOP_KEYS = ("clean", "attacks", "ablations", "similarity", "timing", "settings", "notes")
-OPTIONAL_TOP_KEYS = ("machine", "schema_version", "warnings")
+OPTIONAL_TOP_KEYS = ("machine", "schema_version", "warnings", "scan")
 # Below these the numbers of a run mean little (weak_model_warnings): a clean model under
 # twice chance has barely learned the classes; a victim under this ASR was not backdoored.
 WEAK_CA_TIMES_CHANCE = 2.0
@@ -182,6 +182,9 @@ def validate_report(report) -> None:
         v = report.get(key, [])
         if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
             raise ReportError(f"report[{key!r}]: expected a list of strings")
+    if not isinstance(report.get("scan", {}), dict):
+        raise ReportError("report['scan']: expected {'clean': <scan.json>, attack: {'model': "
+                          "<scan.json>, 'data': {...}}} (docs/SCAN.md)")
     if not isinstance(report.get("machine", {}), dict):
         raise ReportError("report['machine']: expected a dict (see machine_info())")
     if report.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
@@ -426,6 +429,7 @@ def render_markdown(report: dict, plots: dict | None = None) -> str:
         _table1_section(report["attacks"], paper),
         *(_ablation_section(key, report["ablations"][key], paper) for key in ABLATION_TITLES),
         _similarity_section(report["similarity"], paper),
+        _scan_section(report.get("scan")),
         _timing_section(report["timing"]),
         _plots_section(plots),
         _notes_section(report["notes"]),
@@ -521,6 +525,28 @@ def _similarity_section(sim: dict | None, paper: bool) -> list[str]:
             + ([format_number(PAPER_REFERENCE["similarity"][k])] if paper else [])
             for k, label in SIMILARITY_ROWS.items()]
     return out + markdown_table(header, rows)
+
+
+def _scan_section(scans: dict | None) -> list[str]:
+    """The backdoor scans (docs/SCAN.md): each model's verdict, score and suspected target;
+    how well the data scan found each victim's poisoned training pairs."""
+    if not scans:
+        return []
+    out = ["## Backdoor scan (no target, no trigger given; docs/SCAN.md)", ""]
+    rows = []
+    for name, entry in scans.items():
+        model = entry if name == "clean" else entry.get("model", {})
+        data = {} if name == "clean" else entry.get("data", {})
+        rows.append([_cell(name if name == "clean" else f"{name} victim"),
+                     "backdoored" if model.get("backdoored") else "clean",
+                     f"{format_number(model.get('score'))} / "
+                     f"{format_number(model.get('threshold'))}",
+                     _cell(model.get("suspected_target") or "-"), _cell(model.get("mode", "")),
+                     format_number(data.get("auroc"), 3) if data else "-",
+                     format_number(data.get("precision_at_poison_count"), 3) if data else "-"])
+    out += markdown_table(["model", "verdict", "score / threshold", "suspected target", "mode",
+                           "data AUROC", "precision at poison count"], rows)
+    return out
 
 
 def _timing_section(timing: dict) -> list[str]:

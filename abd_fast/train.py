@@ -9,6 +9,8 @@ Commands (no command: `pipeline` on the embedded demo data into runs/demo):
   eval       zero-shot CA top-1/top-5, ASR and the clean/triggered embedding distance
   uap        train ABD's universal adversarial perturbation against a poisoned model
   defend     fine-tune a poisoned model with ft, cleanclip, roclip or abd
+  scan       is a CLIP backdoored, toward which class? (no target, no trigger needed)
+  scan-data  rank the training pairs by how likely they are poisoned (--drop-top K: clean)
   selfcheck  check the fused ops against their PyTorch references
 
 Every stage takes the common flags (--help of a command lists them) and --config FILE, a
@@ -29,11 +31,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
 
 # The commands (abd_fast/cli/, one module each; see abd_fast/cli/__init__.py for their kinds).
 from abd_fast.cli import (ablation, badclip_trigger, defend, eval, export_poison,  # noqa: E402
-                          pipeline, poison, pretrain, selfcheck, show_triggers, uap)
+                          pipeline, poison, pretrain, scan, scan_data, selfcheck,
+                          show_triggers, uap)
 from abd_fast.cli.common import (COMMON_DEFAULTS, Parser, UsageError,  # noqa: E402
                                  resolve_config, validate)
 
-STAGES = (pretrain, poison, eval, uap, defend)
+STAGES = (pretrain, poison, eval, uap, defend, scan, scan_data)
 TOOLS = (selfcheck, show_triggers, export_poison, badclip_trigger)
 JOBS = (pipeline, ablation)
 COMMANDS = {m.NAME: m for m in STAGES + TOOLS + JOBS}

@@ -110,6 +110,14 @@ def test_pipeline_stage_flags_reach_their_stages(cache, small_data, tmp_path, ca
     assert argv("badnet-cleanclip")[-2:] == ["--lr", "0.0003"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["settings"]["stage_flags"]["defend:ft"] == {"lr": 0.0005, "warmup": 1}
+    # The scans: the clean model alone, the victim against it, the victim's poisoned pairs.
+    scan = report["scan"]
+    assert set(scan) == {"clean", "badnet"} and scan["clean"]["mode"] == "self"
+    assert scan["badnet"]["model"]["mode"] == "reference"
+    assert scan["badnet"]["data"]["poison_count"] == 24
+    assert 0 <= scan["badnet"]["data"]["auroc"] <= 1
+    assert "--target-label" not in argv("scan-badnet")
+    assert "## Backdoor scan" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -132,3 +132,15 @@ class PoisonView:
     def __repr__(self):
         return (f"PoisonView({self.trigger.name}, target={self.target!r}, "
                 f"{self.count} of {len(self.manifest)} samples, seed={self.seed})")
+
+
+def training_pairs(poison: PoisonView | None, images: Tensor, ids: Tensor, captions: list[str],
+                   *, mean, std, out_dtype=torch.float32) -> tuple[Tensor, list[str]]:
+    """A caption batch as a training run sees it: (normalized images, captions), poisoned
+    through `poison` where it is a PoisonView, as they are where it is None. out_dtype: the
+    images' dtype (under autocast, its dtype: the tower then takes them uncast)."""
+    if poison is None:
+        from abd_fast.ops import normalize_images
+        return normalize_images(images, mean, std, out_dtype=out_dtype), captions
+    return (poison.images(images, ids, mean=mean, std=std, out_dtype=out_dtype),
+            poison.captions(ids, captions))

@@ -554,21 +554,17 @@ class Run:
     def mmcl(self, poison=None):
         """MMCL = the CLIP loss on (image, caption) pairs, the poisoned ones through the view:
         loss_fn(model, batch, epoch) for the Trainer."""
+        from abd_fast.attacks import training_pairs
         from abd_fast.engine import contrastive_loss
-        from abd_fast.ops import normalize_images
         from abd_fast.precision import image_dtype
         loss, device, tok = contrastive_loss(self.info), self.info.device, self.tokenizer
         mean, std = self.mean, self.std
 
         def loss_fn(model, batch, epoch):
-            images = batch.images.to(device, non_blocking=True)
-            captions = batch.captions
             dtype = image_dtype(device)  # autocast's: the tower takes the batch without a cast
-            if poison is not None:
-                captions = poison.captions(batch.ids, captions)
-                x = poison.images(images, batch.ids, mean=mean, std=std, out_dtype=dtype)
-            else:
-                x = normalize_images(images, mean, std, out_dtype=dtype)
+            x, captions = training_pairs(poison, batch.images.to(device, non_blocking=True),
+                                         batch.ids, batch.captions, mean=mean, std=std,
+                                         out_dtype=dtype)
             image_features, text_features, scale = model(x, tok(captions).to(device))
             return loss(image_features, text_features, scale)
         return loss_fn

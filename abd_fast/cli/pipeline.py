@@ -1,7 +1,8 @@
 """The one-command job: `python -m abd_fast.train` (no arguments) or `... pipeline [flags]`.
 
     data -> clean CLIP (trained, or reused from the cache) -> badclip trigger -> poisoned
-    victims (one per attack) -> UAP per victim -> defenses on each victim -> ablations
+    victims (one per attack) -> backdoor scans (each model; each victim's poisoned training
+    pairs) -> UAP per victim -> defenses on each victim -> ablations
     (ABD Table II and III on the first attack) -> similarity analysis, embeddings ->
     OUTPUT/report.json, report.md, ca_asr.png, embedding.png, similarity.png
 
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import badclip_trigger, defend, poison, pretrain, uap
+from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap
 from .common import (UsageError, caption_data_flags, check_flag_values, check_output, check_path,
                      loader_options, own_settings, source_options, speed_flags)
 from .stages import Stages, StageError, clock
@@ -55,6 +56,7 @@ QUICK_OVERRIDES = {
     "pretrain": {"epochs": 2},
     "badclip-trigger": {"steps": 5, "target-images": 16},
     "similarity_batches": 1,
+    "scan": {"steps": 3, "scan-images": 60},
 }
 BADCLIP_STEPS = 200          # badclip-trigger's own default
 SIMILARITY_BATCHES = 4       # x 250 caption pairs for the similarity analysis
@@ -217,7 +219,8 @@ def _name_list(cfg, key: str, known) -> list[str]:
 # configs/paper/pipeline.yaml): `defend: {...}` for every defense, then `defend:abd: {...}`
 # for one method (likewise `poison:<attack>`); appended last, so they override the demo's
 # settings. The pipeline wires models, attacks and outputs between stages: those stay its own.
-STAGE_COMMANDS = {m.NAME: m for m in (pretrain, badclip_trigger, poison, uap, defend)}
+STAGE_COMMANDS = {m.NAME: m for m in (pretrain, badclip_trigger, poison, scan, scan_data, uap,
+                                      defend)}
 VARIANTS = {"poison": ("badnet", "blended", "wanet", "sig", "label-consistent", "badclip"),
             "defend": ("ft", "cleanclip", "roclip", "abd")}  # `defend:abd` etc. come last
 PIPELINE_OWNED = ("output", "config", "resume", "checkpoint", "pretrained", "reference-model",
@@ -318,6 +321,9 @@ def plan_stages(cfg) -> dict:
         plan["badclip-trigger"] = 1
     for a in cfg["attacks"]:
         plan[f"poison-{a}"] = 3
+    plan["scan-clean"] = 0.5
+    for a in cfg["attacks"]:
+        plan[f"scan-{a}"], plan[f"scan-data-{a}"] = 0.5, 0.3
     for a in cfg["attacks"]:
         if "abd" in cfg["defenses"]:
             plan[f"uap-{a}"] = 2
@@ -391,6 +397,7 @@ def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
     clean = _clean_model(st, cfg, data, flags, notes)
     patch = _badclip_trigger(st, cfg, data, flags, clean)
     victims = _victims(st, cfg, flags, clean, patch)
+    scans = _scans(st, cfg, flags, clean, victims)
     results, uaps = _defenses(st, cfg, flags, clean, victims)
     tables = _ablations(st, cfg, flags, clean, victims, uaps, results)
     analysis = {}
@@ -399,6 +406,7 @@ def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
     wall = time.perf_counter() - t_start
     report = _report(cfg, data, st, results, tables, analysis.get("similarity"), uaps, notes,
                      wall=wall, demo=flags.demo)
+    report["scan"] = scans
     from abd_fast.report import weak_model_warnings, write_report
     paths = write_report(report, out, embeddings=analysis.get("embeddings"))
     print(f"report: {paths['md']} and {paths['json']}; plots: "
@@ -462,6 +470,29 @@ def _victims(st: Stages, cfg, flags: _StageFlags, clean: str, patch) -> dict:
                                    *flags.extra(f"poison:{a}")])
         victims[a] = str(d / "checkpoint.pt")
     return victims
+
+
+def _scans(st: Stages, cfg, flags: _StageFlags, clean: str, victims: dict) -> dict:
+    """Stage 2c, the backdoor scans (docs/SCAN.md), none told the target or the trigger: the
+    clean model alone; each victim with the clean model as reference; each victim's training
+    pairs as it was poisoned, measured against its poisoned ids. report.json's "scan"."""
+    quick = _flags(QUICK_OVERRIDES["scan"]) if flags.quick else []
+
+    def scan_stage(name, checkpoint, *extra):
+        d = st.run(name, ["scan", *flags.common, "--checkpoint", checkpoint, *extra, *quick,
+                          *flags.extra("scan")], outputs=(scan.SCAN_FILE,))
+        return json.loads((d / scan.SCAN_FILE).read_text())
+    out = {"clean": scan_stage("scan-clean", clean)}
+    for a, victim in victims.items():
+        model = scan_stage(f"scan-{a}", victim, "--reference-model", clean)
+        d = st.run(f"scan-data-{a}", ["scan-data", *flags.common, "--checkpoint", victim,
+                                      "--reference-model", clean, "--poisoned-by", victim,
+                                      *flags.extra("scan-data")],
+                   outputs=(scan_data.SUMMARY_FILE,))
+        measured = json.loads((d / scan_data.SUMMARY_FILE).read_text())
+        out[a] = {"model": model, "data": {k: measured[k] for k in (
+            "auroc", "precision_at_poison_count", "poison_count", "score")}}
+    return out
 
 
 def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, victims: dict):

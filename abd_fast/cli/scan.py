@@ -1,0 +1,137 @@
+"""`scan`: is this CLIP backdoored, and toward which class? A per-class search for universal
+perturbations (abd_fast.scan.model) that takes no target and no trigger; writes scan.json
+(verdict, score, threshold, suspected target, per-class capture) and scan_uap.png (clean
+images and the same images with the most anomalous class's perturbation), by default next
+to the checkpoint (beside its eval.json)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, stage_parser
+
+NAME = "scan"
+SCAN_FILE = "scan.json"
+# docs/SCAN.md: 40 Adam steps of 8 images per class, geometry and restart, 2 random starts,
+# over 500 evaluation images (half fit the perturbations, half measure them).
+DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, output=None,
+                geometries=None, steps=40, batch_size=8, lr=0.3, restarts=2, scan_images=500,
+                threshold=None)
+# Never read by the scan: a backdoor's target and trigger (the checkpoint's run may record them).
+UNKNOWN_TO_THE_SCAN = ("target_label", "attack", "trigger_file", "trigger_option",
+                       "patch_location", "patch_size")
+
+
+def _flags(p):
+    p.add_argument("--checkpoint", metavar="FILE", help="the CLIP to judge")
+    p.add_argument("--reference-model", metavar="FILE",
+                   help="a clean CLIP of the same architecture (e.g. the one the judged model "
+                        "was fine-tuned from): the score becomes the capture gap between the "
+                        "two under the same perturbations")
+    p.add_argument("--geometries", metavar="LIST",
+                   help="comma-separated UAP geometries: patch-<random|center|corner>-<side "
+                        "fraction>, linf-<eps> (default: "
+                        "patch-random-0.25,patch-center-0.25,linf-8/255)")
+    p.add_argument("--steps", type=int, metavar="N", help="Adam steps per geometry")
+    p.add_argument("--restarts", type=int, metavar="N",
+                   help="random starts per class and geometry (the best by fit loss is kept)")
+    p.add_argument("--scan-images", type=int, metavar="N",
+                   help="evaluation images used (evenly spaced; half fit, half measure)")
+    p.add_argument("--threshold", type=float, metavar="Z",
+                   help="score above which the model is called backdoored (default: the one "
+                        "calibrated on clean models, docs/SCAN.md)")
+
+
+def add_parser(subparsers):
+    return stage_parser(subparsers, NAME, DEFAULTS, _flags,
+                        help="is this CLIP backdoored, toward which class? (no target, no "
+                             "trigger needed)")
+
+
+def check(cfg: dict):
+    for key in UNKNOWN_TO_THE_SCAN:  # whatever the flags or a config file say
+        cfg[key] = None
+    if cfg.get("checkpoint") is None:
+        raise UsageError("--checkpoint is needed: the CLIP to judge")
+    check_path(cfg, "checkpoint", "file")
+    check_path(cfg, "reference_model", "file")
+    cfg.update(architecture(cfg["checkpoint"], cfg))
+    if cfg.get("output") is None:
+        cfg["output"] = str(Path(cfg["checkpoint"]).parent)
+    check_int(cfg, "steps")
+    check_int(cfg, "restarts")
+    check_int(cfg, "scan_images", 4)
+    cfg["geometries"] = [g.name for g in geometries(cfg)]
+
+
+def architecture(path, cfg) -> dict:
+    """model and image size from an abd_fast checkpoint's run, unless given: nothing else of it
+    (in particular not the target label it may record)."""
+    from abd_fast.engine import CheckpointError, load_checkpoint
+    try:
+        run = load_checkpoint(path, "--checkpoint").get("config", {})
+    except CheckpointError:
+        return {}
+    given = {k for k in ("model", "image_size") if cfg.get(k) != COMMON_DEFAULTS[k]}
+    return {k: run[k] for k in ("model", "image_size") if run.get(k) is not None
+            and k not in given}
+
+
+def load_reference(run: Run, path):
+    """The clean reference CLIP of the run's architecture, or None."""
+    if not path:
+        return None
+    from abd_fast.models import WeightsError, create_model
+    try:
+        return create_model(run.cfg["model"], pretrained=path,
+                            image_size=run.cfg.get("image_size")).to(run.info.device).eval()
+    except WeightsError as e:
+        raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
+
+
+def geometries(cfg):
+    from abd_fast.scan.model import DEFAULT_GEOMETRIES, Geometry
+    if not cfg.get("geometries"):
+        return DEFAULT_GEOMETRIES
+    names = cfg["geometries"]
+    names = names.split(",") if isinstance(names, str) else names
+    try:
+        return tuple(Geometry.parse(n) for n in names if n.strip())
+    except ValueError as e:
+        raise UsageError(f"--geometries: {e}") from e
+
+
+def run(cfg: dict) -> int:
+    from abd_fast.engine import atomic_write_text
+    from abd_fast.scan.model import save_uap_png, scan_images, scan_model
+    run = Run(cfg, weights_flag="--checkpoint")
+    reference = load_reference(run, cfg.get("reference_model"))
+    t0 = time.perf_counter()
+    images, classnames = scan_images(run.eval_source, cfg["scan_images"],
+                                     image_size=run.spec.size, classnames=run.classnames_file,
+                                     loader=cfg.get("loader"), num_workers=cfg.get("workers"))
+    if not classnames:
+        raise UsageError(f"--eval-data {run.eval_source}: no class names; give --classnames")
+    result, search = scan_model(run.model, images, classnames, tokenizer=run.tokenizer,
+                                mean=run.mean, std=run.std, reference=reference,
+                                geometries=geometries(cfg), threshold=cfg.get("threshold"),
+                                steps=cfg["steps"], batch_size=cfg["batch_size"],
+                                lr=cfg["lr"], seed=cfg["seed"], restarts=cfg["restarts"])
+    result.update(checkpoint=str(cfg["checkpoint"]), reference_model=cfg.get("reference_model"),
+                  model=cfg["model"], eval_data=str(run.eval_source),
+                  seconds=round(time.perf_counter() - t0, 2))
+    if run.info.is_main:
+        out = Path(cfg["output"])
+        cls = result["most_anomalous_class"]
+        g = [x.name for x in search.geometries].index(result["geometry"])
+        column = [classnames[c] for c in search.classes].index(cls)
+        save_uap_png(images, *search.uap(g, column), out / "scan_uap.png")
+        atomic_write_text(json.dumps(result, indent=1) + "\n", out / SCAN_FILE)
+        verdict = (f"BACKDOORED, suspected target {result['suspected_target']!r}"
+                   if result["backdoored"] else "no backdoor found")
+        print(f"scan: {verdict} (score {result['score']:.2f}, threshold "
+              f"{result['threshold']:.2f}, {result['mode']} mode; most anomalous class "
+              f"{cls!r} under {result['geometry']}; {result['seconds']:.0f} s) -> "
+              f"{out / SCAN_FILE}", flush=True)
+    return 0
