@@ -9,6 +9,7 @@ A file carrying any other pickled payload is refused with WeightsError.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import pickle
@@ -185,14 +186,34 @@ class CachedTokenizer:
         return getattr(self.tokenizer, name)
 
 
-# ---- weights -------------------------------------------------------------------------------
-
 def imagenet_templates():
     """The 80 OpenAI ImageNet prompt templates (callables: class name -> caption): zero-shot
     classifiers average over them, and the poisoning draws target captions from them."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     return OPENAI_IMAGENET_TEMPLATES
 
+
+@contextlib.contextmanager
+def frozen(*models):
+    """Eval mode and no parameter gradients inside (gradients still reach the inputs, e.g. a
+    trigger or perturbation being optimized); each model's mode and flags are restored after,
+    also when the body raises. None entries are ignored."""
+    state = [(m, m.training, [p for p in m.parameters() if p.requires_grad])
+             for m in models if m is not None]
+    for m, _, params in state:
+        m.eval()
+        for p in params:
+            p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training, params in state:
+            for p in params:
+                p.requires_grad_(True)
+            m.train(training)
+
+
+# ---- weights -------------------------------------------------------------------------------
 
 def load_weights(model, path: str | os.PathLike, flag: str = "--pretrained"):
     """Loads the weights of the file `path` into `model` (strict), adapting open_clip's and

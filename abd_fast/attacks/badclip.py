@@ -28,7 +28,7 @@ from torch import Tensor
 
 from abd_fast.engine import compile_module
 from abd_fast.evaluate import default_tokenizer
-from abd_fast.models import image_features, text_features
+from abd_fast.models import frozen, image_features, text_features
 from abd_fast.ops import apply_trigger, normalize_images
 from abd_fast.precision import (autocast, channels_last, full_precision, image_dtype,
                                 resolve_precision)
@@ -112,56 +112,49 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
     S = int(target_images.shape[-1])
     p = cfg.patch_size or patch_side(S)
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
-    was_training = model.training
-    flags = [(q, q.requires_grad) for q in model.parameters()]
-    model.eval()
-    for q, _ in flags:
-        q.requires_grad_(False)
     layout = torch.channels_last if channels_last(precision) else None
     precision = resolve_precision(precision, device)
-    if layout is not None:
-        model.to(memory_format=layout)
     encode = functools.partial(image_features, model)
     if compile:
         encode = compile_module(encode)
-    try:
-        with torch.no_grad(), autocast(device, precision):
-            t = F.normalize(_encode_texts(model, tokenizer, list(target_captions), device)
-                            .mean(0), dim=0)
-            v = F.normalize(_encode_images(model, target_images.to(device), mean, std).mean(0),
-                            dim=0)
-        patch = initial_patch(p, cfg.seed).to(device).requires_grad_(True)
-        opt = torch.optim.Adam([patch], lr=cfg.lr)
-        m = (S - p) // 2
-        history = []
-        stream = itertools.cycle(batches)
-        for step in range(cfg.steps):
-            batch = next(stream)
-            if batch.captions is None:
-                raise ValueError("BadCLIP's contrastive loss needs caption data (--train-data)")
-            images = batch.images.to(device)
-            with autocast(device, precision):
-                dtype = image_dtype(device)
-                with torch.no_grad():
-                    c = encode(normalize_images(images, mean, std, out_dtype=dtype))
-                    batch_text = _encode_texts(model, tokenizer, list(batch.captions), device)
-                x = apply_trigger(images, "patch", patch=patch, ys=m, xs=m, mean=mean, std=std,
-                                  out_dtype=dtype)
-                a = encode(x)
-                losses = badclip_losses(a, c, t, v, batch_text, cfg)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            with torch.no_grad():
-                patch.clamp_(0, 1)
-            record = {k: float(val.detach()) for k, val in losses.items()}
-            history.append(record)
-            if log is not None:
-                log(step, record)
-    finally:
-        model.train(was_training)
-        for q, flag in flags:
-            q.requires_grad_(flag)
+    with frozen(model):
         if layout is not None:
-            model.to(memory_format=torch.contiguous_format)
+            model.to(memory_format=layout)
+        try:
+            with torch.no_grad(), autocast(device, precision):
+                t = F.normalize(_encode_texts(model, tokenizer, list(target_captions), device)
+                                .mean(0), dim=0)
+                v = F.normalize(_encode_images(model, target_images.to(device), mean, std).mean(0),
+                                dim=0)
+            patch = initial_patch(p, cfg.seed).to(device).requires_grad_(True)
+            opt = torch.optim.Adam([patch], lr=cfg.lr)
+            m = (S - p) // 2
+            history = []
+            stream = itertools.cycle(batches)
+            for step in range(cfg.steps):
+                batch = next(stream)
+                if batch.captions is None:
+                    raise ValueError("BadCLIP's contrastive loss needs caption data (--train-data)")
+                images = batch.images.to(device)
+                with autocast(device, precision):
+                    dtype = image_dtype(device)
+                    with torch.no_grad():
+                        c = encode(normalize_images(images, mean, std, out_dtype=dtype))
+                        batch_text = _encode_texts(model, tokenizer, list(batch.captions), device)
+                    x = apply_trigger(images, "patch", patch=patch, ys=m, xs=m, mean=mean, std=std,
+                                      out_dtype=dtype)
+                    a = encode(x)
+                    losses = badclip_losses(a, c, t, v, batch_text, cfg)
+                opt.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                opt.step()
+                with torch.no_grad():
+                    patch.clamp_(0, 1)
+                record = {k: float(val.detach()) for k, val in losses.items()}
+                history.append(record)
+                if log is not None:
+                    log(step, record)
+        finally:
+            if layout is not None:
+                model.to(memory_format=torch.contiguous_format)
     return patch.detach().cpu(), history

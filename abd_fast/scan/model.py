@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from abd_fast.models import image_features
+from abd_fast.models import frozen, image_features
 from abd_fast.ops import apply_perturbation, apply_trigger
 
 PLACES = ("random", "center", "corner")
@@ -185,26 +185,6 @@ def predictions(model, images: Tensor, classifier: Tensor, *, mean, std,
     return torch.cat(out)
 
 
-class _Frozen:
-    """Eval mode and no parameter gradients inside; both restored after."""
-    def __init__(self, *models):
-        self.models = [m for m in models if m is not None]
-
-    def __enter__(self):
-        self.state = [(m, m.training, [p for p in m.parameters() if p.requires_grad])
-                      for m in self.models]
-        for m, _, params in self.state:
-            m.eval()
-            for p in params:
-                p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for m, training, params in self.state:
-            for p in params:
-                p.requires_grad_(True)
-            m.train(training)
-
-
 def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
                  geometries=DEFAULT_GEOMETRIES, classes=None, steps: int = 30,
                  batch_size: int = 16, lr: float = 0.1, fit_fraction: float = 0.5,
@@ -251,7 +231,7 @@ def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
     R = int(restarts)
     target = torch.tensor(classes, device=device).repeat(R).repeat_interleave(batch_size)
     hits, ref_hits, counts, deltas = [], [], [], []
-    with _Frozen(model, reference):
+    with frozen(model, reference):
         clean_pred = predictions(model, held, classifier, mean=mean, std=std)
         for g in geometries:
             shape = (R * K, 3, g.side(S), g.side(S)) if g.mode == "patch" else (R * K, 3, S, S)
