@@ -63,3 +63,53 @@ def test_contents_through_the_real_loaders(small):
     b = next(iter(ev))
     assert ev.classnames == CLASSES and b.images.shape == (30, 3, 32, 32)
     assert torch.equal(b.labels, torch.arange(10).repeat_interleave(3))
+
+
+def _split_digest(root, split):
+    h = hashlib.sha256()
+    for p in sorted(q for q in (root / split).rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_val_split_leaves_train_and_eval_as_they_were(small, tmp_path, monkeypatch):
+    """The validation split draws from streams of its own: a dataset generated without it has
+    the same train/ and eval/ bytes (the data the existing models and results were made on)."""
+    import abd_fast.data.synthetic as synthetic
+    monkeypatch.setattr(synthetic, "_write_val", lambda *a, **k: None)
+    without = ensure_dataset(tmp_path / "noval", seed=0, **SMALL)
+    assert not (without.root / "val").exists()
+    for split in ("train", "eval"):
+        assert _split_digest(without.root, split) == _split_digest(small.root, split), split
+
+
+def test_val_split_is_an_imagefolder_apart_from_eval_and_train(small):
+    val = build_loader(small.val_dir, train=False, batch_size=64, image_size=32, num_workers=0,
+                       loader="torch")
+    b = next(iter(val))
+    assert val.classnames == CLASSES and b.images.shape == (30, 3, 32, 32)
+    assert torch.equal(b.labels, torch.arange(10).repeat_interleave(3))
+    digests = {split: {hashlib.sha256(p.read_bytes()).digest()
+                       for p in (small.root / split).rglob("*.jpg")} for split in
+               ("train", "eval", "val")}
+    assert len(digests["val"]) == 30
+    assert not digests["val"] & (digests["eval"] | digests["train"])   # no shared image
+
+
+def test_dataset_made_before_the_val_split_gets_it(small, tmp_path):
+    """A cached dataset from before the split existed gains val/ in place, the same bytes a
+    fresh generation writes; train/ and eval/ are not touched."""
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(small.root, old)
+    shutil.rmtree(old / "val")
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["val"]
+    (old / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    before = {s: _split_digest(old, s) for s in ("train", "eval")}
+    ds = ensure_dataset(old, seed=0, **SMALL)
+    assert ds.val_dir == old / "val"
+    assert _split_digest(old, "val") == _split_digest(small.root, "val")
+    assert {s: _split_digest(old, s) for s in ("train", "eval")} == before
+    assert json.loads((old / "meta.json").read_text())["val"] == "val"
+    assert not [p for p in old.iterdir() if p.name.startswith(".")]   # no temp dir left

@@ -42,6 +42,11 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-data", metavar="PATH",
                    help="evaluation data: ImageFolder or labels CSV; default: the synthetic "
                         "eval split when training on the synthetic data")
+    g.add_argument("--val-data", metavar="PATH",
+                   help="validation data for recipe choices (ImageFolder or labels CSV with "
+                        "the classes of --eval-data; its own classnames.txt, else "
+                        "--classnames); default: the synthetic val split when training on "
+                        "the synthetic data, else none (choices that need it are unavailable)")
     g.add_argument("--classnames", metavar="FILE", help="class names of --eval-data, one per line")
     g.add_argument("--target-label", metavar="NAME", help="the backdoor's target class")
     g.add_argument("--model", metavar="NAME", help="abd-tiny-vit, abd-tiny-rn, RN50, ViT-B-32, ...")
@@ -162,7 +167,8 @@ def attack_flags(p: argparse.ArgumentParser, required: bool):
 # 32 px reaches ~87% zero-shot top-1 on the synthetic data in 10 epochs (~3 min; 7 epochs
 # give ~73-76%, and a poisoning fine-tune of such a model raises CA by ~9 points,
 # docs/ATTACKS.md); the tiny ViT at the same cost stays under 40%.
-COMMON_DEFAULTS = dict(config=None, train_data=None, eval_data=None, classnames=None,
+COMMON_DEFAULTS = dict(config=None, train_data=None, eval_data=None, val_data=None,
+                       classnames=None,
                        target_label=None, model="abd-tiny-rn", pretrained=None,
                        image_size=None, batch_size=128, epochs=7, lr=2e-3, warmup=50, seed=0,
                        loader=None, workers=None, output=None, resume=None, compile=False,
@@ -361,6 +367,8 @@ def validate(cfg: dict, command_checks=None):
     _check_training_numbers(cfg)
     check_path(cfg, "train_data", "data")
     check_path(cfg, "eval_data", "data")
+    check_path(cfg, "val_data", "data")
+    check_val_apart(cfg)
     for key in ("classnames", "pretrained", "checkpoint", "trigger_file"):
         check_path(cfg, key, "file")
     from abd_fast.models import available_models, tiny_models
@@ -375,6 +383,21 @@ def validate(cfg: dict, command_checks=None):
     if cfg.get("resume") is not None:
         _check_resume(cfg)
     check_output(cfg)
+
+
+def check_val_apart(cfg: dict):
+    """--val-data is neither --eval-data nor --train-data: choices made on it must not see the
+    split the results are reported on, nor the training pairs."""
+    val = cfg.get("val_data")
+    if val is None:
+        return
+    for key in ("eval_data", "train_data"):
+        other = cfg.get(key)
+        if other is not None and os.path.realpath(str(other)) == os.path.realpath(str(val)):
+            raise UsageError(f"--val-data {val} is the --{key.replace('_', '-')}: recipe "
+                             "choices need a validation split of their own; give a separate "
+                             "ImageFolder or labels CSV (e.g. held-out images of the same "
+                             "classes)")
 
 
 def _check_training_numbers(cfg: dict):
@@ -502,6 +525,11 @@ class Run:
             self.eval_source = self.synthetic.eval_dir
             self.classnames_file = self.classnames_file or self.synthetic.eval_dir / \
                 "classnames.txt"
+        # Validation data (recipe choices): --val-data, else the synthetic val split when
+        # training on the synthetic data; never the evaluation split.
+        self.val_source = cfg.get("val_data")
+        if self.val_source is None and cfg.get("train_data") is None:
+            self.val_source = self.synthetic.val_dir
 
     def train_loader(self):
         from abd_fast.data import build_loader
@@ -529,6 +557,29 @@ class Run:
                               classnames=self.classnames_file)
         if not loader.classnames:
             raise UsageError(f"--eval-data {self.eval_source}: no class names; give --classnames")
+        return loader
+
+    def val_loader(self, purpose: str | None = None):
+        """The validation data's loader (labels + class names, like eval_loader), or None when
+        there is none (user data without --val-data); then, if `purpose` names what needed it,
+        a note says that it is unavailable and how to get it."""
+        if self.val_source is None:
+            if purpose and self.info.is_main:
+                print(f"note: no validation data: {purpose} is unavailable; give --val-data "
+                      "PATH (an ImageFolder or labels CSV of the evaluation classes, apart "
+                      "from --eval-data)", flush=True)
+            return None
+        from abd_fast.data import build_loader
+        val_dir = Path(self.val_source)
+        own = (val_dir if val_dir.is_dir() else val_dir.parent) / "classnames.txt"
+        loader = build_loader(self.val_source, train=False, batch_size=250,
+                              image_size=self.spec.size, loader=self.cfg.get("loader"),
+                              rank=self.info.rank, world_size=self.info.world_size,
+                              num_workers=self.cfg.get("workers"),
+                              classnames=None if own.exists() else self.cfg.get("classnames"))
+        if not loader.classnames:
+            raise UsageError(f"--val-data {self.val_source}: no class names; put a "
+                             "classnames.txt beside it or give --classnames")
         return loader
 
     def target_index(self, classnames) -> int | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap
 from .common import (UsageError, caption_data_flags, check_flag_values, check_output, check_path,
-                     loader_options, own_settings, source_options, speed_flags)
+                     check_val_apart, loader_options, own_settings, source_options, speed_flags)
 from .stages import Stages, StageError, clock
 
 NAME = "pipeline"
@@ -61,6 +61,7 @@ QUICK_OVERRIDES = {
 BADCLIP_STEPS = 200          # badclip-trigger's own default
 SIMILARITY_BATCHES = 4       # x 250 caption pairs for the similarity analysis
 EMBEDDING_IMAGES = 500       # eval images in embedding.png, evenly spaced over the eval set
+VAL_COMMANDS = ("uap", "defend")  # the stages given --val-data (recipe choices are made there)
 DEFAULT_ATTACKS = ("badnet", "blended", "badclip")
 DEFAULT_DEFENSES = ("ft", "cleanclip", "roclip", "abd")
 CACHE_VERSION = 1            # bump when pretrain's meaning changes: old cached models are ignored
@@ -125,6 +126,10 @@ def add_parser(subparsers):
                         "synthetic dataset")
     p.add_argument("--eval-data", metavar="PATH",
                    help="ImageFolder or labels CSV (needed with --train-data)")
+    p.add_argument("--val-data", metavar="PATH",
+                   help="validation data for the uap/defend stages' recipe choices (ImageFolder "
+                        "or labels CSV of the --eval-data classes); default: the synthetic val "
+                        "split on the synthetic data, else none")
     p.add_argument("--classnames", metavar="FILE", help="class names of --eval-data")
     p.add_argument("--target-label", metavar="NAME",
                    help="the backdoor's target class (default on the synthetic data: star)")
@@ -157,7 +162,8 @@ def add_parser(subparsers):
 
 
 PIPELINE_DEFAULTS = dict(
-    train_data=None, eval_data=None, classnames=None, target_label=None, model="abd-tiny-rn",
+    train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
+    model="abd-tiny-rn",
     pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
     defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, loader=None,
     workers=None, precision=None, compile=None, recipe=None, output=None, config=None,
@@ -179,6 +185,8 @@ def _settings(args, parser) -> dict:
         cfg["output"] = "runs/quick" if cfg["quick"] else "runs/demo"
     check_path(cfg, "train_data", "data")
     check_path(cfg, "eval_data", "data")
+    check_path(cfg, "val_data", "data")
+    check_val_apart(cfg)
     for key in ("classnames", "pretrained"):
         check_path(cfg, key, "file")
     if cfg["train_data"] is not None and cfg["eval_data"] is None:
@@ -272,6 +280,7 @@ def _data(cfg) -> dict:
         kw = QUICK_DATA if cfg["quick"] else {}
         ds = synthetic.ensure_dataset(seed=0, **kw)
         data = dict(train=ds.shards, eval=str(ds.eval_dir),
+                    val=str(cfg["val_data"] or ds.val_dir),
                     classnames=str(ds.eval_dir / "classnames.txt"),
                     names=list(ds.classnames), target=cfg["target_label"] or ds.target,
                     version=f"synthetic-v{synthetic.VERSION}-0-{json.dumps(kw, sort_keys=True)}")
@@ -290,6 +299,7 @@ def _data(cfg) -> dict:
                              "image-caption pairs (a CSV/TSV with image and caption columns "
                              "or WebDataset .jpg/.txt shards)")
         data = dict(train=str(cfg["train_data"]), eval=str(cfg["eval_data"]),
+                    val=None if cfg["val_data"] is None else str(cfg["val_data"]),
                     classnames=cfg["classnames"], names=list(ev.classnames),
                     target=cfg["target_label"], version=train.fingerprint)
     if data["target"] not in data["names"]:
@@ -370,6 +380,9 @@ class _StageFlags:
         self.q = _flags(QUICK_OVERRIDES["common"]) if self.quick else []
         self.victim = common + ["--target-label", data["target"]] + self.q
         self.demo = DEMO_OVERRIDES if cfg["train_data"] is None else {}
+        # The validation data goes to the stages that make recipe choices only (VAL_COMMANDS),
+        # so the other stages' flags (and the clean-model cache key) stay as they were.
+        self.val = ["--val-data", data["val"]] if data["val"] else []
 
     def extra(self, key) -> list:
         """The config's stage-flags of a command or a `command:variant`."""
@@ -379,7 +392,8 @@ class _StageFlags:
         """The pipeline's flags of a stage: its own settings < --quick < the config's."""
         own = [f for k in keys
                for f in _flags({**self.demo.get(k, {}), **PIPELINE_FLAGS.get(k, {})})]
-        return own + self.q + [f for k in keys for f in self.extra(k)]
+        val = self.val if keys[0].partition(":")[0] in VAL_COMMANDS else []
+        return val + own + self.q + [f for k in keys for f in self.extra(k)]
 
 
 def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
@@ -622,6 +636,9 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
         f"uap/defend stage defaults with the pipeline's flags {PIPELINE_FLAGS}"
         + (f" and the embedded data's {DEMO_OVERRIDES}." if demo else "."),
     ]
+    if data["val"] is None:
+        notes.append("No validation data (--val-data): the uap/defend stages could make no "
+                     "recipe choice on held-out data; give --val-data for them.")
     if cfg["stage_flags"]:
         notes.append(f"Per-stage flags of the config (last, so they override the above): "
                      f"{cfg['stage_flags']}.")
@@ -637,6 +654,7 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
         "settings": {"recipe": cfg["recipe"], "model": cfg["model"],
                      "image_size": results["clean"].get("image_size"),
                      "train_data": data["train"], "eval_data": data["eval"],
+                     "val_data": data["val"],
                      "target_label": target, "attacks": cfg["attacks"],
                      "defenses": cfg["defenses"], "seed": cfg["seed"], "quick": quick,
                      "pretrained": cfg["pretrained"], "poison": POISON,

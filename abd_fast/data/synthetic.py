@@ -9,6 +9,9 @@ demo goes through the real loaders:
     <root>/train/captions.csv                image,caption (CleanCLIP layout)
     <root>/eval/<class>/0000.jpg ...         ImageFolder, 100 images per class
     <root>/eval/classnames.txt               one name per line, folder order
+    <root>/val/<class>/0000.jpg ...          validation split: ImageFolder like eval/, as many
+    <root>/val/classnames.txt                images, from its own random streams (recipe
+                                             choices are made on it, never on eval/)
     <root>/meta.json                         written last: the directory is complete
 
 Each image shows one shape (the class: what zero-shot classification must recognize) with
@@ -56,6 +59,7 @@ class SyntheticDataset:
     shards: str              # brace pattern of the train shards
     csv: Path                # train pairs, CSV
     eval_dir: Path           # ImageFolder + classnames.txt
+    val_dir: Path            # validation split, same layout as eval_dir
     classnames: list[str]
     target: str
 
@@ -232,18 +236,49 @@ def _generate(root: Path, seed: int, n_train: int, n_eval_per_class: int, S: int
         w = csv.writer(f)
         w.writerow(["image", "caption"])
         w.writerows(rows)
-    rng = np.random.default_rng([seed, 1])
-    for cls in CLASSES:
-        (root / "eval" / cls).mkdir(parents=True)
-        for k in range(n_eval_per_class):
-            jpg, _ = draw_sample(rng, crng, cls, S)
-            (root / "eval" / cls / f"{k:04d}.jpg").write_bytes(jpg)
-    (root / "eval" / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    _write_split(root / "eval", np.random.default_rng([seed, 1]), crng, n_eval_per_class, S)
+    _write_val(root / "val", seed, n_eval_per_class, S)
     meta = {"version": VERSION, "seed": seed, "n_train": n_train,
             "n_eval_per_class": n_eval_per_class, "image_size": S, "classnames": CLASSES,
             "target": TARGET, "shards": f"train/shards/{{00000..{n_shards - 1:05d}}}.tar",
-            "csv": "train/captions.csv", "eval": "eval"}
+            "csv": "train/captions.csv", "eval": "eval", "val": "val"}
     (root / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _write_split(d: Path, rng, crng, n_per_class: int, S: int):
+    """An ImageFolder split at `d`: n_per_class images of each class + classnames.txt."""
+    for cls in CLASSES:
+        (d / cls).mkdir(parents=True)
+        for k in range(n_per_class):
+            jpg, _ = draw_sample(rng, crng, cls, S)
+            (d / cls / f"{k:04d}.jpg").write_bytes(jpg)
+    (d / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+
+
+def _write_val(d: Path, seed: int, n_per_class: int, S: int):
+    """The validation split, from random streams of its own (train/ and eval/ draw nothing
+    from them, so they are the bytes they were before the split existed)."""
+    _write_split(d, np.random.default_rng([seed, 2]), random.Random(f"val-captions-{seed}"),
+                 n_per_class, S)
+
+
+def _add_val(root: Path, meta: dict):
+    """Adds the validation split to a dataset generated before it existed (same temp dir +
+    rename discipline as ensure_dataset; a concurrent winner is fine)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".val-", dir=root))
+    try:
+        _write_val(tmp / "val", meta["seed"], meta["n_eval_per_class"], meta["image_size"])
+        try:
+            os.rename(tmp / "val", root / "val")
+        except OSError:
+            if not (root / "val" / "classnames.txt").exists():
+                raise
+        meta = dict(meta, val="val")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp / "meta.json", root / "meta.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
@@ -273,6 +308,9 @@ def ensure_dataset(root=None, seed: int = 0, *, n_train: int = 10000,
     if (meta["version"], meta["seed"]) != (VERSION, seed):
         raise ValueError(f"{root} holds synthetic data v{meta['version']} seed {meta['seed']}, "
                          f"not v{VERSION} seed {seed}: remove it or pick another root")
+    if "val" not in meta:  # generated before the validation split existed
+        meta = _add_val(root, meta)
     return SyntheticDataset(root=root, shards=str(root / meta["shards"]), csv=root / meta["csv"],
-                            eval_dir=root / meta["eval"], classnames=meta["classnames"],
+                            eval_dir=root / meta["eval"], val_dir=root / meta["val"],
+                            classnames=meta["classnames"],
                             target=meta["target"])
