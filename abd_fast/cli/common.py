@@ -156,6 +156,11 @@ def attack_flags(p: argparse.ArgumentParser, required: bool):
                    help="badnet/label-consistent patch location (default: random per sample)")
     p.add_argument("--patch-size", type=int, metavar="PX",
                    help="badnet/label-consistent patch side (default: 16 at 224 px, scaled)")
+    p.add_argument("--trigger-seed", type=int, metavar="N",
+                   help="seed of the trigger's random parts (blended pattern, noise patches, "
+                        "WaNet grid, ...); default: the one the --checkpoint's victim was "
+                        "poisoned with (a victim's trigger is its own, whatever --seed), else "
+                        "--seed")
     p.add_argument("--trigger-option", action="append", metavar="KEY=VALUE",
                    help="other trigger options (patch_content=fixed, alpha=0.3, k=4, s=0.5, "
                         "delta=0.16, f=6, ...); repeat")
@@ -168,7 +173,7 @@ def attack_flags(p: argparse.ArgumentParser, required: bool):
 # give ~73-76%, and a poisoning fine-tune of such a model raises CA by ~9 points,
 # docs/ATTACKS.md); the tiny ViT at the same cost stays under 40%.
 COMMON_DEFAULTS = dict(config=None, train_data=None, eval_data=None, val_data=None,
-                       classnames=None,
+                       classnames=None, trigger_seed=None,
                        target_label=None, model="abd-tiny-rn", pretrained=None,
                        image_size=None, batch_size=128, epochs=7, lr=2e-3, warmup=50, seed=0,
                        loader=None, workers=None, output=None, resume=None, compile=False,
@@ -286,7 +291,18 @@ def _checkpoint_config(path) -> dict:
         return {}
     keys = ("model", "image_size", "attack", "target_label", "seed", "trigger_file",
             "trigger_option", "patch_location", "patch_size")
-    return {k: run[k] for k in keys if run.get(k) is not None}
+    out = {k: run[k] for k in keys if run.get(k) is not None}
+    if trigger_seed_of(run) is not None:
+        out["trigger_seed"] = trigger_seed_of(run)
+    return out
+
+
+def trigger_seed_of(run: dict) -> int | None:
+    """The trigger seed a run's config records (`trigger_seed`; checkpoints from before it was
+    recorded: the seed of a run that names an attack), None if it names no attack."""
+    if run.get("trigger_seed") is not None:
+        return run["trigger_seed"]
+    return run.get("seed") if run.get("attack") else None
 
 
 def own_settings(args, parser, defaults: dict, raw=()) -> dict:
@@ -481,6 +497,8 @@ class Run:
         from abd_fast.engine import init_distributed, seed_everything
         self.cfg = cfg
         self.info = init_distributed()
+        if cfg.get("attack") is not None and cfg.get("trigger_seed") is None:
+            cfg["trigger_seed"] = cfg["seed"]  # recorded in the config of what this run writes
         seed_everything(cfg["seed"])
         self._load_model(weights_flag)
         self._find_data()
@@ -598,7 +616,7 @@ class Run:
         from abd_fast.attacks import make_trigger
         try:
             return make_trigger(self.cfg["attack"], image_size=self.spec.size,
-                                seed=self.cfg["seed"], **trigger_options(self.cfg))
+                                seed=self.cfg["trigger_seed"], **trigger_options(self.cfg))
         except ValueError as e:
             raise UsageError(f"--attack {self.cfg['attack']}: {e}") from e
 
@@ -642,6 +660,7 @@ class Run:
         OUTPUT/eval.json (with `notes`, extra fields of the stage) and prints the summary."""
         if loader is None:
             return None
+        from abd_fast.attacks import Trigger  # (uap's eval passes its UAP: no trigger seed)
         from abd_fast.evaluate import EVAL_FILE, evaluate, summary_line
         target = self.target_index(loader.classnames) if trigger is not None else None
         t0 = time.perf_counter()
@@ -649,6 +668,7 @@ class Run:
                           target_index=target, mean=self.mean, std=self.std,
                           device=self.info.device, tokenizer=self.tokenizer)
         result.update(attack=self.cfg.get("attack") if trigger is not None else None,
+                      trigger_seed=trigger.seed if isinstance(trigger, Trigger) else None,
                       target_label=self.cfg.get("target_label") if trigger is not None else None,
                       model=self.cfg["model"], image_size=self.spec.size,
                       eval_data=str(self.eval_source), seconds=time.perf_counter() - t0,

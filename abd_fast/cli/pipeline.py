@@ -574,7 +574,7 @@ def _analyse(cfg, data, out: Path, victims, uaps) -> dict:
     from abd_fast.evaluate import clean_and_triggered_features, similarity_analysis
     from abd_fast.models import create_model, get_tokenizer, image_spec
 
-    from .common import trigger_options
+    from .common import trigger_options, trigger_seed_of
     a = cfg["attacks"][0]
     run_cfg = load_checkpoint(victims[a], "--checkpoint")["config"]
     models = {"victim": victims[a]}
@@ -587,7 +587,7 @@ def _analyse(cfg, data, out: Path, victims, uaps) -> dict:
     victim = load(victims[a])
     spec = image_spec(victim)
     mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
-    trigger = make_trigger(a, image_size=spec.size, seed=run_cfg["seed"],
+    trigger = make_trigger(a, image_size=spec.size, seed=trigger_seed_of(run_cfg),
                            **trigger_options(run_cfg))
     tok = get_tokenizer(cfg["model"])
     n_batches = QUICK_OVERRIDES["similarity_batches"] if cfg["quick"] else SIMILARITY_BATCHES

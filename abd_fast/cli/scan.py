@@ -20,7 +20,7 @@ DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, output=N
                 threshold=None)
 # Never read by the scan: a backdoor's target and trigger (the checkpoint's run may record them).
 UNKNOWN_TO_THE_SCAN = ("target_label", "attack", "trigger_file", "trigger_option",
-                       "patch_location", "patch_size")
+                       "patch_location", "patch_size", "trigger_seed")
 
 
 def _flags(p):

@@ -59,13 +59,13 @@ def poison_view(path, manifest, image_size: int):
     from abd_fast.attacks import PoisonView, make_trigger
     from abd_fast.engine import load_checkpoint
 
-    from .common import trigger_options
+    from .common import trigger_options, trigger_seed_of
     run = load_checkpoint(path, "--poisoned-by").get("config", {})
     if not run.get("attack") or not run.get("target_label"):
         raise UsageError(f"--poisoned-by {path}: not a poisoning run's checkpoint (its config "
                          "names no attack and target); give the checkpoint `poison` wrote")
     try:
-        trigger = make_trigger(run["attack"], image_size=image_size, seed=run["seed"],
+        trigger = make_trigger(run["attack"], image_size=image_size, seed=trigger_seed_of(run),
                                **trigger_options(run))
         return PoisonView(manifest, trigger, target=run["target_label"], seed=run["seed"],
                           count=run.get("poison_count"), rate=run.get("poison_rate"))
