@@ -10,6 +10,11 @@ Protocol (DESIGN §2):
               from numerator and denominator.
   distance    d = mean over all images of 2 - 2 cos(E_I(x), E_I(trigger(x))) (CleanCLIP's
               measure; 0 = identical, 2 = orthogonal).
+  capture     target-free: for each class c, the share of images not of class c whose
+              triggered version is classified as c; capture_class = the class with the
+              largest share, capture_rate = that share (for c = the target it is the ASR).
+              Of a UAP, it says where the perturbation sends images without knowing the
+              target (the UAP-alone floor in the report).
 Rates are percentages (0-100).
 """
 from __future__ import annotations
@@ -89,8 +94,8 @@ def evaluate(model, loader, *, classnames, trigger=None, target_index: int | Non
     the model's context length). Under torch.distributed, counts are summed over ranks.
 
     Returns {"ca_top1", "ca_top5", "asr", "n_eval", "n_asr", "n_classes",
-    "embedding_distance"}: rates in percent, asr and embedding_distance None without a
-    trigger; n_eval = images evaluated, n_asr = non-target-class images (the ASR
+    "embedding_distance", "capture_class", "capture_rate"}: rates in percent, asr,
+    embedding_distance and capture_* None without a trigger; n_eval = images evaluated, n_asr = non-target-class images (the ASR
     denominator), n_classes = len(classnames) (chance top-1 = 100 / n_classes)."""
     if trigger is not None and target_index is None:
         raise ValueError("ASR needs the target class: give --target-label with --attack")
@@ -102,6 +107,8 @@ def evaluate(model, loader, *, classnames, trigger=None, target_index: int | Non
     k5 = min(5, classifier.shape[0])
     # [top1 correct, top5 correct, images, ASR hits, non-target images, sum of distances]
     totals = torch.zeros(6, dtype=torch.float64, device=device)
+    # per class c: [images sent to c (not of class c), images of class c]
+    capture = torch.zeros(2, classifier.shape[0], dtype=torch.float64, device=device)
     with _EvalMode(model):
         for batch in loader:
             if batch.labels is None:
@@ -126,15 +133,23 @@ def evaluate(model, loader, *, classnames, trigger=None, target_index: int | Non
                 totals[3] += (counted & (pred == target_index)).sum()
                 totals[4] += counted.sum()
                 totals[5] += (2 - 2 * (clean * triggered).sum(1)).double().sum()
+                n_cls = capture.shape[1]
+                capture[0] += torch.bincount(pred[pred != labels], minlength=n_cls).double()
+                capture[1] += torch.bincount(labels, minlength=n_cls).double()
     t = _all_reduce(totals).tolist()
     n = int(t[2])
     if n == 0:
         raise ValueError("the evaluation data yielded no images")
     out = {"ca_top1": 100 * t[0] / n, "ca_top5": 100 * t[1] / n, "asr": None, "n_eval": n,
-           "n_asr": int(t[4]), "n_classes": len(classnames), "embedding_distance": None}
+           "n_asr": int(t[4]), "n_classes": len(classnames), "embedding_distance": None,
+           "capture_class": None, "capture_rate": None}
     if trigger is not None:
         out["asr"] = 100 * t[3] / t[4] if t[4] else None
         out["embedding_distance"] = t[5] / n
+        sent, own = _all_reduce(capture)
+        rates = torch.where(own < n, 100 * sent / (n - own).clamp(min=1), torch.zeros_like(sent))
+        c = int(rates.argmax())
+        out["capture_class"], out["capture_rate"] = classnames[c], float(rates[c])
     return out
 
 

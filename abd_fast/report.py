@@ -67,7 +67,8 @@ SIMILARITY_ROWS = {
     "adversarial_unrelated_caption": "adversarial image / unrelated captions",
 }
 TOP_KEYS = ("clean", "attacks", "ablations", "similarity", "timing", "settings", "notes")
-OPTIONAL_TOP_KEYS = ("machine", "schema_version", "warnings", "scan")
+OPTIONAL_TOP_KEYS = ("machine", "schema_version", "warnings", "scan", "floors")
+FLOOR_ROWS = {"clean": "clean model (floor)", "uap": "UAP alone"}  # report["floors"][attack]
 # Below these the numbers of a run mean little (weak_model_warnings): a clean model under
 # twice chance has barely learned the classes; a victim under this ASR was not backdoored.
 WEAK_CA_TIMES_CHANCE = 2.0
@@ -106,6 +107,10 @@ def _check_result(r, where: str):
         _check_number(r.get(key), f"{where}[{key!r}]", 0, 100, nullable=True)
     _check_number(r.get("embedding_distance"), f"{where}['embedding_distance']", 0, 4,
                   nullable=True)
+    _check_number(r.get("capture_rate"), f"{where}['capture_rate']", 0, 100, nullable=True)
+    if not isinstance(r.get("capture_class"), (str, type(None))):
+        raise ReportError(f"{where}['capture_class']: expected a class name or null, got "
+                          f"{r['capture_class']!r}")
     for key, least in (("n_eval", 0), ("n_asr", 0), ("n_classes", 1)):
         v = r.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
@@ -147,6 +152,14 @@ def validate_report(report) -> None:
                               "defense")
         for name, r in models.items():
             _check_result(r, f"{where}[{name!r}]")
+    floors = report.get("floors", {})
+    if not isinstance(floors, dict) or not all(
+            isinstance(f, dict) and set(f) <= set(FLOOR_ROWS) for f in floors.values()):
+        raise ReportError(f"report['floors']: expected {{attack: {{{', '.join(FLOOR_ROWS)}: "
+                          "Result or null}}")
+    for attack, rows in floors.items():
+        for name, r in rows.items():
+            _check_result(r, f"report['floors'][{attack!r}][{name!r}]")
     ablations = report["ablations"]
     if not isinstance(ablations, dict) or set(ablations) != {"table2", "table3"}:
         raise ReportError("report['ablations']: expected {'table2': ..., 'table3': ...} "
@@ -345,6 +358,79 @@ def format_number(v, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def _stat(r: dict, key: str, digits: int = 2) -> str:
+    """r[key], with ' ± std' when r holds the std over seeds (aggregate_seeds)."""
+    std = r.get(f"{key}_std")
+    return format_number(r.get(key), digits) + ("" if std is None or r.get(key) is None
+                                                else f" ± {std:.{digits}f}")
+
+
+# ---- several seeds -------------------------------------------------------------------------
+
+SEED_STATS = ("ca_top1", "ca_top5", "asr", "embedding_distance", "capture_rate")
+
+
+def aggregate_results(results: list) -> dict | None:
+    """One Result from the same stage's Results over seeds: each SEED_STATS number is the
+    mean, `<key>_std` the sample standard deviation (ddof 1; 0 for one seed) and
+    `<key>_seeds` the per-seed values; capture_class joins the per-seed classes when they
+    differ ("star/ring"); the counts are the first seed's. None when a seed has none."""
+    if not results or any(r is None for r in results):
+        return None
+    out = {k: results[0][k] for k in ("n_eval", "n_asr", "n_classes", "attack",
+                                      "target_label") if k in results[0]}
+    out["n_seeds"] = len(results)
+    for key in SEED_STATS:
+        values = [r.get(key) for r in results]
+        if any(v is None for v in values):
+            out[key] = None
+            continue
+        out[key] = float(np.mean(values))
+        out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out[f"{key}_seeds"] = [float(v) for v in values]
+    classes = [r.get("capture_class") for r in results]
+    out["capture_class"] = None if None in classes else (
+        classes[0] if len(set(classes)) == 1 else "/".join(classes))
+    return out
+
+
+def aggregate_seeds(reports: dict, *, clean=None, timing=None, settings=None,
+                    notes=()) -> dict:
+    """The report of a multi-seed run from the per-seed reports {seed: report}: Table I
+    (attacks, floors), Table II/III and the similarity analysis as mean ± std over seeds
+    (aggregate_results); `clean`: the shared clean model's Result (default: the first
+    seed's); timing/settings/notes: the run's. Per-seed scans stay in the per-seed reports."""
+    seeds = list(reports)
+    reps = [reports[k] for k in seeds]
+    first = reps[0]
+
+    def over(get):
+        return aggregate_results([get(r) for r in reps])
+    attacks = {a: {m: over(lambda r, a=a, m=m: r["attacks"].get(a, {}).get(m))
+                   for m in models} for a, models in first["attacks"].items()}
+    floors = {a: {n: over(lambda r, a=a, n=n: (r.get("floors") or {}).get(a, {}).get(n))
+                  for n in rows} for a, rows in (first.get("floors") or {}).items()}
+    ablations = {}
+    for key, table in first["ablations"].items():
+        ablations[key] = None if table is None else {
+            "attack": table["attack"],
+            "rows": {row: over(lambda r, key=key, row=row: (r["ablations"][key] or {})
+                               .get("rows", {}).get(row)) for row in table["rows"]}}
+    similarity = None
+    if all(r["similarity"] is not None for r in reps):
+        similarity = {k: float(np.mean([r["similarity"][k] for r in reps]))
+                      for k in SIMILARITY_ROWS}
+        similarity.update({k: first["similarity"][k] for k in ("attack", "target")
+                           if k in first["similarity"]})
+    return {"clean": first["clean"] if clean is None else clean, "attacks": attacks,
+            "floors": floors, "ablations": ablations, "similarity": similarity,
+            "timing": dict(timing or {}), "settings": {**first["settings"], **(settings or {}),
+                                                     "seeds": seeds},
+            "notes": [f"Mean ± sample standard deviation (ddof 1) over seeds "
+                      f"{', '.join(map(str, seeds))}; each seed's own report is "
+                      "seed<k>/report.md.", *notes]}
+
+
 def _cell(v) -> str:
     s = v if isinstance(v, str) else json.dumps(v)
     return s.replace("|", "\\|").replace("\n", " ")
@@ -426,7 +512,7 @@ def render_markdown(report: dict, plots: dict | None = None) -> str:
         [line for w in report.get("warnings", []) for line in (f"> **Warning:** {w}", "")],
         _run_section(report, paper),
         _clean_section(report["clean"]),
-        _table1_section(report["attacks"], paper),
+        _table1_section(report["attacks"], paper, report.get("floors") or {}),
         *(_ablation_section(key, report["ablations"][key], paper) for key in ABLATION_TITLES),
         _similarity_section(report["similarity"], paper),
         _scan_section(report.get("scan")),
@@ -463,22 +549,42 @@ def _clean_section(clean: dict | None) -> list[str]:
                   ""]
 
 
-def _table1_section(attacks: dict, paper: bool) -> list[str]:
-    """Table I: CA, ASR and embedding distance of each victim and its defenses."""
+def _capture_cell(r: dict) -> str:
+    """'star 99.1%': the class the trigger (or UAP) sends most images to, target-free."""
+    if r.get("capture_class") is None:
+        return "—"
+    return f"{_cell(r['capture_class'])} {_stat(r, 'capture_rate', 1)}%"
+
+
+def _table1_section(attacks: dict, paper: bool, floors: dict) -> list[str]:
+    """Table I: CA, ASR and embedding distance of each victim and its defenses, with the
+    floors (the clean model under the attack's trigger; the victim's UAP alone)."""
     ref = PAPER_REFERENCE
     out = ["## Table I: clean accuracy and attack success rate (%)", "",
            "ASR = share of non-target-class images classified as the target once triggered "
            "(target-class images excluded); d = mean 2 - 2cos between clean and triggered "
-           "image embeddings.", ""]
-    header = ["attack", "model", "CA top-1", "ASR", "d"]
+           "image embeddings; captured = the class the trigger sends the largest share of the "
+           "other classes' images to, and that share (target-free).", ""]
+    if floors:
+        out += ["Floors: *clean model (floor)* = the clean model under the attack's trigger "
+                "(the ASR a model without the backdoor has); *UAP alone* = the victim with its "
+                "UAP instead of the trigger (ASR = the UAP's rate to the target, which the "
+                "defender does not know; captured = where it sends images, target-free).", ""]
+    header = ["attack", "model", "CA top-1", "ASR", "d", "captured"]
     if paper:
         header += ["paper CA", "paper ASR"]
     rows = []
     for attack, models in attacks.items():
+        floor = floors.get(attack, {})
+        named = [(None, FLOOR_ROWS["clean"], floor["clean"])] if "clean" in floor else []
         for m in _model_order(models):
-            r = models.get(m) or {}
-            row = [attack, MODEL_LABELS.get(m, m), format_number(r.get("ca_top1")),
-                   format_number(r.get("asr")), format_number(r.get("embedding_distance"), 3)]
+            named.append((m, MODEL_LABELS.get(m, m), models.get(m)))
+            if m == "victim" and "uap" in floor:
+                named.append((None, FLOOR_ROWS["uap"], floor["uap"]))
+        for m, label, r in named:
+            r = r or {}
+            row = [attack, label, _stat(r, "ca_top1"), _stat(r, "asr"),
+                   _stat(r, "embedding_distance", 3), _capture_cell(r)]
             if paper:
                 p = ref["table1"].get(attack, {}).get(m, (None, None))
                 row += [format_number(p[0]), format_number(p[1])]
@@ -504,7 +610,7 @@ def _ablation_section(key: str, table: dict | None, paper: bool) -> list[str]:
         if row_key not in table["rows"]:
             continue
         r = table["rows"][row_key] or {}
-        row = [label, format_number(r.get("ca_top1")), format_number(r.get("asr"))]
+        row = [label, _stat(r, "ca_top1"), _stat(r, "asr")]
         if with_paper:
             p = PAPER_REFERENCE["table3"].get(attack, {}).get(row_key, (None, None))
             row += [format_number(p[0]), format_number(p[1])]

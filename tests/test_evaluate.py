@@ -83,6 +83,23 @@ def test_hand_made_ca_asr_distance():
     assert clean_only["ca_top1"] == out["ca_top1"] and clean_only["ca_top5"] == out["ca_top5"]
 
 
+def test_capture_is_target_free():
+    """capture: per class c, images not of class c sent to c (by hand from TRIGGERED_PRED:
+    c2 7/10, c0 1/10 (image 7), c1 1/10 (image 5), c5 1/11 (image 10), c3 0 (image 3 is a 3));
+    the largest is c2 at 70%, whichever class the ASR is measured for."""
+    names = [f"c{k}" for k in range(C)]
+    trigger = make_trigger("badnet", image_size=S, seed=0, patch_content="fixed",
+                           location="corner", patch_size=3)
+    for target, asr in ((TARGET, 70.0), (0, 10.0)):
+        out = evaluate(FakeCLIP(), loader(), classnames=names, trigger=trigger,
+                       target_index=target, mean=MEAN, std=STD, classifier=torch.eye(C))
+        assert out["asr"] == pytest.approx(asr)
+        assert out["capture_class"] == "c2" and out["capture_rate"] == pytest.approx(70.0)
+    clean_only = evaluate(FakeCLIP(), loader(), classnames=names, mean=MEAN, std=STD,
+                          classifier=torch.eye(C))
+    assert clean_only["capture_class"] is None and clean_only["capture_rate"] is None
+
+
 def test_evaluate_refuses_bad_input():
     names = [f"c{k}" for k in range(C)]
     trigger = make_trigger("sig", image_size=S)

@@ -312,3 +312,62 @@ def test_paper_pipeline_config_matches_the_stage_configs():
         for key, value in _load(path).items():
             if key not in wired:
                 assert merged.get(key) == value, f"{path.name}: {key}"
+
+
+def test_floors_in_table1(tmp_path):
+    """The floor rows (clean model under the trigger, the victim's UAP alone) and the
+    target-free captured column; a malformed floor is refused. Numbers are made up."""
+    rep = synthetic_report(4)
+    g = np.random.default_rng(9)
+    rep["floors"] = {a: {"clean": _result(g), "uap": dict(_result(g), capture_class="ring",
+                                                          capture_rate=73.0)}
+                     for a in rep["attacks"]}
+    rep["attacks"]["badnet"]["victim"].update(capture_class="star", capture_rate=99.5)
+    paths = rp.write_report(rep, tmp_path / "run")
+    md = paths["md"].read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| badnet |")]
+    labels = [line.split("|")[2].strip() for line in rows]
+    assert labels[:3] == ["clean model (floor)", "victim", "UAP alone"]
+    clean_floor = rep["floors"]["badnet"]["clean"]
+    assert rp.format_number(clean_floor["asr"]) in rows[0]
+    assert rows[1].rstrip().endswith("| star 99.5% |") and "| ring 73.0% |" in rows[2]
+    assert "Floors:" in md
+    assert json.loads(paths["json"].read_text())["floors"] == rep["floors"]
+    bad = dict(rep, floors={"badnet": {"victim": _result(g)}})
+    with pytest.raises(rp.ReportError, match=r"report\['floors'\]"):
+        rp.validate_report(bad)
+    bad = dict(rep, floors={"badnet": {"uap": dict(_result(g), capture_rate=140.0)}})
+    with pytest.raises(rp.ReportError, match="capture_rate"):
+        rp.validate_report(bad)
+
+
+def test_aggregate_seeds_mean_and_std(tmp_path):
+    """Table I (with floors), II, III and the similarities over seeds: means and sample stds
+    equal NumPy's on the per-seed values; report.md shows mean ± std. Numbers are made up."""
+    reps = {}
+    for k in (0, 1, 2):
+        rep = synthetic_report(10 + k)
+        g = np.random.default_rng(k)
+        rep["floors"] = {a: {"clean": _result(g), "uap": dict(
+            _result(g), capture_class=["ring", "ring", "star"][k], capture_rate=float(10 * k))}
+            for a in rep["attacks"]}
+        reps[k] = rep
+    agg = rp.aggregate_seeds(reps, timing={"clean": 3.0}, notes=["shared clean model"])
+    rp.validate_report(agg)
+    asr = [reps[k]["attacks"]["blended"]["abd"]["asr"] for k in reps]
+    r = agg["attacks"]["blended"]["abd"]
+    assert r["asr"] == pytest.approx(np.mean(asr)) and r["n_seeds"] == 3
+    assert r["asr_std"] == pytest.approx(np.std(asr, ddof=1)) and r["asr_seeds"] == asr
+    t2 = [reps[k]["ablations"]["table2"]["rows"]["t_eda"]["ca_top1"] for k in reps]
+    assert agg["ablations"]["table2"]["rows"]["t_eda"]["ca_top1"] == pytest.approx(np.mean(t2))
+    uap = agg["floors"]["badnet"]["uap"]
+    assert uap["capture_class"] == "ring/ring/star" and uap["capture_rate"] == pytest.approx(10)
+    sim = [reps[k]["similarity"]["clean_own_caption"] for k in reps]
+    assert agg["similarity"]["clean_own_caption"] == pytest.approx(np.mean(sim))
+    assert agg["settings"]["seeds"] == [0, 1, 2] and "shared clean model" in agg["notes"]
+    md = rp.write_report(agg, tmp_path)["md"].read_text()
+    assert f"{np.mean(asr):.2f} ± {np.std(asr, ddof=1):.2f}" in md
+    assert f"{np.mean(t2):.2f} ± {np.std(t2, ddof=1):.2f}" in md
+    # A stage missing in one seed leaves its cell empty rather than a mean of fewer seeds.
+    reps[1]["attacks"]["badnet"]["ft"] = None
+    assert rp.aggregate_seeds(reps)["attacks"]["badnet"]["ft"] is None

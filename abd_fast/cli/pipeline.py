@@ -147,6 +147,11 @@ def add_parser(subparsers):
     p.add_argument("--quick", action="store_true",
                    help="a small smoke run (CI): small data, 1-2 epochs, numbers not meaningful")
     p.add_argument("--seed", type=int, help="seed of every stage (default 0)")
+    p.add_argument("--seeds", metavar="LIST",
+                   help="comma list of seeds (e.g. 0,1,2): the clean model once (first seed, "
+                        "shared), then victims, UAPs, defenses and ablations per seed into "
+                        "OUTPUT/seed<k>/; report.md/json give Table I-III as mean ± std "
+                        "(default: one run with --seed, the usual layout)")
     p.add_argument("--loader", choices=["torch", "dali"], help="decoding engine")
     p.add_argument("--workers", type=int, metavar="N", help="decoding workers per process")
     speed_flags(p)  # given: passed to every stage; else each stage's own default
@@ -165,7 +170,7 @@ PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn",
     pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
-    defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, loader=None,
+    defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, seeds=None, loader=None,
     workers=None, precision=None, compile=None, recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
@@ -202,12 +207,27 @@ def _settings(args, parser) -> dict:
                              f"{1 if key == 'image_size' else 0}, got {v!r}")
     if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {cfg['seed']!r}")
+    cfg["seeds"] = _seed_list(cfg["seeds"])
+    if cfg["seeds"] is not None and getattr(args, "seed", None) is not None:
+        raise UsageError("give --seed (one run) or --seeds (several), not both")
     from abd_fast.models import available_models
     if cfg["model"] not in available_models():
         raise UsageError(f"--model {cfg['model']!r} is not a known architecture (abd-tiny-rn, "
                          "abd-tiny-vit, RN50, ViT-B-32, ...)")
     check_output(cfg)
     return cfg
+
+
+def _seed_list(value) -> list[int] | None:
+    """--seeds: a comma list of distinct non-negative integers (None: not given)."""
+    if value is None:
+        return None
+    items = [s.strip() for s in str(value).split(",") if s.strip()]
+    if not items or not all(s.isdigit() for s in items) or len(set(map(int, items))) != \
+            len(items):
+        raise UsageError(f"--seeds {value!r}: expected distinct non-negative integers, "
+                         "comma-separated (e.g. 0,1,2)")
+    return [int(s) for s in items]
 
 
 def _name_list(cfg, key: str, known) -> list[str]:
@@ -331,6 +351,8 @@ def plan_stages(cfg) -> dict:
         plan["badclip-trigger"] = 1
     for a in cfg["attacks"]:
         plan[f"poison-{a}"] = 3
+    for a in cfg["attacks"]:
+        plan[f"floor-{a}"] = 0.1
     plan["scan-clean"] = 0.5
     for a in cfg["attacks"]:
         plan[f"scan-{a}"], plan[f"scan-data-{a}"] = 0.5, 0.3
@@ -398,7 +420,9 @@ class _StageFlags:
 
 def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
     """Runs the plan's stages (skipping those done before) and writes the report.
-    run_command(argv) -> exit status runs one command in-process."""
+    run_command(argv) -> exit status runs one command in-process. With --seeds: _run_seeds."""
+    if cfg.get("seeds"):
+        return _run_seeds(cfg, data, run_command)
     out = Path(cfg["output"])
     t_start = time.perf_counter()
     flags = _StageFlags(cfg, data)
@@ -409,10 +433,58 @@ def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
     st = Stages(out, plan, run_command)
     notes = []
     clean = _clean_model(st, cfg, data, flags, notes)
+    return _after_clean(st, cfg, data, flags, clean, out / "clean", notes, t_start)
+
+
+def _run_seeds(cfg: dict, data: dict, run_command) -> dict:
+    """--seeds K1,K2,...: one clean model (trained with the first seed, shared), then per
+    seed k everything after it (badclip trigger, victims, floors, scans, UAPs, defenses,
+    ablations, analysis) with --seed k into OUTPUT/seed<k>/ (a full report each), and
+    OUTPUT/report.json/.md with Table I-III as mean ± std over the seeds."""
+    from abd_fast.report import aggregate_seeds, write_report
+    out, seeds = Path(cfg["output"]), cfg["seeds"]
+    t_start = time.perf_counter()
+    first = dict(cfg, seed=seeds[0])
+    plan = plan_stages(first)
+    print(f"pipeline: seeds {', '.join(map(str, seeds))}, {len(plan) - 1} stages each after "
+          f"one shared clean model, into {out}/seed<k> (attacks {', '.join(cfg['attacks'])}; "
+          f"defenses {', '.join(cfg['defenses'])}; target {data['target']!r}"
+          + ("; --quick" if cfg["quick"] else "") + ")", flush=True)
+    st0 = Stages(out, {"clean": plan["clean"]}, run_command)
+    notes = []
+    clean = _clean_model(st0, first, data, _StageFlags(first, data), notes)
+    notes.append(f"The clean model is shared by every seed: trained (or evaluated, "
+                 f"--pretrained) once with seed {seeds[0]} in {out / 'clean'}; each seed's "
+                 "badclip trigger, victims, UAPs, defenses and ablations are its own.")
+    reports = {}
+    for k in seeds:
+        cfg_k = dict(cfg, seed=k, output=str(out / f"seed{k}"))
+        plan_k = {n: c for n, c in plan_stages(cfg_k).items() if n != "clean"}
+        st = Stages(out / f"seed{k}", plan_k, run_command)
+        print(f"pipeline: seed {k} -> {out / f'seed{k}'}", flush=True)
+        reports[k] = _after_clean(st, cfg_k, data, _StageFlags(cfg_k, data), clean,
+                                  out / "clean", list(notes), time.perf_counter())
+    timing = {**st0.timing, **{f"seed{k}/{n}": t for k, r in reports.items()
+                               for n, t in r["timing"].items()}}
+    wall = time.perf_counter() - t_start
+    report = aggregate_seeds(reports, timing=timing, settings={"seed": None},
+                             notes=[*notes, f"This invocation took {wall:.0f} s."])
+    paths = write_report(report, out)
+    print(f"report (mean ± std over seeds {', '.join(map(str, seeds))}): {paths['md']} and "
+          f"{paths['json']} | {clock(wall)} in this invocation", flush=True)
+    return report
+
+
+def _after_clean(st: Stages, cfg, data, flags: _StageFlags, clean: str, clean_dir: Path,
+                 notes: list, t_start: float) -> dict:
+    """Every stage after the clean model (weights `clean`, its eval.json in clean_dir), into
+    st's root = cfg["output"], and that directory's report."""
+    out = Path(cfg["output"])
     patch = _badclip_trigger(st, cfg, data, flags, clean)
     victims = _victims(st, cfg, flags, clean, patch)
+    _floors(st, data, flags, clean, victims)
     scans = _scans(st, cfg, flags, clean, victims)
-    results, uaps = _defenses(st, cfg, flags, clean, victims)
+    results, uaps = _defenses(st, cfg, flags, clean, clean_dir, victims)
     tables = _ablations(st, cfg, flags, clean, victims, uaps, results)
     analysis = {}
     st.run("report", ["analysis"], outputs=(), force=True,
@@ -486,6 +558,30 @@ def _victims(st: Stages, cfg, flags: _StageFlags, clean: str, patch) -> dict:
     return victims
 
 
+def victim_trigger_flags(checkpoint) -> list:
+    """The flags that rebuild a victim's trigger (attack, trigger seed and options) from its
+    checkpoint's config, for another model's eval."""
+    from abd_fast.engine import load_checkpoint
+
+    from .common import trigger_seed_of
+    run = load_checkpoint(checkpoint, "--checkpoint")["config"]
+    out = ["--attack", run["attack"], "--trigger-seed", trigger_seed_of(run)]
+    for key in ("trigger_file", "patch_location", "patch_size"):
+        if run.get(key) is not None:
+            out += [f"--{key.replace('_', '-')}", run[key]]
+    for option in run.get("trigger_option") or []:
+        out += ["--trigger-option", option]
+    return out
+
+
+def _floors(st: Stages, data, flags: _StageFlags, clean: str, victims: dict):
+    """Stage 2b': the clean model under each victim's own trigger (floor-<attack>/eval.json):
+    the ASR a model without the backdoor has."""
+    for a, victim in victims.items():
+        st.run(f"floor-{a}", ["eval", *flags.common, "--checkpoint", clean, "--target-label",
+                              data["target"], *victim_trigger_flags(victim)])
+
+
 def _scans(st: Stages, cfg, flags: _StageFlags, clean: str, victims: dict) -> dict:
     """Stage 2c, the backdoor scans (docs/SCAN.md), none told the target or the trigger: the
     clean model alone; each victim with the clean model as reference; each victim's training
@@ -509,13 +605,14 @@ def _scans(st: Stages, cfg, flags: _StageFlags, clean: str, victims: dict) -> di
     return out
 
 
-def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, victims: dict):
+def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, clean_dir: Path,
+              victims: dict):
     """Stage 3: per victim, ABD's UAP (when abd is run) and each defense. Returns the
     evaluation results {"clean", "attacks": {attack: {"victim", defense...}}} and the UAP
     files {attack: uap.pt}."""
     from abd_fast.evaluate import read_eval
     out = Path(cfg["output"])
-    results = {"clean": read_eval(out / "clean"), "attacks": {}}
+    results = {"clean": read_eval(clean_dir), "attacks": {}}
     uaps = {}
     for a in cfg["attacks"]:
         results["attacks"][a] = {"victim": read_eval(out / f"poison-{a}")}
@@ -647,8 +744,11 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
                      "its numbers are not meaningful.")
     if st.skipped:
         notes.append(f"This invocation took {wall:.0f} s.")
+    floors = {a: {"clean": read_eval(out / f"floor-{a}"),
+                  **({"uap": read_eval(out / f"uap-{a}")} if a in uaps else {})}
+              for a in cfg["attacks"]}
     return {
-        "clean": results["clean"], "attacks": results["attacks"],
+        "clean": results["clean"], "attacks": results["attacks"], "floors": floors,
         "ablations": tables, "similarity": similarity,
         "timing": dict(st.timing),  # report.md adds their sum as the total
         "settings": {"recipe": cfg["recipe"], "model": cfg["model"],
