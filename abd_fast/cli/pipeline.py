@@ -1,7 +1,7 @@
 """The one-command job: `python -m abd_fast.train` (no arguments) or `... pipeline [flags]`.
 
     data -> clean CLIP (trained, or reused from the cache) -> badclip trigger -> poisoned
-    victims (one per attack) -> backdoor scans (each model; each victim's poisoned training
+    victims (one per attack) -> floors (the clean CLIP under each victim's trigger) -> backdoor scans (each model; each victim's poisoned training
     pairs) -> UAP per victim -> defenses on each victim -> ablations
     (ABD Table II and III on the first attack) -> similarity analysis, embeddings ->
     OUTPUT/report.json, report.md, ca_asr.png, embedding.png, similarity.png
@@ -14,6 +14,9 @@ a third of the size). A stage whose stage.json records the same flags and whose 
 exist is skipped on a re-run, and an interrupted training stage resumes from its last
 checkpoint (written every STAGE_CHECKPOINT_STEPS optimizer steps), so a killed pipeline
 loses at most those steps.
+
+--seeds K1,K2,...: the clean CLIP once (first seed, shared), everything after it per seed
+into OUTPUT/seed<k>/, and OUTPUT/report.* as mean ± std over the seeds (_run_seeds).
 
 Settings: each stage's defaults are its command's (DEFAULTS in abd_fast/cli/<command>.py);
 the pipeline changes them only through DEMO_OVERRIDES (the embedded data's defense budget),
