@@ -1,8 +1,8 @@
 """The one-command job: `python -m abd_fast.train` (no arguments) or `... pipeline [flags]`.
 
     data -> clean CLIP (trained, or reused from the cache) -> badclip trigger -> poisoned
-    victims (one per attack) -> floors (the clean CLIP under each victim's trigger) -> backdoor scans (each model; each victim's poisoned training
-    pairs) -> UAP per victim -> defenses on each victim -> ablations
+    victims (one per attack) -> floors (the clean CLIP under each victim's trigger) ->
+    backdoor scans (each model; each victim's poisoned training pairs) -> UAP per victim -> defenses on each victim -> ablations
     (ABD Table II and III on the first attack) -> similarity analysis, embeddings ->
     OUTPUT/report.json, report.md, ca_asr.png, embedding.png, similarity.png
 
