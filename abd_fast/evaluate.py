@@ -95,8 +95,9 @@ def evaluate(model, loader, *, classnames, trigger=None, target_index: int | Non
 
     Returns {"ca_top1", "ca_top5", "asr", "n_eval", "n_asr", "n_classes",
     "embedding_distance", "capture_class", "capture_rate"}: rates in percent, asr,
-    embedding_distance and capture_* None without a trigger; n_eval = images evaluated, n_asr = non-target-class images (the ASR
-    denominator), n_classes = len(classnames) (chance top-1 = 100 / n_classes)."""
+    embedding_distance and capture_* None without a trigger; n_eval = images evaluated,
+    n_asr = non-target-class images (the ASR denominator), n_classes = len(classnames)
+    (chance top-1 = 100 / n_classes)."""
     if trigger is not None and target_index is None:
         raise ValueError("ASR needs the target class: give --target-label with --attack")
     if target_index is not None and not 0 <= target_index < len(classnames):

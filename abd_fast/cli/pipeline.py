@@ -2,8 +2,9 @@
 
     data -> clean CLIP (trained, or reused from the cache) -> badclip trigger -> poisoned
     victims (one per attack) -> floors (the clean CLIP under each victim's trigger) ->
-    backdoor scans (each model; each victim's poisoned training pairs) -> UAP per victim -> defenses on each victim -> ablations
-    (ABD Table II and III on the first attack) -> similarity analysis, embeddings ->
+    backdoor scans (each model; each victim's poisoned training pairs) -> UAP per victim ->
+    defenses on each victim -> ablations (ABD Table II and III on the first attack) ->
+    similarity analysis, embeddings ->
     OUTPUT/report.json, report.md, ca_asr.png, embedding.png, similarity.png
 
 Every stage is a run of an existing command (`pretrain`, `poison`, `uap`, `defend`, ...)
@@ -171,10 +172,9 @@ def add_parser(subparsers):
 
 PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
-    model="abd-tiny-rn",
-    pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
-    defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, seeds=None, loader=None,
-    workers=None, precision=None, compile=None, recipe=None, output=None, config=None,
+    model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
+    defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, seeds=None,
+    loader=None, workers=None, precision=None, compile=None, recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
 CAPTION_DATA_FLAGS = ("csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
