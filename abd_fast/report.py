@@ -374,11 +374,12 @@ def aggregate_results(results: list) -> dict | None:
     """One Result from the same stage's Results over seeds: each SEED_STATS number is the
     mean, `<key>_std` the sample standard deviation (ddof 1; 0 for one seed) and
     `<key>_seeds` the per-seed values; capture_class joins the per-seed classes when they
-    differ ("star/ring"); the counts are the first seed's. None when a seed has none."""
+    differ ("star/ring"); the counts (and a stage's budget, the same for every seed) are the
+    first seed's. None when a seed has none."""
     if not results or any(r is None for r in results):
         return None
     out = {k: results[0][k] for k in ("n_eval", "n_asr", "n_classes", "attack",
-                                      "target_label") if k in results[0]}
+                                      "target_label", "budget") if k in results[0]}
     out["n_seeds"] = len(results)
     for key in SEED_STATS:
         values = [r.get(key) for r in results]
