@@ -62,6 +62,7 @@ def test_uap_linf_without_backdoor_loss(victim, tmp_path, capsys):
 
 @pytest.mark.parametrize("method,extra", [
     ("abd", []), ("abd", ["--abd-objective", "replace"]), ("abd", ["--no-adv"]),
+    ("abd", ["--abd-objective", "union", "--adv-view", "autoaugment"]),
     ("cleanclip", []), ("roclip", ["--epochs", "2", "--break-epoch", "2"]), ("ft", [])])
 def test_defend_methods_run_and_report_asr(victim, tmp_path, capsys, method, extra):
     out, common = victim

@@ -12,7 +12,7 @@ NAME = "defend"
 # batch 64, lr 3e-4, warmup 5 on --max-samples 4096 (24 s) gives CA 82.8 / ASR 9.3 (lr 2e-4
 # at batch 128: ASR 16.2; lr 5e-4: CA 81.3). The attack flags only drive the evaluation.
 DEFAULTS = training_defaults(NAME, output="runs/defend", checkpoint=None, method="abd", uap=None,
-                             abd_objective="align", no_adv=False, no_eda=False, break_epoch=2,
+                             abd_objective="align", adv_view="raw", no_adv=False, no_eda=False, break_epoch=2,
                              bank_size=4096, lambda1=1.0, lambda2=1.0, attack=None,
                              trigger_file=None, trigger_option=None, epochs=1, batch_size=64,
                              lr=3e-4, warmup=5)
@@ -22,8 +22,12 @@ def _flags(p):
     p.add_argument("--checkpoint", metavar="FILE", help="the poisoned model's weights")
     p.add_argument("--method", choices=["ft", "cleanclip", "roclip", "abd"], help="defense")
     p.add_argument("--uap", metavar="FILE", help="abd: uap.pt written by the uap stage")
-    p.add_argument("--abd-objective", choices=["align", "replace"],
-                   help="abd: in-modal alignment with the views, or MMCL on the views")
+    p.add_argument("--abd-objective", choices=["align", "replace", "union"],
+                   help="abd: in-modal alignment with the views (align), MMCL on the views "
+                        "(replace), or MMCL on the clean pairs plus MMCL on the views (union: "
+                        "the paper's enhanced dataset)")
+    p.add_argument("--adv-view", choices=["raw", "autoaugment"],
+                   help="abd: the UAP on the raw image, or on CleanCLIP's AutoAugment view")
     p.add_argument("--no-adv", action="store_true", help="abd ablation: no adversarial view")
     p.add_argument("--no-eda", action="store_true", help="abd ablation: no EDA text view")
     p.add_argument("--break-epoch", type=int, metavar="N",
