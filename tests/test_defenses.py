@@ -339,3 +339,33 @@ def test_abd_loss_encodes_the_clean_and_adversarial_views_as_one_batch(no_adv, a
                                mean=mean, std=std))
     assert torch.equal(seen["x"], torch.cat(views))
     assert seen["t"].shape[0] == 2 * B and torch.isfinite(loss)
+
+
+# ---- budgets -----------------------------------------------------------------------------
+
+def test_paper_budget_reproduces_the_papers_shape():
+    """The paper: poisoning 500K pairs, batch 128, 10 epochs at lr 1e-6; defense 250K pairs,
+    batch 64, 10 epochs at 3e-6 (the same steps, 3x the lr)."""
+    from abd_fast.defenses.budget import budget_record, paper_budget
+    per_epoch = 500_000 // 128
+    poisoning = {"steps": 10 * per_epoch, "lr": 1e-6, "batch_size": 128, "epochs": 10,
+                 "pairs": per_epoch * 128, "steps_x_lr": 10 * per_epoch * 1e-6}
+    b = paper_budget(poisoning)
+    assert (b["batch_size"], b["epochs"], b["steps"]) == (64, 10, poisoning["steps"])
+    assert b["lr"] == pytest.approx(3e-6, rel=1e-12)
+    assert b["pairs"] == per_epoch * 64 and abs(b["pairs"] - 250_000) < 64
+    rec = budget_record("paper", pairs=b["pairs"], steps=b["steps"], lr=b["lr"],
+                        batch_size=64, epochs=10, poisoning=poisoning)
+    assert rec["ratio"] == pytest.approx(3.0, rel=1e-12)
+    # Fewer steps (a compute budget): the lr grows so that steps x lr stays ratio x the
+    # poisoning's; steps are whole epochs of whole batches (rounded up).
+    fewer = paper_budget(poisoning, steps=1001, epochs=4, ratio=1.5)
+    assert fewer["steps"] == 4 * 251 and fewer["pairs"] == 251 * 64
+    assert fewer["steps"] * fewer["lr"] == pytest.approx(1.5 * poisoning["steps_x_lr"])
+    # Epochs default to the poisoning's, at least 2 (RoCLIP's nearest-neighbour epoch).
+    one_epoch = dict(poisoning, epochs=1)
+    assert paper_budget(one_epoch)["epochs"] == 2
+    assert budget_record("fixed", pairs=64, steps=1, lr=1e-3, batch_size=64, epochs=1,
+                         poisoning=None)["ratio"] is None
+    with pytest.raises(ValueError, match="--budget-ratio"):
+        paper_budget(poisoning, ratio=0)

@@ -206,8 +206,9 @@ def _gathered(t, world_size: int):
     return torch.cat(parts)
 
 
-def defend_stage(run) -> dict:
-    """Fine-tunes run.model (the poisoned CLIP) with cfg["method"], then evaluates it."""
+def defend_stage(run, budget: dict | None = None) -> dict:
+    """Fine-tunes run.model (the poisoned CLIP) with cfg["method"], then evaluates it;
+    budget: the training budget's record (abd_fast.defenses.budget), stored in eval.json."""
     cfg = run.cfg
     method = cfg["method"]
     if method not in METHODS:
@@ -230,5 +231,5 @@ def defend_stage(run) -> dict:
     train = run.train_loader()
     summary = run.fit(defense_loss(run, method, uap=uap, eda=eda, bank=bank), train,
                       f"defend {method}", extra=extra)
-    run.evaluate(run.eval_loader(), run.trigger())
+    run.evaluate(run.eval_loader(), run.trigger(), **({"budget": budget} if budget else {}))
     return summary
