@@ -17,8 +17,8 @@ NAME = "defend"
 FIXED_EPOCHS = 1
 DEFAULTS = training_defaults(NAME, output="runs/defend", checkpoint=None, method="abd", uap=None,
                              budget="fixed", budget_ratio=3.0, budget_steps=None,
-                             abd_objective="align", adv_view="raw", no_adv=False, no_eda=False, break_epoch=2,
-                             bank_size=4096, lambda1=1.0, lambda2=1.0, attack=None,
+                             abd_objective="align", adv_view="raw", no_adv=False, no_eda=False,
+                             break_epoch=2, bank_size=4096, lambda1=1.0, lambda2=1.0, attack=None,
                              trigger_file=None, trigger_option=None, epochs=None, batch_size=64,
                              lr=3e-4, warmup=5)
 
@@ -45,7 +45,8 @@ def _flags(p):
                         f"default {FIXED_EPOCHS}); paper: the ABD paper's shape from the "
                         "victim's recorded poisoning: batch 64, its steps, steps x lr = "
                         "--budget-ratio x its steps x lr, pairs = steps x 64 / --epochs "
-                        "(default: its epochs, at least 2); overrides --batch-size, --lr, --max-samples")
+                        "(default: its epochs, at least 2); overrides --batch-size, --lr, "
+                        "--max-samples")
     p.add_argument("--budget-ratio", type=float, metavar="R",
                    help="--budget paper: the defense's steps x lr over the poisoning's")
     p.add_argument("--budget-steps", type=int, metavar="N",

@@ -50,8 +50,10 @@ def poisoning_record(checkpoint) -> dict | None:
 def paper_budget(poisoning: dict, *, epochs: int | None = None, ratio: float = PAPER_RATIO,
                  steps: int | None = None, world_size: int = 1) -> dict:
     """The paper-shaped budget for a poisoning record: {"batch_size" (per process), "epochs"
-    (default: the poisoning's, at least MIN_EPOCHS), "pairs", "steps", "lr"}. The steps are `steps` (default: the poisoning's) rounded up to a
-    whole number per epoch; lr makes steps x lr exactly ratio x the poisoning's."""
+    (default: the poisoning's, at least MIN_EPOCHS), "pairs", "steps", "lr"}. The steps are
+    `steps` (default: the poisoning's) rounded up to a whole number per epoch; lr makes
+    steps x lr exactly ratio x the poisoning's. Under DDP the batch is per process and the
+    pairs count every rank's."""
     if not ratio > 0:
         raise ValueError(f"--budget-ratio must be > 0, got {ratio!r}")
     epochs = max(MIN_EPOCHS, poisoning["epochs"]) if epochs is None else int(epochs)
