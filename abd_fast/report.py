@@ -111,11 +111,34 @@ def _check_result(r, where: str):
     if not isinstance(r.get("capture_class"), (str, type(None))):
         raise ReportError(f"{where}['capture_class']: expected a class name or null, got "
                           f"{r['capture_class']!r}")
+    _check_budget(r.get("budget"), f"{where}['budget']")
     for key, least in (("n_eval", 0), ("n_asr", 0), ("n_classes", 1)):
         v = r.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
             raise ReportError(f"{where}[{key!r}]: expected a count (int >= {least}), "
                               f"got {v!r}")
+
+
+BUDGET_KEYS = ("pairs", "steps", "lr", "steps_x_lr")  # abd_fast.defenses.budget's record
+
+
+def _check_budget(b, where: str):
+    """A defense's training budget (defend's eval.json) or null."""
+    if b is None:
+        return
+    if not isinstance(b, dict):
+        raise ReportError(f"{where}: expected null or a budget dict ({', '.join(BUDGET_KEYS)}, "
+                          "ratio, poisoning)")
+    for key in BUDGET_KEYS:
+        _check_number(b.get(key), f"{where}[{key!r}]", 0, math.inf, nullable=False)
+    _check_number(b.get("ratio"), f"{where}['ratio']", 0, math.inf, nullable=True)
+    p = b.get("poisoning")
+    if p is not None:
+        if not isinstance(p, dict):
+            raise ReportError(f"{where}['poisoning']: expected null or a dict")
+        for key in BUDGET_KEYS:
+            _check_number(p.get(key), f"{where}['poisoning'][{key!r}]", 0, math.inf,
+                          nullable=False)
 
 
 def _check_rows(table, where: str, rows: dict):
@@ -572,11 +595,17 @@ def _table1_section(attacks: dict, paper: bool, floors: dict) -> list[str]:
                 "UAP instead of the trigger (ASR = the UAP's rate to the target, which the "
                 "defender does not know; captured = where it sends images, target-free).", ""]
     header = ["attack", "model", "CA top-1", "ASR", "d", "captured"]
+    budgets = any((r or {}).get("budget") for models in attacks.values()
+                  for r in models.values())
+    if budgets:
+        header += ["pairs", "steps", "lr", "steps x lr", "/ poisoning"]
     if paper:
         header += ["paper CA", "paper ASR"]
     rows = []
     for attack, models in attacks.items():
         floor = floors.get(attack, {})
+        poisoning = next((r["budget"]["poisoning"] for r in models.values()
+                          if (r or {}).get("budget") and r["budget"].get("poisoning")), None)
         named = [(None, FLOOR_ROWS["clean"], floor["clean"])] if "clean" in floor else []
         for m in _model_order(models):
             named.append((m, MODEL_LABELS.get(m, m), models.get(m)))
@@ -586,15 +615,31 @@ def _table1_section(attacks: dict, paper: bool, floors: dict) -> list[str]:
             r = r or {}
             row = [attack, label, _stat(r, "ca_top1"), _stat(r, "asr"),
                    _stat(r, "embedding_distance", 3), _capture_cell(r)]
+            if budgets:
+                row += _budget_cells(poisoning if m == "victim" else r.get("budget"),
+                                     victim=m == "victim")
             if paper:
                 p = ref["table1"].get(attack, {}).get(m, (None, None))
                 row += [format_number(p[0]), format_number(p[1])]
             rows.append(row)
     out += markdown_table(header, rows) if rows else ["No attack was run.", ""]
+    if budgets:
+        out += ["Budget: the clean pairs a defense fine-tunes on, its optimizer steps, peak lr, "
+                "steps x lr and that over the poisoning's (the victim rows: the poisoning's own "
+                "pairs per epoch, steps and lr).", ""]
     if paper:
         out += [f"Paper numbers (RN50 CLIP, CC3M subsets, ImageNet-1K val; comparable only at "
                 f"the recipe's full scale): {ref['source']}.", ""]
     return out
+
+
+def _budget_cells(b: dict | None, victim: bool) -> list[str]:
+    """pairs, steps, lr, steps x lr, ratio to the poisoning's ("-" where unknown)."""
+    if not b:
+        return ["-"] * 5
+    ratio = 1.0 if victim else b.get("ratio")
+    return [str(b["pairs"]), str(b["steps"]), f"{b['lr']:.3g}", f"{b['steps_x_lr']:.3g}",
+            "-" if ratio is None else f"{ratio:.2f}"]
 
 
 def _ablation_section(key: str, table: dict | None, paper: bool) -> list[str]:

@@ -62,6 +62,7 @@ def test_uap_linf_without_backdoor_loss(victim, tmp_path, capsys):
 
 @pytest.mark.parametrize("method,extra", [
     ("abd", []), ("abd", ["--abd-objective", "replace"]), ("abd", ["--no-adv"]),
+    ("abd", ["--abd-objective", "union", "--adv-view", "autoaugment"]),
     ("cleanclip", []), ("roclip", ["--epochs", "2", "--break-epoch", "2"]), ("ft", [])])
 def test_defend_methods_run_and_report_asr(victim, tmp_path, capsys, method, extra):
     out, common = victim
@@ -85,7 +86,57 @@ def test_defend_methods_run_and_report_asr(victim, tmp_path, capsys, method, ext
         assert ckpt["extra"]["text_bank"]["count"] > 0
 
 
+def _steps(out):
+    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def test_defend_records_its_budget_against_the_poisoning(victim, tmp_path, capsys):
+    """--budget paper: batch 64, the poisoning's steps, steps x lr = 3x the poisoning's, pairs
+    = steps x 64 / epochs; eval.json states it (and --budget fixed its own flags' budget)."""
+    out, common = victim
+    poisoned = torch.load(out / "poisoned" / "checkpoint.pt", weights_only=True)
+    p_steps, p_lr = poisoned["step"], poisoned["config"]["lr"]
+    code, err = run_main(["defend", *common, "--method", "ft", "--checkpoint",
+                          out / "poisoned" / "checkpoint.pt", "--budget", "paper", "--epochs",
+                          "5", "--output", tmp_path / "paper"], capsys)
+    assert code == 0, err
+    b = json.loads((tmp_path / "paper" / "eval.json").read_text())["budget"]
+    assert b["rule"] == "paper" and b["steps"] == p_steps == _steps(tmp_path / "paper")[-1]
+    assert b["lr"] == pytest.approx(3 * p_lr) and b["ratio"] == pytest.approx(3.0)
+    assert (b["batch_size"], b["epochs"], b["pairs"]) == (64, 5, p_steps // 5 * 64)
+    assert b["poisoning"]["steps"] == p_steps and b["poisoning"]["lr"] == p_lr
+    cfg = torch.load(tmp_path / "paper" / "checkpoint.pt", weights_only=True)["config"]
+    assert (cfg["batch_size"], cfg["max_samples"]) == (64, b["pairs"])
+    # fixed: the flags' budget (batch 16, 1 epoch over all 160 pairs), stated the same way
+    code, err = run_main(["defend", *common, "--method", "ft", "--checkpoint",
+                          out / "poisoned" / "checkpoint.pt", "--output", tmp_path / "fixed"],
+                         capsys)
+    assert code == 0, err
+    b = json.loads((tmp_path / "fixed" / "eval.json").read_text())["budget"]
+    assert b["rule"] == "fixed" and b["steps"] == _steps(tmp_path / "fixed")[-1] == 160 // 16
+    assert b["pairs"] == 160 and b["lr"] == 3e-4
+    assert b["ratio"] == pytest.approx(b["steps"] * 3e-4 / (p_steps * p_lr))
+
+
+def test_paper_budget_needs_a_poisoning_record_and_enough_pairs(victim, tmp_path, capsys):
+    out, common = victim
+    code, err = run_main(["defend", *common, "--method", "ft", "--checkpoint",
+                          out / "clean" / "checkpoint.pt", "--budget", "paper",
+                          "--output", tmp_path / "a"], capsys)
+    assert code == 2 and "has no such record" in err and "--budget fixed" in err
+    # 10 poisoning steps in 1 epoch of 2 steps of 64: 640 pairs, the data has 160
+    code, err = run_main(["defend", *common, "--method", "ft", "--checkpoint",
+                          out / "poisoned" / "checkpoint.pt", "--budget", "paper", "--epochs",
+                          "1", "--output", tmp_path / "b"], capsys)
+    assert code == 2 and "need 640 clean pairs, the training data has 160" in err
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["defend", "--method", "ft", "--budget-steps", "5"], "--budget-steps applies to --budget"),
+    (["defend", "--method", "ft", "--budget", "paper", "--budget-ratio", "0"],
+     "--budget-ratio must be"),
     (["uap", "--eps", "-0.1", "--mode", "linf"], "--eps must be in (0, 1], got -0.1"),
     (["uap", "--patch-area", "0"], "--patch-area must be in (0, 1], got 0.0"),
     (["uap", "--reference-model", "{tmp}/nope.pt"], "--reference-model {tmp}/nope.pt: no such"),

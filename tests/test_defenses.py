@@ -57,6 +57,21 @@ def test_abd_objectives_and_ablation_views():
         obj.abd_objective(I, T, Ia, Te, s, objective="mix")
 
 
+def test_abd_union_is_the_clean_and_the_enhanced_pairs_each_contrasted_in_their_batch():
+    """union (the paper's enhanced dataset): λ1·mmcl(I, T) + λ2·mmcl(I_adv, T_eda); the clean
+    view stands in for a missing one (ablation)."""
+    I, T, Ia, Te = unit(6), unit(6), unit(6), unit(6)
+    s = 9.0
+    mm = lambda a, b: (nce_by_hand(a, b, s) + nce_by_hand(b, a, s)) / 2  # noqa: E731
+    got = obj.abd_objective(I, T, Ia, Te, s, objective="union", lambda1=0.6, lambda2=1.5)
+    assert got.item() == pytest.approx(0.6 * mm(I, T) + 1.5 * mm(Ia, Te), rel=1e-9)
+    assert obj.abd_objective(I, T, None, Te, s, objective="union").item() == pytest.approx(
+        mm(I, T) + mm(I, Te), rel=1e-9)
+    # Not one batch of 2N pairs: that would make (I_adv_i, T_i) a negative.
+    two_n = obj.mmcl(torch.cat([I, Ia]), torch.cat([T, Te]), s).item()
+    assert got.item() != pytest.approx(two_n, rel=1e-3)
+
+
 def test_roclip_bank_fifo_and_nearest_neighbour():
     bank = obj.TextBank(size=4, dim=3)
     with pytest.raises(RuntimeError, match="empty"):
@@ -284,10 +299,13 @@ def test_brighten_raises_brightness_and_clamps():
     assert y.max() <= 1 and y.mean() > x.float().mean() / 255
 
 
-@pytest.mark.parametrize("no_adv", [False, True])
-def test_abd_loss_encodes_the_clean_and_adversarial_views_as_one_batch(no_adv):
-    """defense_loss('abd') builds [clean, clean + UAP] with one fused call on stacked uint8
-    images: the model sees exactly the concatenation of the two separately built views."""
+@pytest.mark.parametrize("no_adv,adv_view", [(False, "raw"), (True, "raw"),
+                                             (False, "autoaugment")])
+def test_abd_loss_encodes_the_clean_and_adversarial_views_as_one_batch(no_adv, adv_view):
+    """defense_loss('abd') builds [clean, clean + UAP] (--adv-view raw) or [clean,
+    AutoAugment(clean) + UAP] (autoaugment) with one fused call on stacked uint8 images: the
+    model sees exactly the concatenation of the two separately built views."""
+    from abd_fast.defenses.views import autoaugment
     from types import SimpleNamespace
     from abd_fast.defenses.stages import defense_loss
     from abd_fast.defenses.uap import UAP
@@ -306,14 +324,48 @@ def test_abd_loss_encodes_the_clean_and_adversarial_views_as_one_batch(no_adv):
         return torch.randn(x.shape[0], 8, generator=g), torch.randn(t.shape[0], 8, generator=g), \
             torch.tensor(10.0)
     run = SimpleNamespace(
-        cfg=dict(lambda1=1.0, lambda2=1.0, no_adv=no_adv, no_eda=False, abd_objective="align"),
+        cfg=dict(lambda1=1.0, lambda2=1.0, no_adv=no_adv, no_eda=False, abd_objective="align",
+                 adv_view=adv_view),
         info=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")),
         mean=mean, std=std, tokenizer=lambda caps: torch.arange(len(caps))[:, None])
     batch = SimpleNamespace(images=images, ids=torch.arange(B),
                             captions=[f"a photo of a red star number {k}" for k in range(B)])
+    torch.manual_seed(5)
     loss = defense_loss(run, "abd", uap=uap, eda=EDA(seed=0))(model, batch, 0)
+    torch.manual_seed(5)  # the same AutoAugment draws
     views = [normalize_images(images, mean, std)]
     if not no_adv:
-        views.append(uap.apply(images, mean=mean, std=std))
+        views.append(uap.apply(images if adv_view == "raw" else autoaugment(images),
+                               mean=mean, std=std))
     assert torch.equal(seen["x"], torch.cat(views))
     assert seen["t"].shape[0] == 2 * B and torch.isfinite(loss)
+
+
+# ---- budgets -----------------------------------------------------------------------------
+
+def test_paper_budget_reproduces_the_papers_shape():
+    """The paper: poisoning 500K pairs, batch 128, 10 epochs at lr 1e-6; defense 250K pairs,
+    batch 64, 10 epochs at 3e-6 (the same steps, 3x the lr)."""
+    from abd_fast.defenses.budget import budget_record, paper_budget
+    per_epoch = 500_000 // 128
+    poisoning = {"steps": 10 * per_epoch, "lr": 1e-6, "batch_size": 128, "epochs": 10,
+                 "pairs": per_epoch * 128, "steps_x_lr": 10 * per_epoch * 1e-6}
+    b = paper_budget(poisoning)
+    assert (b["batch_size"], b["epochs"], b["steps"]) == (64, 10, poisoning["steps"])
+    assert b["lr"] == pytest.approx(3e-6, rel=1e-12)
+    assert b["pairs"] == per_epoch * 64 and abs(b["pairs"] - 250_000) < 64
+    rec = budget_record("paper", pairs=b["pairs"], steps=b["steps"], lr=b["lr"],
+                        batch_size=64, epochs=10, poisoning=poisoning)
+    assert rec["ratio"] == pytest.approx(3.0, rel=1e-12)
+    # Fewer steps (a compute budget): the lr grows so that steps x lr stays ratio x the
+    # poisoning's; steps are whole epochs of whole batches (rounded up).
+    fewer = paper_budget(poisoning, steps=1001, epochs=4, ratio=1.5)
+    assert fewer["steps"] == 4 * 251 and fewer["pairs"] == 251 * 64
+    assert fewer["steps"] * fewer["lr"] == pytest.approx(1.5 * poisoning["steps_x_lr"])
+    # Epochs default to the poisoning's, at least 2 (RoCLIP's nearest-neighbour epoch).
+    one_epoch = dict(poisoning, epochs=1)
+    assert paper_budget(one_epoch)["epochs"] == 2
+    assert budget_record("fixed", pairs=64, steps=1, lr=1e-3, batch_size=64, epochs=1,
+                         poisoning=None)["ratio"] is None
+    with pytest.raises(ValueError, match="--budget-ratio"):
+        paper_budget(poisoning, ratio=0)

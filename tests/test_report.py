@@ -96,6 +96,39 @@ def test_parts_not_run(tmp_path):
     assert "| badnet | RoCLIP | — | — | — |" in md
 
 
+def test_table1_states_each_defenses_budget(tmp_path):
+    """With budgets in the defenses' results (defend's eval.json), Table I gains pairs, steps,
+    lr, steps x lr and the ratio to the poisoning's; the victim row shows the poisoning's."""
+    from abd_fast.defenses.budget import budget_record
+    rep = synthetic_report(5)
+    g = np.random.default_rng(5)
+    poisoning = {"steps": int(g.integers(100, 900)), "lr": float(g.uniform(1e-5, 1e-3)),
+                 "batch_size": 128, "epochs": 3, "pairs": int(g.integers(1000, 9000))}
+    poisoning["steps_x_lr"] = poisoning["steps"] * poisoning["lr"]
+    steps, lr = int(g.integers(50, 500)), float(g.uniform(1e-5, 1e-3))
+    for m in ("ft", "cleanclip", "roclip", "abd"):
+        rep["attacks"]["badnet"][m]["budget"] = budget_record(
+            "paper", pairs=steps * 32, steps=steps, lr=lr, batch_size=64, epochs=2,
+            poisoning=poisoning)
+    paths = rp.write_report(rep, tmp_path)
+    assert json.loads(paths["json"].read_text())["attacks"]["badnet"]["abd"]["budget"][
+        "steps"] == steps
+    md = paths["md"].read_text()
+    assert "| pairs | steps | lr | steps x lr | / poisoning |" in md
+    ratio = steps * lr / poisoning["steps_x_lr"]
+    r = rep["attacks"]["badnet"]["abd"]
+    assert (f"| badnet | ABD | {r['ca_top1']:.2f} | {r['asr']:.2f} | "
+            f"{r['embedding_distance']:.3f} | {rp._capture_cell(r)} | {steps * 32} | {steps} | "
+            f"{lr:.3g} | "
+            f"{steps * lr:.3g} | {ratio:.2f} |") in md
+    assert (f"| {poisoning['pairs']} | {poisoning['steps']} | {poisoning['lr']:.3g} | "
+            f"{poisoning['steps_x_lr']:.3g} | 1.00 |") in md  # the badnet victim row
+    assert "| blended | FT |" in md and md.count("| - | - | - | - | - |") == 10  # no budgets
+    rep["attacks"]["badnet"]["ft"]["budget"]["steps"] = -1
+    with pytest.raises(rp.ReportError, match=r"\['budget'\]\['steps'\]"):
+        rp.write_report(rep, tmp_path / "bad")
+
+
 def _break(rep, path, value):
     *parents, last = path
     obj = rep

@@ -5,6 +5,7 @@ CLIP.forward returns) and the model's logit scale (the multiplier, exp of the le
     CleanCLIP mmcl(I, T) + ½[nce(I, I_aug) + nce(T, T_aug)]  AutoAugment image view, EDA text view
     ABD align the CleanCLIP form with I_aug = the image with the UAP, T_aug = EDA(caption)
     ABD replace  mmcl(I_adv, T_eda)
+    ABD union    λ1·mmcl(I, T) + λ2·mmcl(I_adv, T_eda)  the paper's "enhanced dataset" (§II-C)
     RoCLIP    mmcl(I, NN(I)) every break_epoch-th epoch, NN(I) = the nearest text embedding in a
               memory bank of past (detached) text embeddings; mmcl(I, T) in the other epochs
 
@@ -137,14 +138,22 @@ def abd_objective(image: Tensor, text: Tensor, image_adv: Optional[Tensor],
     """ABD fine-tuning.
     align:   λ1·mmcl(I, T) + λ2·½[inmodal(I, I_adv) + inmodal(T, T_eda)]
     replace: mmcl(I_adv, T_eda)
+    union:   λ1·mmcl(I, T) + λ2·mmcl(I_adv, T_eda): the clean pairs and their enhanced
+             versions both trained as pairs, each batch contrasted within itself (the sum of
+             two InfoNCEs, not one batch of 2N pairs: there (I_adv_i, T_i) and (I_i, T_eda_i)
+             would be negatives although they describe the same sample; docs/METHOD.md)
     For the ablation (ABD Table II) a view may be None: under align its in-modal term is left
-    out (the other keeps its weight), under replace the clean view stands in. With neither
-    view both forms are plain FT, mmcl(I, T)."""
-    if objective == "replace":
-        return mmcl(image if image_adv is None else image_adv,
-                    text if text_eda is None else text_eda, logit_scale, c)
+    out (the other keeps its weight), under replace and union the clean view stands in. With
+    neither view align and replace are plain FT, mmcl(I, T) (union: λ1 + λ2 times it)."""
+    if objective in ("replace", "union"):
+        enhanced = mmcl(image if image_adv is None else image_adv,
+                        text if text_eda is None else text_eda, logit_scale, c)
+        if objective == "replace":
+            return enhanced
+        return lambda1 * mmcl(image, text, logit_scale, c) + lambda2 * enhanced
     if objective != "align":
-        raise ValueError(f"--abd-objective must be 'align' or 'replace', got {objective!r}")
+        raise ValueError(f"--abd-objective must be 'align', 'replace' or 'union', got "
+                         f"{objective!r}")
     loss = lambda1 * mmcl(image, text, logit_scale, c)
     if image_adv is not None:
         loss = loss + lambda2 * 0.5 * inmodal(image, image_adv, logit_scale, c)

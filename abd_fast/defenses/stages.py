@@ -180,9 +180,16 @@ def defense_loss(run, method: str, *, uap: UAP | None = None, eda=None, bank=Non
                                         break_epoch=cfg["break_epoch"], c=c, update=False)
             bank.update(_gathered(txt.detach(), info.world_size))
             return loss
-        # abd: views [clean, clean + UAP]
-        x = (normalize_images(images, mean, std, out_dtype=dtype) if cfg["no_adv"]
-             else uap.clean_and_adversarial(images, mean=mean, std=std, out_dtype=dtype))
+        # abd: views [clean, clean + UAP] (--adv-view raw) or [clean, AutoAugment + UAP]
+        if cfg["no_adv"]:
+            x = normalize_images(images, mean, std, out_dtype=dtype)
+        elif cfg.get("adv_view", "raw") == "raw":
+            x = uap.clean_and_adversarial(images, mean=mean, std=std, out_dtype=dtype)
+        else:  # one fused call on [clean; augmented], the UAP on the second half's rows
+            B = images.shape[0]
+            rows = torch.arange(2 * B, device=images.device) >= B
+            x = uap.apply(torch.cat([images, autoaugment(images)]), torch.cat([ids, ids]),
+                          rows=rows, mean=mean, std=std, out_dtype=dtype)
         text_views = [captions] + ([] if cfg["no_eda"] else [eda_view(eda, captions, ids, epoch)])
         imgs, txts, scale = features(model, x, text_views)
         return obj.abd_objective(imgs[0], txts[0], imgs[1] if len(imgs) > 1 else None,
@@ -199,8 +206,9 @@ def _gathered(t, world_size: int):
     return torch.cat(parts)
 
 
-def defend_stage(run) -> dict:
-    """Fine-tunes run.model (the poisoned CLIP) with cfg["method"], then evaluates it."""
+def defend_stage(run, budget: dict | None = None) -> dict:
+    """Fine-tunes run.model (the poisoned CLIP) with cfg["method"], then evaluates it;
+    budget: the training budget's record (abd_fast.defenses.budget), stored in eval.json."""
     cfg = run.cfg
     method = cfg["method"]
     if method not in METHODS:
@@ -223,5 +231,5 @@ def defend_stage(run) -> dict:
     train = run.train_loader()
     summary = run.fit(defense_loss(run, method, uap=uap, eda=eda, bank=bank), train,
                       f"defend {method}", extra=extra)
-    run.evaluate(run.eval_loader(), run.trigger())
+    run.evaluate(run.eval_loader(), run.trigger(), **({"budget": budget} if budget else {}))
     return summary
