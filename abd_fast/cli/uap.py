@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from abd_fast.defenses.uap import MODES, PLACES
+
 from .common import (Run, UsageError, attack_flags, check_defense_inputs, check_number,
                      print_training, stage_parser, training_defaults)
 
@@ -13,7 +15,7 @@ NAME = "uap"
 # (CA 86.7, ASR 99.1; one seed each, docs/METHOD.md): one UAP epoch over the 10,000 pairs
 # (31 s) already sends 100% of non-target images to the target.
 DEFAULTS = training_defaults(NAME, output="runs/uap", checkpoint=None, reference_model=None,
-                             mode="patch", patch_area=0.03, eps=0.03, no_backdoor_loss=False,
+                             mode="patch", patch_place="corner", patch_area=0.03, eps=0.03, no_backdoor_loss=False,
                              backdoor_loss_sign=1.0, backdoor_loss_pairing="reference-query",
                              lambda_bd=1.0, brightness=1.2, attack=None, trigger_file=None,
                              trigger_option=None, epochs=1, batch_size=64, lr=2e-4, warmup=0)
@@ -24,7 +26,11 @@ def _flags(p):
     p.add_argument("--reference-model", metavar="FILE",
                    help="the clean model's weights, for the backdoor loss (default: the "
                         "poisoned model on the clean image stands in)")
-    p.add_argument("--mode", choices=["patch", "linf"], help="UAP form")
+    p.add_argument("--mode", choices=list(MODES),
+                   help="UAP form: a patch, an L-inf perturbation at --eps, or both")
+    p.add_argument("--patch-place", choices=list(PLACES),
+                   help="where the patch goes (patch modes): AdvCLIP's bottom-right corner, or "
+                        "a random place per image (new each training step)")
     p.add_argument("--patch-area", type=float, metavar="F", help="patch area / image area")
     p.add_argument("--eps", type=float, metavar="E", help="L-inf budget (mode linf)")
     p.add_argument("--no-backdoor-loss", action="store_true",

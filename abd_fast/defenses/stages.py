@@ -24,7 +24,7 @@ from abd_fast.precision import channels_last, image_dtype
 
 from . import objectives as obj
 from .uap import (UAP, Discriminator, UAPGenerator, apply_uap, backdoor_loss,
-                  discriminator_loss, generator_loss, patch_geometry)
+                  discriminator_loss, generator_loss, uap_shape)
 from .views import autoaugment, brighten, cross_augment, eda_view
 
 METHODS = ("ft", "cleanclip", "roclip", "abd")
@@ -56,8 +56,9 @@ def uap_stage(run, reference=None) -> dict:
     S, mode = run.spec.size, cfg["mode"]
     poisoned = _frozen(run.model)
     reference = _frozen(reference.to(device)) if reference is not None else None
-    size = patch_geometry(S, cfg["patch_area"])[0] if mode == "patch" else S
+    size = uap_shape(mode, S, cfg["patch_area"])[-1]
     gen = UAPGenerator(size, mode=mode, eps=cfg["eps"], seed=cfg["seed"])
+    places = torch.Generator().manual_seed(cfg["seed"])  # random-place patches: new each step
     disc = Discriminator(S).to(device)
     if channels_last(cfg.get("precision")):
         for m in (poisoned, reference, disc):  # the Trainer lays out only the generator
@@ -74,13 +75,15 @@ def uap_stage(run, reference=None) -> dict:
         encode, encode_ref, discriminate = map(compile_module, (encode, encode_ref, disc))
     mean, std, tok = run.mean, run.std, run.tokenizer
     use_bd = not cfg["no_backdoor_loss"]
-    geometry = dict(mode=mode, image_size=S, area=cfg["patch_area"], eps=cfg["eps"])
+    geometry = dict(mode=mode, image_size=S, area=cfg["patch_area"], eps=cfg["eps"],
+                    place=cfg["patch_place"])
 
     def loss_fn(model, batch, epoch):
         images = batch.images.to(device, non_blocking=True)
         dtype = image_dtype(device)  # autocast's: the towers take the batch without a cast
         x = normalize_images(images, mean, std, out_dtype=dtype)
-        x_adv = apply_uap(images, model(), mean=mean, std=std, out_dtype=dtype, **geometry)
+        x_adv = apply_uap(images, model(), mean=mean, std=std, out_dtype=dtype,
+                          generator=places, **geometry)
         # Discriminator step (its own optimizer), then the generator's loss.
         d_opt.zero_grad(set_to_none=True)
         d_loss = discriminator_loss(discriminate(x), discriminate(x_adv.detach()))
@@ -117,7 +120,8 @@ def uap_stage(run, reference=None) -> dict:
         out = Path(cfg["output"])
         uap.save(out / "uap.pt")
         _save_examples(evaluation, uap, out / "uap_examples.png")
-        print(f"UAP ({mode}, {tuple(uap.perturbation.shape)}) -> {out / 'uap.pt'}", flush=True)
+        print(f"UAP ({mode}, {cfg['patch_place']}, {tuple(uap.perturbation.shape)}) -> "
+              f"{out / 'uap.pt'}", flush=True)
     run.evaluate(evaluation, uap, reference_model=cfg.get("reference_model") or
                  "none: the poisoned model on the clean image stood in")
     return summary
