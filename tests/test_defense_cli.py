@@ -60,6 +60,23 @@ def test_uap_linf_without_backdoor_loss(victim, tmp_path, capsys):
     assert uap.perturbation.abs().max() <= 0.05 + 1e-7
 
 
+@pytest.mark.parametrize("mode,place", [("patch+linf", "random"), ("patch", "random")])
+def test_uap_geometries_with_the_differential_loss(victim, tmp_path, capsys, mode, place):
+    out, common = victim
+    code, err = run_main(["uap", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+                          "--reference-model", out / "clean" / "checkpoint.pt",
+                          "--mode", mode, "--patch-place", place, "--bd-loss", "differential",
+                          "--output", tmp_path / "uap"], capsys)
+    assert code == 0, err
+    uap = UAP.load(tmp_path / "uap" / "uap.pt")
+    assert (uap.mode, uap.place) == (mode, place)
+    ckpt = torch.load(tmp_path / "uap" / "checkpoint.pt", weights_only=True)
+    # the differential loss's defaults: sign -1, lambda 10
+    assert (ckpt["config"]["bd_loss"], ckpt["config"]["backdoor_loss_sign"],
+            ckpt["config"]["lambda_bd"]) == ("differential", -1.0, 10.0)
+    assert json.loads((tmp_path / "uap" / "eval.json").read_text())["asr"] is not None
+
+
 @pytest.mark.parametrize("method,extra", [
     ("abd", []), ("abd", ["--abd-objective", "replace"]), ("abd", ["--no-adv"]),
     ("cleanclip", []), ("roclip", ["--epochs", "2", "--break-epoch", "2"]), ("ft", [])])
@@ -89,6 +106,8 @@ def test_defend_methods_run_and_report_asr(victim, tmp_path, capsys, method, ext
     (["uap", "--eps", "-0.1", "--mode", "linf"], "--eps must be in (0, 1], got -0.1"),
     (["uap", "--patch-area", "0"], "--patch-area must be in (0, 1], got 0.0"),
     (["uap", "--reference-model", "{tmp}/nope.pt"], "--reference-model {tmp}/nope.pt: no such"),
+    (["uap", "--bd-loss", "differential"], "--bd-loss differential compares the poisoned"),
+    (["uap", "--patch-place", "middle"], "argument --patch-place: invalid choice: 'middle'"),
     (["defend", "--method", "abd"], "--method abd needs --uap FILE"),
     (["defend", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
     (["defend", "--method", "roclip", "--break-epoch", "0"], "--break-epoch must be an integer"),

@@ -51,7 +51,11 @@ def _average_grads(module, world_size: int):
 def uap_stage(run, reference=None) -> dict:
     """Trains the UAP generator against run.model (the poisoned CLIP, frozen). reference: the
     clean CLIP for the backdoor loss (frozen), or None: the poisoned model on the clean image
-    stands in (recorded in eval.json). Returns the training summary."""
+    stands in (recorded in eval.json). cfg["bd_loss"]: "paper" (ABD Eq. 2: the reference's
+    features of the brightened clean image vs the poisoned encoder's of the adversarial
+    image) or "differential" (both encoders on the same adversarial image; the cli's default
+    sign -1 pushes the poisoned encoder's view away from the reference's: the UAP seeks
+    what only the poisoned model responds to). Returns the training summary."""
     cfg, info, device = run.cfg, run.info, run.info.device
     S, mode = run.spec.size, cfg["mode"]
     poisoned = _frozen(run.model)
@@ -75,6 +79,10 @@ def uap_stage(run, reference=None) -> dict:
         encode, encode_ref, discriminate = map(compile_module, (encode, encode_ref, disc))
     mean, std, tok = run.mean, run.std, run.tokenizer
     use_bd = not cfg["no_backdoor_loss"]
+    differential = cfg["bd_loss"] == "differential"
+    if use_bd and differential and reference is None:
+        raise ValueError("--bd-loss differential compares the poisoned and the reference "
+                         "encoders on the same adversarial image: give --reference-model")
     geometry = dict(mode=mode, image_size=S, area=cfg["patch_area"], eps=cfg["eps"],
                     place=cfg["patch_place"])
 
@@ -95,11 +103,13 @@ def uap_stage(run, reference=None) -> dict:
             f_clean = encode(x)
             f_text = text_features(poisoned, tok(batch.captions).to(device))
             f_ref = None
-            if use_bd:
+            if use_bd and not differential:
                 x_ref = normalize_images(brighten(images, cfg["brightness"]), mean, std,
                                          out_dtype=dtype)
                 f_ref = encode_ref(x_ref)
         f_adv = encode(x_adv)
+        if use_bd and differential:  # the reference on the same adversarial image
+            f_ref = encode_ref(x_adv)
         bd = (backdoor_loss(f_ref, f_adv, tau=0.1, sign=cfg["backdoor_loss_sign"],
                             pairing=cfg["backdoor_loss_pairing"]) if use_bd else None)
         loss, _ = generator_loss(discriminate(x_adv), x_adv, x, f_clean, f_adv, f_text,
