@@ -77,6 +77,21 @@ def test_uap_geometries_with_the_differential_loss(victim, tmp_path, capsys, mod
     assert json.loads((tmp_path / "uap" / "eval.json").read_text())["asr"] is not None
 
 
+def test_uap_steered_by_the_scan(victim, tmp_path, capsys):
+    """--steer scan (our extension): the scan's target-free search on the validation images
+    picks a class; eval.json records it; the run never needs the target."""
+    out, common = victim
+    val = common[common.index("--eval-data") + 1]  # the tiny data has no val split
+    code, err = run_main(["uap", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+                          "--reference-model", out / "clean" / "checkpoint.pt",
+                          "--steer", "scan", "--val-data", val,
+                          "--output", tmp_path / "uap"], capsys)
+    assert code == 0, err
+    steer = json.loads((tmp_path / "uap" / "eval.json").read_text())["steer"]
+    assert steer["mode"] == "reference" and steer["toward"] and steer["val_data"] == val
+    assert isinstance(steer["backdoored"], bool) and steer["lambda_steer"] == 1.0
+
+
 @pytest.mark.parametrize("method,extra", [
     ("abd", []), ("abd", ["--abd-objective", "replace"]), ("abd", ["--no-adv"]),
     ("cleanclip", []), ("roclip", ["--epochs", "2", "--break-epoch", "2"]), ("ft", [])])

@@ -7,7 +7,8 @@ import math
 from abd_fast.defenses.uap import MODES, PLACES
 
 from .common import (Run, UsageError, attack_flags, check_defense_inputs, check_number,
-                     print_training, stage_parser, training_defaults)
+                     check_path, print_training, stage_parser, training_defaults)
+from .uap_select import val_flag, val_source
 
 NAME = "uap"
 # The attack flags of uap/defend only drive the evaluation (ASR); by default they come from
@@ -20,10 +21,12 @@ NAME = "uap"
 BD_DEFAULTS = {"paper": {"backdoor_loss_sign": 1.0, "lambda_bd": 1.0},
                "differential": {"backdoor_loss_sign": -1.0, "lambda_bd": 10.0}}
 DEFAULTS = training_defaults(NAME, output="runs/uap", checkpoint=None, reference_model=None,
-                             mode="patch", patch_place="corner", patch_area=0.03, eps=0.03, no_backdoor_loss=False,
-                             bd_loss="paper", backdoor_loss_sign=None,
-                             backdoor_loss_pairing="reference-query", lambda_bd=None, brightness=1.2, attack=None, trigger_file=None,
-                             trigger_option=None, epochs=1, batch_size=64, lr=2e-4, warmup=0)
+                             mode="patch", patch_place="corner", patch_area=0.03, eps=0.03,
+                             no_backdoor_loss=False, bd_loss="paper", backdoor_loss_sign=None,
+                             backdoor_loss_pairing="reference-query", lambda_bd=None,
+                             steer="none", lambda_steer=1.0, val_data=None, brightness=1.2,
+                             attack=None, trigger_file=None, trigger_option=None, epochs=1,
+                             batch_size=64, lr=2e-4, warmup=0)
 
 
 def _flags(p):
@@ -56,6 +59,14 @@ def _flags(p):
                         "differential)")
     p.add_argument("--brightness", type=float, metavar="F",
                    help="brightness factor of the reference view (ABD Fig. 1)")
+    p.add_argument("--steer", choices=["none", "scan"],
+                   help="OUR EXTENSION, not the paper's: scan = infer the suspected target "
+                        "without knowing it (the `scan` command's per-class search on the "
+                        "validation images, against --reference-model when given) and add a "
+                        "term steering the UAP toward it (docs/METHOD.md)")
+    p.add_argument("--lambda-steer", type=float, metavar="W",
+                   help="weight of the steering term (--steer scan)")
+    val_flag(p)
     attack_flags(p, required=False)
 
 
@@ -78,6 +89,8 @@ def check(cfg: dict):
     check_number(cfg, "patch_area", 0, 1)
     check_number(cfg, "eps", 0, 1)
     check_number(cfg, "lambda_bd", 0, math.inf, open_low=False)
+    check_number(cfg, "lambda_steer", 0, math.inf, open_low=False)
+    check_path(cfg, "val_data", "data")
     check_number(cfg, "brightness", 0, 10)
     if cfg["mode"] == "patch" and cfg["patch_area"] >= 1:
         raise UsageError("--patch-area must be below 1 (0.03: 3% of the image)")
@@ -94,6 +107,37 @@ def run(cfg: dict) -> int:
                                      image_size=cfg.get("image_size"))
         except WeightsError as e:
             raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
-    summary = uap_stage(run, reference)
+    steer = scan_target(cfg, run, reference) if cfg["steer"] == "scan" else None
+    summary = uap_stage(run, reference, steer)
     print_training(run, summary)
     return 0
+
+
+def scan_target(cfg: dict, run: Run, reference) -> tuple:
+    """--steer scan: the scan's per-class search (the `scan` command's settings) on the
+    validation images, against the reference when given; never reads the target or trigger.
+    Returns (the poisoned model's zero-shot classifier of the val classes, the index of the
+    most anomalous class, notes for eval.json)."""
+    from abd_fast.evaluate import zero_shot_classifier
+    from abd_fast.scan.model import scan_images, scan_model
+
+    from .scan import DEFAULTS as SCAN
+    source = val_source(cfg)
+    images, classnames = scan_images(source, SCAN["scan_images"], image_size=run.spec.size,
+                                     loader=cfg.get("loader"), num_workers=cfg.get("workers"))
+    if not classnames:
+        raise UsageError(f"--val-data {source}: no class names (put a classnames.txt beside "
+                         "the class folders)")
+    device = run.info.device
+    result, _ = scan_model(run.model, images, classnames, tokenizer=run.tokenizer,
+                           mean=run.mean, std=run.std,
+                           reference=None if reference is None else reference.to(device),
+                           steps=SCAN["steps"], batch_size=SCAN["batch_size"], lr=SCAN["lr"],
+                           seed=cfg["seed"], restarts=SCAN["restarts"])
+    cls = result["most_anomalous_class"]
+    notes = {k: result[k] for k in ("backdoored", "score", "threshold", "mode", "geometry")}
+    notes.update(toward=cls, val_data=str(source), lambda_steer=cfg["lambda_steer"])
+    print(f"steer: toward {cls!r} (scan score {result['score']:.2f}, threshold "
+          f"{result['threshold']:.2f}, {result['mode']} mode)", flush=True)
+    classifier = zero_shot_classifier(run.model, run.tokenizer, classnames, device=device)
+    return classifier, classnames.index(cls), notes

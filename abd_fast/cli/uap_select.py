@@ -27,12 +27,16 @@ def _flags(p):
                         "of the poisoned model over it)")
     p.add_argument("--candidates", metavar="LIST",
                    help="comma-separated UAP files (uap.pt) or `uap` output directories")
+    val_flag(p)
+    p.add_argument("--val-images", type=int, metavar="N",
+                   help="validation images used (evenly spaced over the listing)")
+
+
+def val_flag(p):
     p.add_argument("--val-data", metavar="PATH",
                    help="the validation images (ImageFolder with classnames.txt, or a labels "
                         "CSV; labels are not read), never the evaluation split (default: the "
                         "embedded data's validation split)")
-    p.add_argument("--val-images", type=int, metavar="N",
-                   help="validation images used (evenly spaced over the listing)")
 
 
 def add_parser(subparsers):

@@ -16,6 +16,7 @@ import functools
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from abd_fast.engine import compile_module
 from abd_fast.models import image_features, text_features
@@ -48,14 +49,18 @@ def _average_grads(module, world_size: int):
 
 # ---- uap -------------------------------------------------------------------------------------
 
-def uap_stage(run, reference=None) -> dict:
+def uap_stage(run, reference=None, steer=None) -> dict:
     """Trains the UAP generator against run.model (the poisoned CLIP, frozen). reference: the
     clean CLIP for the backdoor loss (frozen), or None: the poisoned model on the clean image
     stands in (recorded in eval.json). cfg["bd_loss"]: "paper" (ABD Eq. 2: the reference's
     features of the brightened clean image vs the poisoned encoder's of the adversarial
     image) or "differential" (both encoders on the same adversarial image; the cli's default
     sign -1 pushes the poisoned encoder's view away from the reference's: the UAP seeks
-    what only the poisoned model responds to). Returns the training summary."""
+    what only the poisoned model responds to).
+    steer: None, or (classifier [C, D], class index, notes for eval.json): our extension (`--steer scan`, not the
+    paper's): a term lambda_steer * CE(100 * cos(E_p(x'), classifier), class) that steers the
+    UAP toward a class, the scan's target-free suspected target. Returns the training
+    summary."""
     cfg, info, device = run.cfg, run.info, run.info.device
     S, mode = run.spec.size, cfg["mode"]
     poisoned = _frozen(run.model)
@@ -83,6 +88,8 @@ def uap_stage(run, reference=None) -> dict:
     if use_bd and differential and reference is None:
         raise ValueError("--bd-loss differential compares the poisoned and the reference "
                          "encoders on the same adversarial image: give --reference-model")
+    if steer is not None:
+        steer_w, steer_c = steer[0].to(device).float(), int(steer[1])
     geometry = dict(mode=mode, image_size=S, area=cfg["patch_area"], eps=cfg["eps"],
                     place=cfg["patch_place"])
 
@@ -114,6 +121,10 @@ def uap_stage(run, reference=None) -> dict:
                             pairing=cfg["backdoor_loss_pairing"]) if use_bd else None)
         loss, _ = generator_loss(discriminate(x_adv), x_adv, x, f_clean, f_adv, f_text,
                                  backdoor=bd, lambda_bd=cfg["lambda_bd"])
+        if steer is not None:
+            logits = 100.0 * f_adv.float() @ steer_w.T
+            loss = loss + cfg["lambda_steer"] * F.cross_entropy(
+                logits, torch.full((len(logits),), steer_c, device=device))
         return loss
 
     summary = run.fit(loss_fn, run.train_loader(), f"uap ({mode})", module=gen,
@@ -133,7 +144,8 @@ def uap_stage(run, reference=None) -> dict:
         print(f"UAP ({mode}, {cfg['patch_place']}, {tuple(uap.perturbation.shape)}) -> "
               f"{out / 'uap.pt'}", flush=True)
     run.evaluate(evaluation, uap, reference_model=cfg.get("reference_model") or
-                 "none: the poisoned model on the clean image stood in")
+                 "none: the poisoned model on the clean image stood in",
+                 **({"steer": steer[2]} if steer is not None else {}))
     return summary
 
 
