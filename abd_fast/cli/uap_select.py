@@ -3,7 +3,8 @@ backdoor losses) without the target or the trigger, on the validation split
 (abd_fast.defenses.select): per candidate, the class it captures far more on the poisoned
 model than on the clean reference; the candidate with the largest such gain wins. Writes
 OUTPUT/uap.pt (a copy of the chosen UAP, what `defend --uap` takes) and
-OUTPUT/selection.json (every candidate's score, top class and per-class capture)."""
+OUTPUT/selection.json (every candidate's score, top class and per-class capture), and
+OUTPUT/eval.json: the chosen candidate's own `uap` evaluation when it sits beside its file."""
 from __future__ import annotations
 
 import json
@@ -30,6 +31,32 @@ def _flags(p):
     val_flag(p)
     p.add_argument("--val-images", type=int, metavar="N",
                    help="validation images used (evenly spaced over the listing)")
+
+
+# `pipeline --uap-candidates GEOM:LOSS,...`: each candidate's `uap` flags.
+GEOMETRIES = {"corner": ["--mode", "patch", "--patch-place", "corner"],
+              "random": ["--mode", "patch", "--patch-place", "random"],
+              "linf": ["--mode", "linf"],
+              "patch+linf": ["--mode", "patch+linf", "--patch-place", "random"]}
+LOSSES = ("paper", "differential")
+
+
+def candidate_specs(text) -> dict:
+    """'corner:paper,linf:differential' -> {"corner-paper": [uap flags], ...}; a bare GEOM
+    means GEOM:paper."""
+    out = {}
+    for item in (s.strip() for s in str(text).split(",") if s.strip()):
+        geom, _, loss = item.partition(":")
+        loss = loss or "paper"
+        if geom not in GEOMETRIES or loss not in LOSSES:
+            raise UsageError(f"--uap-candidates {item!r}: expected GEOMETRY[:LOSS] with "
+                             f"GEOMETRY one of {', '.join(GEOMETRIES)} and LOSS one of "
+                             f"{', '.join(LOSSES)} (e.g. corner:paper,linf:differential)")
+        out[f"{geom.replace('+', '')}-{loss}"] = [*GEOMETRIES[geom], "--bd-loss", loss]
+    if not out:
+        raise UsageError("--uap-candidates is empty: give GEOMETRY[:LOSS],... "
+                         "(e.g. corner:paper,linf:differential)")
+    return out
 
 
 def val_flag(p):
@@ -135,6 +162,12 @@ def run(cfg: dict) -> int:
         shutil.copyfile(files[best["name"]], out / "uap.pt.tmp")
         (out / "uap.pt.tmp").replace(out / "uap.pt")
         atomic_write_text(json.dumps(result, indent=1) + "\n", out / SELECTION_FILE)
+        # the chosen candidate's own evaluation (its `uap` run's eval.json), for the report
+        chosen_eval = files[best["name"]].parent / "eval.json"
+        if chosen_eval.is_file():
+            ev = json.loads(chosen_eval.read_text())
+            ev["selected_from"] = SELECTION_FILE
+            atomic_write_text(json.dumps(ev, indent=1) + "\n", out / "eval.json")
         for s in sorted(scores, key=lambda s: -s["score"]):
             print(f"  {s['name']:<28} score {s['score']:6.2f}  top class {s['top_class']}",
                   flush=True)
