@@ -123,6 +123,7 @@ def test_defend_methods_run_and_report_asr(victim, tmp_path, capsys, method, ext
     (["uap", "--reference-model", "{tmp}/nope.pt"], "--reference-model {tmp}/nope.pt: no such"),
     (["uap", "--bd-loss", "differential"], "--bd-loss differential compares the poisoned"),
     (["uap", "--patch-place", "middle"], "argument --patch-place: invalid choice: 'middle'"),
+    (["uap", "--steer", "scan", "--train-data", "{tmp}"], "--val-data is needed"),
     (["defend", "--method", "abd"], "--method abd needs --uap FILE"),
     (["defend", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
     (["defend", "--method", "roclip", "--break-epoch", "0"], "--break-epoch must be an integer"),

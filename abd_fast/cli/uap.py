@@ -91,6 +91,8 @@ def check(cfg: dict):
     check_number(cfg, "lambda_bd", 0, math.inf, open_low=False)
     check_number(cfg, "lambda_steer", 0, math.inf, open_low=False)
     check_path(cfg, "val_data", "data")
+    if cfg["steer"] == "scan" and not cfg.get("val_data") and cfg.get("train_data"):
+        val_source(cfg)  # user data without --val-data: said before any work
     check_number(cfg, "brightness", 0, 10)
     if cfg["mode"] == "patch" and cfg["patch_area"] >= 1:
         raise UsageError("--patch-area must be below 1 (0.03: 3% of the image)")
