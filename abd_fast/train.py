@@ -8,6 +8,7 @@ Commands (no command: `pipeline` on the embedded demo data into runs/demo):
   poison     fine-tune a CLIP on clean + poisoned caption data with MMCL (plant a backdoor)
   eval       zero-shot CA top-1/top-5, ASR and the clean/triggered embedding distance
   uap        train ABD's universal adversarial perturbation against a poisoned model
+  uap-select choose among candidate UAPs on the validation split (no target, no trigger)
   defend     fine-tune a poisoned model with ft, cleanclip, roclip or abd
   scan       is a CLIP backdoored, toward which class? (no target, no trigger needed)
   scan-data  rank the training pairs by how likely they are poisoned (--drop-top K: clean)
@@ -32,11 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
 # The commands (abd_fast/cli/, one module each; see abd_fast/cli/__init__.py for their kinds).
 from abd_fast.cli import (ablation, badclip_trigger, defend, eval, export_poison,  # noqa: E402
                           pipeline, poison, pretrain, scan, scan_data, selfcheck,
-                          show_triggers, uap)
+                          show_triggers, uap, uap_select)
 from abd_fast.cli.common import (COMMON_DEFAULTS, Parser, UsageError,  # noqa: E402
                                  resolve_config, validate)
 
-STAGES = (pretrain, poison, eval, uap, defend, scan, scan_data)
+STAGES = (pretrain, poison, eval, uap, uap_select, defend, scan, scan_data)
 TOOLS = (selfcheck, show_triggers, export_poison, badclip_trigger)
 JOBS = (pipeline, ablation)
 COMMANDS = {m.NAME: m for m in STAGES + TOOLS + JOBS}

@@ -60,6 +60,38 @@ def test_uap_linf_without_backdoor_loss(victim, tmp_path, capsys):
     assert uap.perturbation.abs().max() <= 0.05 + 1e-7
 
 
+@pytest.mark.parametrize("mode,place", [("patch+linf", "random"), ("patch", "random")])
+def test_uap_geometries_with_the_differential_loss(victim, tmp_path, capsys, mode, place):
+    out, common = victim
+    code, err = run_main(["uap", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+                          "--reference-model", out / "clean" / "checkpoint.pt",
+                          "--mode", mode, "--patch-place", place, "--bd-loss", "differential",
+                          "--output", tmp_path / "uap"], capsys)
+    assert code == 0, err
+    uap = UAP.load(tmp_path / "uap" / "uap.pt")
+    assert (uap.mode, uap.place) == (mode, place)
+    ckpt = torch.load(tmp_path / "uap" / "checkpoint.pt", weights_only=True)
+    # the differential loss's defaults: sign -1, lambda 10
+    assert (ckpt["config"]["bd_loss"], ckpt["config"]["backdoor_loss_sign"],
+            ckpt["config"]["lambda_bd"]) == ("differential", -1.0, 10.0)
+    assert json.loads((tmp_path / "uap" / "eval.json").read_text())["asr"] is not None
+
+
+def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa: F811
+    """--steer scan (our extension): the scan's target-free search on the validation images
+    picks a class; eval.json records it; the run never needs the target."""
+    out, common = victim
+    val = str(small_data.val_dir)
+    code, err = run_main(["uap", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+                          "--reference-model", out / "clean" / "checkpoint.pt",
+                          "--steer", "scan", "--val-data", val,
+                          "--output", tmp_path / "uap"], capsys)
+    assert code == 0, err
+    steer = json.loads((tmp_path / "uap" / "eval.json").read_text())["steer"]
+    assert steer["mode"] == "reference" and steer["toward"] and steer["val_data"] == val
+    assert isinstance(steer["backdoored"], bool) and steer["lambda_steer"] == 1.0
+
+
 @pytest.mark.parametrize("method,extra", [
     ("abd", []), ("abd", ["--abd-objective", "replace"]), ("abd", ["--no-adv"]),
     ("abd", ["--abd-objective", "union", "--adv-view", "autoaugment"]),
@@ -140,6 +172,9 @@ def test_paper_budget_needs_a_poisoning_record_and_enough_pairs(victim, tmp_path
     (["uap", "--eps", "-0.1", "--mode", "linf"], "--eps must be in (0, 1], got -0.1"),
     (["uap", "--patch-area", "0"], "--patch-area must be in (0, 1], got 0.0"),
     (["uap", "--reference-model", "{tmp}/nope.pt"], "--reference-model {tmp}/nope.pt: no such"),
+    (["uap", "--bd-loss", "differential"], "--bd-loss differential compares the poisoned"),
+    (["uap", "--patch-place", "middle"], "argument --patch-place: invalid choice: 'middle'"),
+    (["uap", "--steer", "scan", "--train-data", "{tmp}"], "--val-data is needed"),
     (["defend", "--method", "abd"], "--method abd needs --uap FILE"),
     (["defend", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
     (["defend", "--method", "roclip", "--break-epoch", "0"], "--break-epoch must be an integer"),

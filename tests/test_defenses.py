@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from abd_fast.defenses import objectives as obj
 from abd_fast.ops import normalize_images
-from abd_fast.defenses.uap import (Discriminator, UAPGenerator, apply_uap, backdoor_loss,
+from abd_fast.defenses.uap import (UAP, Discriminator, UAPGenerator, apply_uap, backdoor_loss,
                                    discriminator_loss, generator_loss, patch_geometry,
-                                   topology_loss)
+                                   patch_places, topology_loss, uap_shape)
 
 
 def unit(n, d=9):
@@ -174,6 +174,84 @@ def test_uap_gradient_reaches_the_generator():
     (out.square().mean()).backward()
     grads = [p.grad for p in g.parameters()]
     assert all(gr is not None for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
+
+
+def _footprint(images, out, S):
+    """bool [B, S, S]: the pixels where out differs from the plain normalized images."""
+    plain = normalize_images(images, None, None)
+    return (out - plain).abs().amax(1) > 1e-6
+
+
+def test_random_place_patch_moves_per_image_and_is_a_function_of_the_id():
+    S = 40
+    side, corner = patch_geometry(S)
+    images = torch.randint(1, 255, (64, 3, S, S), dtype=torch.uint8)
+    uap = torch.zeros(3, side, side)  # black: every patch pixel differs from images >= 1
+    ids = torch.arange(100, 164)
+    out = apply_uap(images, uap, mode="patch", image_size=S, place="random", ids=ids)
+    ys, xs = patch_places(64, S, place="random", ids=ids)
+    hit = _footprint(images, out, S)
+    for b in range(64):
+        want = torch.zeros(S, S, dtype=torch.bool)
+        want[ys[b]:ys[b] + side, xs[b]:xs[b] + side] = True
+        assert torch.equal(hit[b], want)
+    assert len(set(zip(ys.tolist(), xs.tolist()))) > 32   # places differ between images
+    assert int(ys.max()) + side <= S and int(xs.max()) + side <= S and int(ys.min()) >= 0
+    # the same id gets the same place in any batch; no ids: a place from the generator
+    again = apply_uap(images[5:9], uap, mode="patch", image_size=S, place="random", ids=ids[5:9])
+    assert torch.equal(again, out[5:9])
+    g1, g2 = (torch.Generator().manual_seed(0) for _ in range(2))
+    a = apply_uap(images, uap, mode="patch", image_size=S, place="random", generator=g1)
+    assert torch.equal(a, apply_uap(images, uap, mode="patch", image_size=S, place="random",
+                                    generator=g2))
+    corner_out = apply_uap(images, uap, mode="patch", image_size=S, place="corner")
+    assert _footprint(images, corner_out, S)[:, corner:corner + side,
+                                              corner:corner + side].all()
+    with pytest.raises(ValueError, match="--patch-place"):
+        apply_uap(images, uap, mode="patch", image_size=S, place="middle")
+
+
+def test_patch_plus_linf_is_the_linf_image_with_the_patch_on_top():
+    S, eps = 36, 0.05
+    side, corner = patch_geometry(S)
+    g = UAPGenerator(S, mode="patch+linf", eps=eps, seed=2)
+    delta = g()
+    assert tuple(delta.shape) == uap_shape("patch+linf", S) == (6, S, S)
+    assert delta[:3].abs().max() <= eps and 0 <= delta[3:].min() and delta[3:].max() <= 1
+    images = torch.randint(0, 256, (4, 3, S, S), dtype=torch.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
+    out = apply_uap(images, delta, mode="patch+linf", image_size=S, eps=eps, mean=mean, std=std)
+    # by hand: x + delta clamped, the patch pasted at the corner, normalized
+    x = (images.float() / 255 + delta[:3].detach()).clamp(0, 1)
+    x[..., corner:corner + side, corner:corner + side] = delta[3:, :side, :side].detach()
+    want = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(out, want, atol=1e-5)
+    out.square().mean().backward()   # both parts of the generator's output get a gradient
+    grads = [p.grad for p in g.parameters()]
+    assert all(gr is not None for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
+    # rows: only the selected rows are perturbed
+    rows = torch.tensor([True, False, True, False])
+    part = apply_uap(images, delta.detach(), mode="patch+linf", image_size=S, eps=eps,
+                     rows=rows)
+    plain = normalize_images(images, None, None)
+    assert torch.equal(part[~rows], plain[~rows]) and not torch.equal(part[rows], plain[rows])
+
+
+@pytest.mark.parametrize("mode,place", [("patch", "random"), ("patch+linf", "random"),
+                                        ("patch+linf", "corner"), ("linf", "corner")])
+def test_uap_file_keeps_mode_and_place(tmp_path, mode, place):
+    S = 32
+    with torch.no_grad():
+        d = UAPGenerator(uap_shape(mode, S)[-1], mode=mode, seed=0)()
+    uap = UAP(d, mode=mode, image_size=S, place=place)
+    uap.save(tmp_path / "u.pt")
+    back = UAP.load(tmp_path / "u.pt")
+    assert (back.mode, back.place) == (mode, place) and torch.equal(back.perturbation,
+                                                                     uap.perturbation)
+    images = torch.randint(0, 256, (6, 3, S, S), dtype=torch.uint8)
+    assert torch.equal(back.apply(images, torch.arange(6)), uap.apply(images, torch.arange(6)))
+    with pytest.raises(ValueError, match=r"is \[" + str(uap_shape(mode, S)[0])):
+        UAP(torch.zeros(3, 7, 7), mode=mode, image_size=S)
 
 
 def test_discriminator_output_and_weight_clipping():

@@ -46,6 +46,9 @@ def _user_flags(data):
     (["--pretrained", "{tmp}/none.pt"], "--pretrained {tmp}/none.pt: no such file"),
     (["--image-size", "0"], "--image-size must be an integer >= 1, got 0"),
     (["--config", "{tmp}/absent.yaml"], "--config {tmp}/absent.yaml: cannot read"),
+    (["--uap-candidates", "corner:paper,middle"], "--uap-candidates 'middle': expected "
+                                                 "GEOMETRY[:LOSS]"),
+    (["--uap-candidates", "linf:loud"], "--uap-candidates 'linf:loud': expected"),
 ])
 def test_pipeline_flags_stop_before_any_work(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -300,3 +303,39 @@ def test_a_failed_strip_keeps_the_stage_and_its_full_checkpoint(tmp_path, monkey
     assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == b"full"
     assert any("kept a's full checkpoint (stripping it failed: [Errno 28] No space left"
                in line for line in lines)
+
+
+def test_uap_candidates_plan_a_uap_per_candidate_then_the_choice():
+    from abd_fast.cli.pipeline import plan_stages
+    from abd_fast.cli.uap_select import candidate_specs
+    specs = candidate_specs("corner:paper, linf:differential,patch+linf")
+    assert list(specs) == ["corner-paper", "linf-differential", "patchlinf-paper"]
+    assert specs["linf-differential"] == ["--mode", "linf", "--bd-loss", "differential"]
+    cfg = dict(quick=True, pretrained=None, attacks=["badnet"], defenses=["abd"],
+               no_ablations=True, stage_flags={}, uap_candidates="corner,random:differential")
+    plan = list(plan_stages(cfg))
+    assert plan.index("uap-badnet-corner-paper") < plan.index("uap-badnet") \
+        < plan.index("badnet-abd")
+    assert "uap-badnet-random-differential" in plan
+
+
+@pytest.mark.slow
+def test_pipeline_chooses_the_uap_on_the_val_split(cache, tmp_path, capsys):
+    """--uap-candidates: a uap stage per candidate, then uap-select on the embedded data's
+    validation split; ABD defends with the chosen file; no stage of the choice gets the
+    target label."""
+    from abd_fast.data.synthetic import ensure_dataset
+    from abd_fast.cli.pipeline import QUICK_DATA
+    if getattr(ensure_dataset(seed=0, **QUICK_DATA), "val_dir", None) is None:
+        pytest.skip("the embedded data has no validation split on this branch (it comes with "
+                    "the `data` branch's val split)")
+    out = tmp_path / "run"
+    _run(["--quick", "--attacks", "badnet", "--defenses", "abd", "--no-ablations",
+          "--uap-candidates", "corner,linf:differential", "--output", out], capsys)
+    sel = json.loads((out / "uap-badnet" / "selection.json").read_text())
+    assert {c["name"] for c in sel["candidates"]} == {"uap-badnet-corner-paper",
+                                                       "uap-badnet-linf-differential"}
+    argv = json.loads((out / "uap-badnet" / "stage.json").read_text())["argv"]
+    assert argv[0] == "uap-select" and "--target-label" not in argv and "--val-data" in argv
+    assert (out / "uap-badnet" / "uap.pt").read_bytes() == \
+        (Path(sel["chosen_file"])).read_bytes()

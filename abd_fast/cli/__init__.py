@@ -3,7 +3,7 @@ this package). `python -m abd_fast.train` (abd_fast/train.py) dispatches to them
 
 A command module has NAME (the command's name), add_parser(subparsers) and run(...); the
 dispatcher calls run by the command's kind:
-  stage commands (pretrain, poison, eval, uap, defend, scan, scan-data)
+  stage commands (pretrain, poison, eval, uap, uap-select, defend, scan, scan-data)
       DEFAULTS, check(cfg), run(cfg):
       settings resolved and validated by the dispatcher (common.resolve_config, validate)
   tools (selfcheck, show-triggers, export-poison, badclip-trigger)  run(args)

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap
+from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap, uap_select
 from .common import (UsageError, caption_data_flags, check_flag_values, check_output, check_path,
                      check_val_apart, loader_options, own_settings, source_options, speed_flags)
 from .stages import Stages, StageError, clock
@@ -149,6 +149,11 @@ def add_parser(subparsers):
                    help=f"comma list (default {','.join(DEFAULT_ATTACKS)})")
     p.add_argument("--defenses", metavar="LIST",
                    help=f"comma list (default {','.join(DEFAULT_DEFENSES)})")
+    p.add_argument("--uap-candidates", metavar="LIST",
+                   help="ABD's UAP chosen per victim among candidates GEOMETRY[:LOSS],... "
+                        "(geometries corner, random, linf, patch+linf; losses paper, "
+                        "differential) by `uap-select` on the validation split, without the "
+                        "target (default: one UAP, the `uap` defaults)")
     p.add_argument("--no-ablations", action="store_true",
                    help="skip ABD's Table II and III (run on the first attack)")
     p.add_argument("--quick", action="store_true",
@@ -176,8 +181,9 @@ def add_parser(subparsers):
 PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
-    defenses=",".join(DEFAULT_DEFENSES), no_ablations=False, quick=False, seed=0, seeds=None,
-    loader=None, workers=None, precision=None, compile=None, recipe=None, output=None, config=None,
+    defenses=",".join(DEFAULT_DEFENSES), uap_candidates=None, no_ablations=False, quick=False,
+    seed=0, seeds=None, loader=None, workers=None, precision=None, compile=None, recipe=None,
+    output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
 CAPTION_DATA_FLAGS = ("csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
@@ -192,6 +198,8 @@ def _settings(args, parser) -> dict:
     from abd_fast.defenses.stages import METHODS
     for key, known in (("attacks", ATTACKS), ("defenses", METHODS)):
         cfg[key] = _name_list(cfg, key, known)
+    if cfg["uap_candidates"] is not None:
+        uap_select.candidate_specs(cfg["uap_candidates"])  # a bad list: said before any work
     if cfg["output"] is None:
         cfg["output"] = "runs/quick" if cfg["quick"] else "runs/demo"
     check_path(cfg, "train_data", "data")
@@ -364,7 +372,9 @@ def plan_stages(cfg) -> dict:
         plan[f"scan-{a}"], plan[f"scan-data-{a}"] = 0.5, 0.3
     for a in cfg["attacks"]:
         if "abd" in cfg["defenses"]:
-            plan[f"uap-{a}"] = 2
+            for name in _uap_candidates(cfg):
+                plan[f"uap-{a}-{name}"] = 2
+            plan[f"uap-{a}"] = 0.3 if cfg["uap_candidates"] else 2
         for d in cfg["defenses"]:
             plan[f"{a}-{d}"] = 2
     if not cfg["no_ablations"]:
@@ -374,6 +384,13 @@ def plan_stages(cfg) -> dict:
             plan[f"ablation-{a}-{name}"] = 2
     plan["report"] = 1
     return plan
+
+
+def _uap_candidates(cfg) -> dict:
+    """{name: uap flags} of --uap-candidates ({} without it: one UAP)."""
+    if cfg.get("uap_candidates") is None:
+        return {}
+    return uap_select.candidate_specs(cfg["uap_candidates"])
 
 
 def _known_rows(cfg, attack) -> set:
@@ -623,9 +640,20 @@ def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, clean_dir: Path,
     for a in cfg["attacks"]:
         results["attacks"][a] = {"victim": read_eval(out / f"poison-{a}")}
         if "abd" in cfg["defenses"]:
-            d = st.run(f"uap-{a}", ["uap", *flags.victim, "--checkpoint", victims[a],
-                                    "--reference-model", clean, *flags.of("uap")],
-                       outputs=("uap.pt", "eval.json"))
+            candidates = _uap_candidates(cfg)
+            dirs = [str(st.run(f"uap-{a}-{name}", ["uap", *flags.victim, "--checkpoint",
+                                                   victims[a], "--reference-model", clean,
+                                                   *flags.of("uap"), *extra],
+                               outputs=("uap.pt", "eval.json")))
+                    for name, extra in candidates.items()]
+            d = (st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val,
+                                     "--checkpoint", victims[a],
+                                     "--reference-model", clean, "--candidates",
+                                     ",".join(dirs)],
+                        outputs=("uap.pt", "selection.json", "eval.json")) if candidates else
+                 st.run(f"uap-{a}", ["uap", *flags.victim, "--checkpoint", victims[a],
+                                     "--reference-model", clean, *flags.of("uap")],
+                        outputs=("uap.pt", "eval.json")))
             uaps[a] = str(d / "uap.pt")
         for m in cfg["defenses"]:
             uap_flag = ["--uap", uaps[a]] if m == "abd" else []

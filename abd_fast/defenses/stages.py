@@ -16,6 +16,7 @@ import functools
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from abd_fast.engine import compile_module
 from abd_fast.models import image_features, text_features
@@ -24,7 +25,7 @@ from abd_fast.precision import channels_last, image_dtype
 
 from . import objectives as obj
 from .uap import (UAP, Discriminator, UAPGenerator, apply_uap, backdoor_loss,
-                  discriminator_loss, generator_loss, patch_geometry)
+                  discriminator_loss, generator_loss, uap_shape)
 from .views import autoaugment, brighten, cross_augment, eda_view
 
 METHODS = ("ft", "cleanclip", "roclip", "abd")
@@ -48,16 +49,25 @@ def _average_grads(module, world_size: int):
 
 # ---- uap -------------------------------------------------------------------------------------
 
-def uap_stage(run, reference=None) -> dict:
+def uap_stage(run, reference=None, steer=None) -> dict:
     """Trains the UAP generator against run.model (the poisoned CLIP, frozen). reference: the
     clean CLIP for the backdoor loss (frozen), or None: the poisoned model on the clean image
-    stands in (recorded in eval.json). Returns the training summary."""
+    stands in (recorded in eval.json). cfg["bd_loss"]: "paper" (ABD Eq. 2: the reference's
+    features of the brightened clean image vs the poisoned encoder's of the adversarial
+    image) or "differential" (both encoders on the same adversarial image; the cli's default
+    sign -1 pushes the poisoned encoder's view away from the reference's: the UAP seeks
+    what only the poisoned model responds to).
+    steer: None, or (classifier [C, D], class index, notes for eval.json): our extension (`--steer scan`, not the
+    paper's): a term lambda_steer * CE(100 * cos(E_p(x'), classifier), class) that steers the
+    UAP toward a class, the scan's target-free suspected target. Returns the training
+    summary."""
     cfg, info, device = run.cfg, run.info, run.info.device
     S, mode = run.spec.size, cfg["mode"]
     poisoned = _frozen(run.model)
     reference = _frozen(reference.to(device)) if reference is not None else None
-    size = patch_geometry(S, cfg["patch_area"])[0] if mode == "patch" else S
+    size = uap_shape(mode, S, cfg["patch_area"])[-1]
     gen = UAPGenerator(size, mode=mode, eps=cfg["eps"], seed=cfg["seed"])
+    places = torch.Generator().manual_seed(cfg["seed"])  # random-place patches: new each step
     disc = Discriminator(S).to(device)
     if channels_last(cfg.get("precision")):
         for m in (poisoned, reference, disc):  # the Trainer lays out only the generator
@@ -74,13 +84,21 @@ def uap_stage(run, reference=None) -> dict:
         encode, encode_ref, discriminate = map(compile_module, (encode, encode_ref, disc))
     mean, std, tok = run.mean, run.std, run.tokenizer
     use_bd = not cfg["no_backdoor_loss"]
-    geometry = dict(mode=mode, image_size=S, area=cfg["patch_area"], eps=cfg["eps"])
+    differential = cfg["bd_loss"] == "differential"
+    if use_bd and differential and reference is None:
+        raise ValueError("--bd-loss differential compares the poisoned and the reference "
+                         "encoders on the same adversarial image: give --reference-model")
+    if steer is not None:
+        steer_w, steer_c = steer[0].to(device).float(), int(steer[1])
+    geometry = dict(mode=mode, image_size=S, area=cfg["patch_area"], eps=cfg["eps"],
+                    place=cfg["patch_place"])
 
     def loss_fn(model, batch, epoch):
         images = batch.images.to(device, non_blocking=True)
         dtype = image_dtype(device)  # autocast's: the towers take the batch without a cast
         x = normalize_images(images, mean, std, out_dtype=dtype)
-        x_adv = apply_uap(images, model(), mean=mean, std=std, out_dtype=dtype, **geometry)
+        x_adv = apply_uap(images, model(), mean=mean, std=std, out_dtype=dtype,
+                          generator=places, **geometry)
         # Discriminator step (its own optimizer), then the generator's loss.
         d_opt.zero_grad(set_to_none=True)
         d_loss = discriminator_loss(discriminate(x), discriminate(x_adv.detach()))
@@ -92,15 +110,21 @@ def uap_stage(run, reference=None) -> dict:
             f_clean = encode(x)
             f_text = text_features(poisoned, tok(batch.captions).to(device))
             f_ref = None
-            if use_bd:
+            if use_bd and not differential:
                 x_ref = normalize_images(brighten(images, cfg["brightness"]), mean, std,
                                          out_dtype=dtype)
                 f_ref = encode_ref(x_ref)
         f_adv = encode(x_adv)
+        if use_bd and differential:  # the reference on the same adversarial image
+            f_ref = encode_ref(x_adv)
         bd = (backdoor_loss(f_ref, f_adv, tau=0.1, sign=cfg["backdoor_loss_sign"],
                             pairing=cfg["backdoor_loss_pairing"]) if use_bd else None)
         loss, _ = generator_loss(discriminate(x_adv), x_adv, x, f_clean, f_adv, f_text,
                                  backdoor=bd, lambda_bd=cfg["lambda_bd"])
+        if steer is not None:
+            logits = 100.0 * f_adv.float() @ steer_w.T
+            loss = loss + cfg["lambda_steer"] * F.cross_entropy(
+                logits, torch.full((len(logits),), steer_c, device=device))
         return loss
 
     summary = run.fit(loss_fn, run.train_loader(), f"uap ({mode})", module=gen,
@@ -117,9 +141,11 @@ def uap_stage(run, reference=None) -> dict:
         out = Path(cfg["output"])
         uap.save(out / "uap.pt")
         _save_examples(evaluation, uap, out / "uap_examples.png")
-        print(f"UAP ({mode}, {tuple(uap.perturbation.shape)}) -> {out / 'uap.pt'}", flush=True)
+        print(f"UAP ({mode}, {cfg['patch_place']}, {tuple(uap.perturbation.shape)}) -> "
+              f"{out / 'uap.pt'}", flush=True)
     run.evaluate(evaluation, uap, reference_model=cfg.get("reference_model") or
-                 "none: the poisoned model on the clean image stood in")
+                 "none: the poisoned model on the clean image stood in",
+                 **({"steer": steer[2]} if steer is not None else {}))
     return summary
 
 

@@ -9,11 +9,16 @@ works at the batch size it was trained with; here there is one z and no such lay
 BatchNorm normalizes over the spatial positions of that one map and keeps no running
 statistics, so training and evaluation produce the same perturbation.
 
-Two modes (abd_fast.ops.apply_perturbation applies them, with the gradient to the generator):
-  patch: the perturbation is a square patch whose area is `area` (3%) of the image, content
-         (tanh + 1) / 2 in [0, 1], pasted near the bottom-right corner (AdvCLIP, and what ABD
-         means by "0.03")
-  linf:  x + eps * tanh(g), eps = 0.03
+Three modes (abd_fast.ops.apply_perturbation applies them, with the gradient to the generator):
+  patch:      the perturbation is a square patch whose area is `area` (3%) of the image,
+              content (tanh + 1) / 2 in [0, 1], pasted at `place`: "corner", near the
+              bottom-right corner (AdvCLIP, and what ABD means by "0.03"), or "random", a new
+              place per image (issue 17: a patch that must work anywhere, as a BadNets
+              trigger at a random place does)
+  linf:       x + eps * tanh(g), eps = 0.03
+  patch+linf: both: x + eps * tanh(g1) everywhere, then the patch (tanh(g2) + 1) / 2 pasted
+              at `place` (the generator's output has 6 channels: g1's 3, then g2's 3, whose
+              top-left side x side crop is the patch)
 """
 from __future__ import annotations
 
@@ -26,7 +31,11 @@ from torch import Tensor, nn
 from abd_fast.ops import apply_perturbation, info_nce
 from abd_fast.precision import full_precision
 
-MODES = ("patch", "linf")
+MODES = ("patch", "linf", "patch+linf")
+PLACES = ("corner", "random")
+# The random patch places of an evaluation are a pure function of (seed, image id), like the
+# attacks' triggers (abd_fast.attacks.triggers.uniform; its streams are 1-8).
+STREAM_UAP_PLACE = 9
 
 
 def patch_geometry(image_size: int, area: float = 0.03) -> tuple[int, int]:
@@ -43,9 +52,10 @@ def patch_geometry(image_size: int, area: float = 0.03) -> tuple[int, int]:
 class UAPGenerator(nn.Module):
     """z [1, z_dim, 1, 1] (fixed buffer) -> transposed convs with BN + ReLU -> Tanh ->
     the perturbation [3, size, size] of `mode`: patch -> (tanh + 1) / 2 in [0, 1];
-    linf -> eps * tanh, within [-eps, eps] (what apply_perturbation / apply_uap take).
+    linf -> eps * tanh, within [-eps, eps]; patch+linf -> [6, size, size]: eps * tanh of the
+    first 3 channels, (tanh + 1) / 2 of the last 3 (what apply_uap takes).
 
-    size: the patch side (patch mode) or the image size (linf mode)."""
+    size: the patch side (patch mode) or the image size (linf, patch+linf)."""
 
     def __init__(self, size: int, mode: str = "patch", eps: float = 0.03, z_dim: int = 100,
                  width: int = 64, seed: int = 0):
@@ -64,7 +74,7 @@ class UAPGenerator(nn.Module):
         layers = [nn.ConvTranspose2d(z_dim, chans[0], 4, 1, 0), _bn(chans[0]), nn.ReLU()]
         for a, b in zip(chans, chans[1:]):
             layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), _bn(b), nn.ReLU()]
-        layers.append(nn.Conv2d(chans[-1], 3, 3, 1, 1))
+        layers.append(nn.Conv2d(chans[-1], 6 if mode == "patch+linf" else 3, 3, 1, 1))
         self.net = nn.Sequential(*layers)
         for m in self.net:
             if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d)):
@@ -77,6 +87,8 @@ class UAPGenerator(nn.Module):
             h = F.interpolate(h, size=(self.size, self.size), mode="bilinear",
                               align_corners=False)
         t = torch.tanh(h[0])
+        if self.mode == "patch+linf":
+            return torch.cat([self.eps * t[:3], (t[3:] + 1) / 2])
         return (t + 1) / 2 if self.mode == "patch" else self.eps * t
 
 
@@ -117,19 +129,72 @@ class Discriminator(nn.Module):
             p.clamp_(-c, c)
 
 
-def apply_uap(images: Tensor, uap: Tensor, *, mode: str, image_size: int, area: float = 0.03,
-              eps: float = 0.03, rows=None, mean=None, std=None,
-              out_dtype=torch.float32) -> Tensor:
-    """uint8 (or [0,1]) images -> images with the UAP -> clamp -> normalize, one fused pass;
-    differentiable with respect to `uap` (from UAPGenerator.perturbation)."""
+def uap_shape(mode: str, image_size: int, area: float = 0.03) -> tuple[int, int, int]:
+    """The shape of a `mode` UAP for image_size px images (what UAPGenerator returns)."""
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
     if mode == "patch":
-        _, corner = patch_geometry(image_size, area)
-        return apply_perturbation(images, uap, mode="patch", box=(corner, corner), rows=rows,
-                                  mean=mean, std=std, out_dtype=out_dtype)
+        side = patch_geometry(image_size, area)[0]
+        return (3, side, side)
+    return (6 if mode == "patch+linf" else 3, image_size, image_size)
+
+
+def patch_places(n: int, image_size: int, area: float = 0.03, *, place: str = "corner",
+                 ids=None, seed: int = 0, generator: torch.Generator | None = None):
+    """Top-left corners (ys, xs), int64 [n] each, of the patch on n images: "corner" ->
+    patch_geometry's; "random" -> uniform over the image, a pure function of (seed, image id)
+    when `ids` are given (an evaluation: the same places for every model and run), else drawn
+    from `generator` (training: new places each step; the scan's draw, scan.model._place)."""
+    side, corner = patch_geometry(image_size, area)
+    if place == "corner":
+        return torch.full((n,), corner), torch.full((n,), corner)
+    if place != "random":
+        raise ValueError(f"--patch-place must be one of {PLACES}, got {place!r}")
+    if ids is not None:
+        from abd_fast.attacks.triggers import uniform
+        u = torch.from_numpy(uniform(seed, STREAM_UAP_PLACE, torch.as_tensor(ids).cpu(), 2))
+        yx = (u * (image_size - side + 1)).floor().to(torch.int64)
+        return yx[:, 0], yx[:, 1]
+    from abd_fast.scan.model import Geometry, _place
+    return _place(Geometry("patch", size=side / image_size, place="random"), image_size, n,
+                  generator if generator is not None else torch.default_generator)
+
+
+def apply_uap(images: Tensor, uap: Tensor, *, mode: str, image_size: int, area: float = 0.03,
+              eps: float = 0.03, place: str = "corner", places=None, ids=None, seed: int = 0,
+              generator: torch.Generator | None = None, rows=None, mean=None, std=None,
+              out_dtype=torch.float32) -> Tensor:
+    """uint8 (or [0,1]) images -> images with the UAP -> clamp -> normalize, in fused passes;
+    differentiable with respect to `uap` (from UAPGenerator). Patch modes: the patch's
+    top-left corners are `places` (ys, xs) when given, else `patch_places(place, ids, seed,
+    generator)`."""
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
     if mode == "linf":
         return apply_perturbation(images, uap, mode="linf", eps=eps, rows=rows, mean=mean,
                                   std=std, out_dtype=out_dtype)
-    raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    B, side = images.shape[0], patch_geometry(image_size, area)[0]
+    if places is None:
+        places = patch_places(B, image_size, area, place=place, ids=ids, seed=seed,
+                              generator=generator)
+    box = tuple(t.to(images.device) for t in places)
+    if mode == "patch":
+        return apply_perturbation(images, uap, mode="patch", box=box, rows=rows, mean=mean,
+                                  std=std, out_dtype=out_dtype)
+    # patch+linf: x + delta (unnormalized, differentiable w.r.t. delta), then the patch pasted
+    # over it as x * (1 - mask) + canvas, where canvas is the patch on a zero image and mask
+    # its footprint (the fused ops take no gradient through their input images).
+    linf, patch = uap[:3], uap[3:, :side, :side]
+    x = apply_perturbation(images, linf, mode="linf", eps=eps, rows=rows)
+    blank = torch.zeros(images.shape, dtype=torch.uint8, device=images.device)
+    canvas = apply_perturbation(blank, patch, mode="patch", box=box, rows=rows)
+    mask = apply_perturbation(blank, torch.ones_like(patch.detach()), mode="patch", box=box,
+                              rows=rows)
+    x = x * (1 - mask) + canvas
+    if mean is not None:
+        x = (x - torch.as_tensor(mean, device=x.device).view(1, -1, 1, 1)) \
+            / torch.as_tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.to(out_dtype)
 
 
 # ---- losses ---------------------------------------------------------------------------------
@@ -234,25 +299,30 @@ def _bce(logits: Tensor, target: float) -> Tensor:
 class UAP:
     """A trained universal perturbation with its geometry. `apply(images, ids, ...)` has the
     signature of an attack Trigger, so abd_fast.evaluate measures it like one: its "ASR" on
-    the poisoned model is how often it sends non-target images to the backdoor target."""
+    the poisoned model is how often it sends non-target images to the backdoor target.
+    A random-place patch goes where patch_places puts it: by image id when ids are given
+    (evaluations), else at places drawn from torch's global generator (ABD's training view:
+    new places each step)."""
     name = "uap"
 
     def __init__(self, perturbation: Tensor, *, mode: str, image_size: int, area: float = 0.03,
-                 eps: float = 0.03):
-        if mode not in MODES:
-            raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
-        want = patch_geometry(image_size, area)[0] if mode == "patch" else image_size
-        if tuple(perturbation.shape) != (3, want, want):
-            raise ValueError(f"a {mode} UAP for {image_size} px images is [3, {want}, {want}], "
-                             f"got {tuple(perturbation.shape)}")
+                 eps: float = 0.03, place: str = "corner"):
+        want = uap_shape(mode, image_size, area)
+        if tuple(perturbation.shape) != want:
+            raise ValueError(f"a {mode} UAP for {image_size} px images is {list(want)}, "
+                             f"got {list(perturbation.shape)}")
+        if place not in PLACES:
+            raise ValueError(f"--patch-place must be one of {PLACES}, got {place!r}")
         self.perturbation = perturbation.detach().float()
         self.mode, self.image_size, self.area, self.eps = mode, int(image_size), area, eps
+        self.place = place
 
     def apply(self, images: Tensor, ids=None, *, rows=None, mean=None, std=None,
               out_dtype=torch.float32) -> Tensor:
         return apply_uap(images, self.perturbation.to(images.device), mode=self.mode,
-                         image_size=self.image_size, area=self.area, eps=self.eps, rows=rows,
-                         mean=mean, std=std, out_dtype=out_dtype)
+                         image_size=self.image_size, area=self.area, eps=self.eps,
+                         place=self.place, ids=ids, rows=rows, mean=mean, std=std,
+                         out_dtype=out_dtype)
 
     def clean_and_adversarial(self, images: Tensor, *, mean=None, std=None,
                               out_dtype=torch.float32) -> Tensor:
@@ -266,7 +336,8 @@ class UAP:
 
     def state_dict(self) -> dict:
         return {"format": "abd_fast.uap", "perturbation": self.perturbation, "mode": self.mode,
-                "image_size": self.image_size, "area": self.area, "eps": self.eps}
+                "image_size": self.image_size, "area": self.area, "eps": self.eps,
+                "place": self.place}
 
     def save(self, path):
         from abd_fast.engine import atomic_save
@@ -287,4 +358,4 @@ class UAP:
         if not isinstance(d, dict) or d.get("format") != "abd_fast.uap":
             raise ValueError(f"{flag} {path}: not a UAP file written by the `uap` stage")
         return cls(d["perturbation"], mode=d["mode"], image_size=d["image_size"],
-                   area=d["area"], eps=d["eps"])
+                   area=d["area"], eps=d["eps"], place=d.get("place", "corner"))

@@ -1,0 +1,168 @@
+"""`uap-select`: choose among candidate UAPs (trained by `uap` with different geometries and
+backdoor losses) without the target or the trigger, on the validation split
+(abd_fast.defenses.select): per candidate, the class it captures far more on the poisoned
+model than on the clean reference; the candidate with the largest such gain wins. Writes
+OUTPUT/uap.pt (a copy of the chosen UAP, what `defend --uap` takes) and
+OUTPUT/selection.json (every candidate's score, top class and per-class capture), and
+OUTPUT/eval.json: the chosen candidate's own `uap` evaluation when it sits beside its file."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, stage_parser
+from .scan import UNKNOWN_TO_THE_SCAN, architecture, load_reference
+
+NAME = "uap-select"
+SELECTION_FILE = "selection.json"
+DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, candidates=None,
+                val_images=1000, output="runs/uap-select")
+
+
+def _flags(p):
+    p.add_argument("--checkpoint", metavar="FILE", help="the poisoned model's weights")
+    p.add_argument("--reference-model", metavar="FILE",
+                   help="the clean model's weights (required: the score is the capture gain "
+                        "of the poisoned model over it)")
+    p.add_argument("--candidates", metavar="LIST",
+                   help="comma-separated UAP files (uap.pt) or `uap` output directories")
+    p.add_argument("--val-images", type=int, metavar="N",
+                   help="validation images used (evenly spaced over the listing)")
+
+
+# `pipeline --uap-candidates GEOM:LOSS,...`: each candidate's `uap` flags.
+GEOMETRIES = {"corner": ["--mode", "patch", "--patch-place", "corner"],
+              "random": ["--mode", "patch", "--patch-place", "random"],
+              "linf": ["--mode", "linf"],
+              "patch+linf": ["--mode", "patch+linf", "--patch-place", "random"]}
+LOSSES = ("paper", "differential")
+
+
+def candidate_specs(text) -> dict:
+    """'corner:paper,linf:differential' -> {"corner-paper": [uap flags], ...}; a bare GEOM
+    means GEOM:paper."""
+    out = {}
+    for item in (s.strip() for s in str(text).split(",") if s.strip()):
+        geom, _, loss = item.partition(":")
+        loss = loss or "paper"
+        if geom not in GEOMETRIES or loss not in LOSSES:
+            raise UsageError(f"--uap-candidates {item!r}: expected GEOMETRY[:LOSS] with "
+                             f"GEOMETRY one of {', '.join(GEOMETRIES)} and LOSS one of "
+                             f"{', '.join(LOSSES)} (e.g. corner:paper,linf:differential)")
+        out[f"{geom.replace('+', '')}-{loss}"] = [*GEOMETRIES[geom], "--bd-loss", loss]
+    if not out:
+        raise UsageError("--uap-candidates is empty: give GEOMETRY[:LOSS],... "
+                         "(e.g. corner:paper,linf:differential)")
+    return out
+
+
+def add_parser(subparsers):
+    return stage_parser(subparsers, NAME, DEFAULTS, _flags,
+                        help="choose among candidate UAPs on the validation split, without "
+                             "the target or the trigger (capture gain over the reference)")
+
+
+def candidate_files(text) -> dict:
+    """{name: uap.pt path} from --candidates; a name is the file's directory name (the `uap`
+    run's --output) or, for another file name, its stem."""
+    names = text.split(",") if isinstance(text, str) else list(text or [])
+    out = {}
+    for entry in (n.strip() for n in names if str(n).strip()):
+        path = Path(entry)
+        path = path / "uap.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise UsageError(f"--candidates: {path}: no such file (the `uap` stage writes "
+                             "uap.pt in its --output)")
+        name = path.parent.name if path.name == "uap.pt" else path.stem
+        while name in out:
+            name += "'"
+        out[name] = path
+    if not out:
+        raise UsageError("--candidates is needed: the UAP files (uap.pt) to choose among")
+    return out
+
+
+def check(cfg: dict):
+    for key in UNKNOWN_TO_THE_SCAN:  # the choice never reads a target or a trigger
+        cfg[key] = None
+    for key, what in (("checkpoint", "the poisoned model"),
+                      ("reference_model", "the clean reference model")):
+        if cfg.get(key) is None:
+            raise UsageError(f"--{key.replace('_', '-')} is needed: {what}'s weights")
+        check_path(cfg, key, "file")
+    check_path(cfg, "val_data", "data")
+    check_int(cfg, "val_images", 4)
+    cfg["candidates"] = [str(p) for p in candidate_files(cfg.get("candidates")).values()]
+    cfg.update(architecture(cfg["checkpoint"], cfg))
+
+
+def val_source(cfg: dict):
+    """--val-data, else the embedded data's validation split (when the run uses the embedded
+    data and it has one)."""
+    if cfg.get("val_data"):
+        return cfg["val_data"]
+    if cfg.get("train_data") is None:
+        from abd_fast.data.synthetic import ensure_dataset
+        val = getattr(ensure_dataset(seed=0), "val_dir", None)
+        if val is not None:
+            return val
+    raise UsageError("--val-data is needed: the validation images the candidates are judged "
+                     "on (an ImageFolder like --eval-data; never the evaluation split)")
+
+
+def run(cfg: dict) -> int:
+    from abd_fast.defenses.select import choose, score_uaps
+    from abd_fast.defenses.uap import UAP
+    from abd_fast.engine import atomic_write_text
+    from abd_fast.scan.model import scan_images
+    source = val_source(cfg)
+    run = Run(cfg, weights_flag="--checkpoint")
+    reference = load_reference(run, cfg["reference_model"])
+    t0 = time.perf_counter()
+    images, classnames = scan_images(source, cfg["val_images"], image_size=run.spec.size,
+                                     loader=cfg.get("loader"), num_workers=cfg.get("workers"))
+    if not classnames:
+        raise UsageError(f"--val-data {source}: no class names (put a classnames.txt beside "
+                         "the class folders)")
+    files = candidate_files(cfg["candidates"])
+    uaps = {}
+    for name, path in files.items():
+        uap = UAP.load(path, "--candidates")
+        if uap.image_size != run.spec.size:
+            raise UsageError(f"--candidates {path}: a UAP for {uap.image_size} px images, the "
+                             f"model takes {run.spec.size} px")
+        uaps[name] = uap
+    scores = score_uaps(uaps, run.model, reference, images, classnames,
+                        tokenizer=run.tokenizer, mean=run.mean, std=run.std)
+    best = choose(scores)
+    for s in scores:
+        u = uaps[s["name"]]
+        s.update(file=str(files[s["name"]]), mode=u.mode, place=u.place, eps=u.eps,
+                 area=u.area)
+    result = {"chosen": best["name"], "chosen_file": str(files[best["name"]]),
+              "score": best["score"], "top_class": best["top_class"],
+              "criterion": "largest per-class capture gain (points) of the poisoned model over "
+                           "the reference on the validation images; no labels, no target",
+              "checkpoint": str(cfg["checkpoint"]), "reference_model": cfg["reference_model"],
+              "val_data": str(source), "n_images": len(images),
+              "seconds": round(time.perf_counter() - t0, 2), "candidates": scores}
+    if run.info.is_main:
+        out = Path(cfg["output"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files[best["name"]], out / "uap.pt.tmp")
+        (out / "uap.pt.tmp").replace(out / "uap.pt")
+        atomic_write_text(json.dumps(result, indent=1) + "\n", out / SELECTION_FILE)
+        # the chosen candidate's own evaluation (its `uap` run's eval.json), for the report
+        chosen_eval = files[best["name"]].parent / "eval.json"
+        if chosen_eval.is_file():
+            ev = json.loads(chosen_eval.read_text())
+            ev["selected_from"] = SELECTION_FILE
+            atomic_write_text(json.dumps(ev, indent=1) + "\n", out / "eval.json")
+        for s in sorted(scores, key=lambda s: -s["score"]):
+            print(f"  {s['name']:<28} score {s['score']:6.2f}  top class {s['top_class']}",
+                  flush=True)
+        print(f"uap-select: {best['name']} (gain {best['score']:.2f} points on "
+              f"{best['top_class']!r}) -> {out / 'uap.pt'}, {out / SELECTION_FILE}", flush=True)
+    return 0
