@@ -63,7 +63,7 @@ SIMILARITY_BATCHES = 4       # x 250 caption pairs for the similarity analysis
 EMBEDDING_IMAGES = 500       # eval images in embedding.png, evenly spaced over the eval set
 DEFAULT_ATTACKS = ("badnet", "blended", "badclip")
 DEFAULT_DEFENSES = ("ft", "cleanclip", "roclip", "abd")
-CACHE_VERSION = 1            # bump when pretrain's meaning changes: old cached models are ignored
+CACHE_VERSION = 2            # bump when pretrain's meaning changes: old cached models are ignored
 
 
 def _flags(d: dict) -> list[str]:
