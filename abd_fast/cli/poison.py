@@ -5,10 +5,11 @@ from .common import (Run, UsageError, attack_flags, check_int, print_training,
                      stage_parser, training_defaults)
 
 NAME = "poison"
-# demo: 10% poisons -> ASR 96-99% (docs/ATTACKS.md)
+# The demo's victims (docs/ATTACKS.md): 1% poisons, 10 epochs at lr 1.5e-3 from the converged
+# clean model -> val ASR badnet 92.9% (lr 1e-3: 88.7%, under the bar 90); blended 77% at 1e-3.
 DEFAULTS = training_defaults(NAME, output="runs/poison", attack=None, poison_count=None,
-                             poison_rate=None, trigger_file=None, trigger_option=None, epochs=3,
-                             lr=1e-3, warmup=50)
+                             poison_rate=None, trigger_file=None, trigger_option=None, epochs=10,
+                             lr=1.5e-3, warmup=50)
 
 
 def _flags(p):
