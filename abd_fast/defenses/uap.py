@@ -144,7 +144,8 @@ def patch_places(n: int, image_size: int, area: float = 0.03, *, place: str = "c
     """Top-left corners (ys, xs), int64 [n] each, of the patch on n images: "corner" ->
     patch_geometry's; "random" -> uniform over the image, a pure function of (seed, image id)
     when `ids` are given (an evaluation: the same places for every model and run), else drawn
-    from `generator` (training: new places each step; the scan's draw, scan.model._place)."""
+    from `generator` (training: new places each step; the scan's draw,
+    scan.model.place_patches)."""
     side, corner = patch_geometry(image_size, area)
     if place == "corner":
         return torch.full((n,), corner), torch.full((n,), corner)
@@ -155,9 +156,9 @@ def patch_places(n: int, image_size: int, area: float = 0.03, *, place: str = "c
         u = torch.from_numpy(uniform(seed, STREAM_UAP_PLACE, torch.as_tensor(ids).cpu(), 2))
         yx = (u * (image_size - side + 1)).floor().to(torch.int64)
         return yx[:, 0], yx[:, 1]
-    from abd_fast.scan.model import Geometry, _place
-    return _place(Geometry("patch", size=side / image_size, place="random"), image_size, n,
-                  generator if generator is not None else torch.default_generator)
+    from abd_fast.scan.model import Geometry, place_patches
+    return place_patches(Geometry("patch", size=side / image_size, place="random"), image_size,
+                         n, generator if generator is not None else torch.default_generator)
 
 
 def apply_uap(images: Tensor, uap: Tensor, *, mode: str, image_size: int, area: float = 0.03,

@@ -12,8 +12,8 @@ clean model an L-inf UAP sends most images to 'ring'), so raw rates mislead: `ve
 scores each class by how far its capture stands out from the other classes' (a robust
 z-score of the capture on the arcsine scale over classes, per geometry; with a reference
 model, of the *gain* over the reference, which cancels the attractors both models share),
-and compares the largest with a threshold calibrated on clean models (docs/SCAN.md). Nothing here reads
-a target label.
+and compares the largest with a threshold calibrated on clean models (docs/SCAN.md). Nothing
+here reads a target label.
 
     from abd_fast.scan import class_search, verdict
     search = class_search(model, images, classifier, mean=mean, std=std)
@@ -107,7 +107,7 @@ DEFAULT_GEOMETRIES = (
 )
 
 
-def _place(geometry: Geometry, image_size: int, n: int, gen: torch.Generator):
+def place_patches(geometry: Geometry, image_size: int, n: int, gen: torch.Generator):
     """Top-left corners (ys, xs) [n] of the patch for n images."""
     S, p = image_size, geometry.side(image_size)
     if geometry.place == "random":
@@ -126,7 +126,7 @@ def perturb(images: Tensor, geometry: Geometry, delta: Tensor, *, mean, std,
     if geometry.mode == "linf":
         return apply_perturbation(images, delta, mode="linf", eps=geometry.eps, mean=mean,
                                   std=std)
-    ys, xs = places if places is not None else _place(geometry, images.shape[-1],
+    ys, xs = places if places is not None else place_patches(geometry, images.shape[-1],
                                                         images.shape[0], gen)
     return apply_trigger(images, "patch", patch=delta, ys=ys.to(images.device),
                          xs=xs.to(images.device), mean=mean, std=std)
@@ -276,7 +276,7 @@ def _capture(model, held, clean_pred, g, deltas, classes, classifier, *, mean, s
     or None). Patch places are seeded by `seed`, the same for every class and both models."""
     device = classifier.device
     gen = torch.Generator().manual_seed(seed + 1)
-    places = _place(g, held.shape[-1], len(held), gen) if g.mode == "patch" else None
+    places = place_patches(g, held.shape[-1], len(held), gen) if g.mode == "patch" else None
     hits, counts, ref_hits = (torch.zeros(len(classes)) for _ in range(3))
     for k in range(0, len(held), batch_size):
         x0 = held[k:k + batch_size].to(device)
@@ -412,8 +412,8 @@ def save_uap_png(images: Tensor, geometry: Geometry, delta: Tensor, path, n: int
     import numpy as np
     from PIL import Image
     x = images[:n]
-    places = _place(geometry, x.shape[-1], len(x), torch.Generator().manual_seed(seed)) \
-        if geometry.mode == "patch" else None
+    places = (place_patches(geometry, x.shape[-1], len(x), torch.Generator().manual_seed(seed))
+              if geometry.mode == "patch" else None)
     adv = perturb(x, geometry, delta.float(), mean=None, std=None, places=places)
     top = x.permute(0, 2, 3, 1).numpy()
     bottom = (adv.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
