@@ -3,7 +3,7 @@ default on the synthetic data; none for user data without the flag), kept apart 
 evaluation and training data, and passed by the pipeline to the stages that make choices."""
 import pytest
 
-from abd_fast.cli.common import COMMON_DEFAULTS, Run
+from abd_fast.cli.common import COMMON_DEFAULTS, Run, UsageError, require_val_data
 from test_train_cli import run_main, small_data  # noqa: F401 (fixture)
 
 
@@ -13,23 +13,25 @@ def _run(cfg_changes, tmp_path):
     return Run(cfg)
 
 
-def test_val_loader_default_on_synthetic_data(small_data, tmp_path, monkeypatch):  # noqa: F811
+def test_val_images_default_on_synthetic_data(small_data, tmp_path, monkeypatch):  # noqa: F811
     import abd_fast.data.synthetic as synthetic
     monkeypatch.setattr(synthetic, "ensure_dataset", lambda seed=0: small_data)
     run = _run({}, tmp_path)
-    val = run.val_loader("the choice")
-    assert run.val_source == small_data.val_dir != run.eval_source
-    b = next(iter(val))
-    assert val.classnames == small_data.classnames and len(b.labels) == 20
+    source, images, classnames = run.val_images(1000, "the choice")
+    assert run.val_source == source == small_data.val_dir != run.eval_source
+    assert classnames == small_data.classnames and len(images) == 20
 
 
-def test_val_loader_user_data(small_data, tmp_path, capsys):  # noqa: F811
+def test_val_images_user_data(small_data, tmp_path):  # noqa: F811
     user = {"train_data": str(small_data.csv), "eval_data": str(small_data.eval_dir)}
-    assert _run(user, tmp_path).val_loader("the UAP's geometry choice") is None
-    out = capsys.readouterr().out
-    assert "no validation data: the UAP's geometry choice is unavailable; give --val-data" in out
-    val = _run({**user, "val_data": str(small_data.val_dir)}, tmp_path).val_loader()
-    assert val.classnames == small_data.classnames
+    with pytest.raises(UsageError, match="--val-data is needed: the UAP's geometry choice"):
+        _run(user, tmp_path).val_images(10, "the UAP's geometry choice")
+    with pytest.raises(UsageError, match="--val-data is needed: the UAP's geometry choice"):
+        require_val_data(user, "the UAP's geometry choice")
+    val = {**user, "val_data": str(small_data.val_dir)}
+    require_val_data(val, "the UAP's geometry choice")
+    _, _, classnames = _run(val, tmp_path).val_images(10, "the choice")
+    assert classnames == small_data.classnames
 
 
 @pytest.mark.parametrize("same", ["eval", "train"])

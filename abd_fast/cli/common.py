@@ -401,6 +401,15 @@ def validate(cfg: dict, command_checks=None):
     check_output(cfg)
 
 
+def require_val_data(cfg: dict, purpose: str):
+    """Before any work: user data (--train-data) without --val-data has no validation split
+    for the choice `purpose` names (the embedded data has its own)."""
+    if cfg.get("val_data") is None and cfg.get("train_data") is not None:
+        raise UsageError(f"--val-data is needed: {purpose} is made on validation images (an "
+                         "ImageFolder or labels CSV of the evaluation classes, apart from "
+                         "--eval-data; never the evaluation split)")
+
+
 def check_val_apart(cfg: dict):
     """--val-data is neither --eval-data nor --train-data: choices made on it must not see the
     split the results are reported on, nor the training pairs."""
@@ -577,28 +586,25 @@ class Run:
             raise UsageError(f"--eval-data {self.eval_source}: no class names; give --classnames")
         return loader
 
-    def val_loader(self, purpose: str | None = None):
-        """The validation data's loader (labels + class names, like eval_loader), or None when
-        there is none (user data without --val-data); then, if `purpose` names what needed it,
-        a note says that it is unavailable and how to get it."""
+    def val_images(self, n: int, purpose: str):
+        """(source, uint8 images [<= n, 3, S, S], class names) of the validation data, for the
+        choice `purpose` names (n images evenly spaced over its listing; labels not kept).
+        Raises UsageError when there is none (user data without --val-data)."""
         if self.val_source is None:
-            if purpose and self.info.is_main:
-                print(f"note: no validation data: {purpose} is unavailable; give --val-data "
-                      "PATH (an ImageFolder or labels CSV of the evaluation classes, apart "
-                      "from --eval-data)", flush=True)
-            return None
-        from abd_fast.data import build_loader
-        val_dir = Path(self.val_source)
-        own = (val_dir if val_dir.is_dir() else val_dir.parent) / "classnames.txt"
-        loader = build_loader(self.val_source, train=False, batch_size=250,
-                              image_size=self.spec.size, loader=self.cfg.get("loader"),
-                              rank=self.info.rank, world_size=self.info.world_size,
-                              num_workers=self.cfg.get("workers"),
-                              classnames=None if own.exists() else self.cfg.get("classnames"))
-        if not loader.classnames:
-            raise UsageError(f"--val-data {self.val_source}: no class names; put a "
-                             "classnames.txt beside it or give --classnames")
-        return loader
+            raise UsageError(f"--val-data is needed: {purpose} is made on validation images "
+                             "(an ImageFolder or labels CSV of the evaluation classes, apart "
+                             "from --eval-data; never the evaluation split)")
+        from abd_fast.scan.model import scan_images
+        source = Path(self.val_source)
+        own = (source if source.is_dir() else source.parent) / "classnames.txt"
+        images, classnames = scan_images(
+            source, n, image_size=self.spec.size, loader=self.cfg.get("loader"),
+            num_workers=self.cfg.get("workers"),
+            classnames=None if own.exists() else self.cfg.get("classnames"))
+        if not classnames:
+            raise UsageError(f"--val-data {source}: no class names; put a classnames.txt "
+                             "beside it or give --classnames")
+        return source, images, classnames
 
     def target_index(self, classnames) -> int | None:
         target = self.cfg.get("target_label")

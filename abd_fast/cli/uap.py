@@ -7,8 +7,8 @@ import math
 from abd_fast.defenses.uap import MODES, PLACES
 
 from .common import (Run, UsageError, attack_flags, check_defense_inputs, check_number,
-                     check_path, print_training, stage_parser, training_defaults)
-from .uap_select import val_source
+                     check_path, print_training, require_val_data, stage_parser,
+                     training_defaults)
 
 NAME = "uap"
 # The attack flags of uap/defend only drive the evaluation (ASR); by default they come from
@@ -90,8 +90,8 @@ def check(cfg: dict):
     check_number(cfg, "lambda_bd", 0, math.inf, open_low=False)
     check_number(cfg, "lambda_steer", 0, math.inf, open_low=False)
     check_path(cfg, "val_data", "data")
-    if cfg["steer"] == "scan" and not cfg.get("val_data") and cfg.get("train_data"):
-        val_source(cfg)  # user data without --val-data: said before any work
+    if cfg["steer"] == "scan":
+        require_val_data(cfg, "--steer scan's target search")
     check_number(cfg, "brightness", 0, 10)
     if cfg["mode"] == "patch" and cfg["patch_area"] >= 1:
         raise UsageError("--patch-area must be below 1 (0.03: 3% of the image)")
@@ -120,15 +120,11 @@ def scan_target(cfg: dict, run: Run, reference) -> tuple:
     Returns (the poisoned model's zero-shot classifier of the val classes, the index of the
     most anomalous class, notes for eval.json)."""
     from abd_fast.evaluate import zero_shot_classifier
-    from abd_fast.scan.model import scan_images, scan_model
+    from abd_fast.scan.model import scan_model
 
     from .scan import DEFAULTS as SCAN
-    source = val_source(cfg)
-    images, classnames = scan_images(source, SCAN["scan_images"], image_size=run.spec.size,
-                                     loader=cfg.get("loader"), num_workers=cfg.get("workers"))
-    if not classnames:
-        raise UsageError(f"--val-data {source}: no class names (put a classnames.txt beside "
-                         "the class folders)")
+    source, images, classnames = run.val_images(SCAN["scan_images"],
+                                                "--steer scan's target search")
     device = run.info.device
     result, _ = scan_model(run.model, images, classnames, tokenizer=run.tokenizer,
                            mean=run.mean, std=run.std,

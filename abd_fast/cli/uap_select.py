@@ -12,7 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, stage_parser
+from .common import (COMMON_DEFAULTS, Run, UsageError, check_int, check_path,
+                     require_val_data, stage_parser)
 from .scan import UNKNOWN_TO_THE_SCAN, architecture, load_reference
 
 NAME = "uap-select"
@@ -93,39 +94,21 @@ def check(cfg: dict):
             raise UsageError(f"--{key.replace('_', '-')} is needed: {what}'s weights")
         check_path(cfg, key, "file")
     check_path(cfg, "val_data", "data")
+    require_val_data(cfg, "the choice among the candidates")
     check_int(cfg, "val_images", 4)
     cfg["candidates"] = [str(p) for p in candidate_files(cfg.get("candidates")).values()]
     cfg.update(architecture(cfg["checkpoint"], cfg))
-
-
-def val_source(cfg: dict):
-    """--val-data, else the embedded data's validation split (when the run uses the embedded
-    data and it has one)."""
-    if cfg.get("val_data"):
-        return cfg["val_data"]
-    if cfg.get("train_data") is None:
-        from abd_fast.data.synthetic import ensure_dataset
-        val = getattr(ensure_dataset(seed=0), "val_dir", None)
-        if val is not None:
-            return val
-    raise UsageError("--val-data is needed: the validation images the candidates are judged "
-                     "on (an ImageFolder like --eval-data; never the evaluation split)")
 
 
 def run(cfg: dict) -> int:
     from abd_fast.defenses.select import choose, score_uaps
     from abd_fast.defenses.uap import UAP
     from abd_fast.engine import atomic_write_text
-    from abd_fast.scan.model import scan_images
-    source = val_source(cfg)
     run = Run(cfg, weights_flag="--checkpoint")
     reference = load_reference(run, cfg["reference_model"])
     t0 = time.perf_counter()
-    images, classnames = scan_images(source, cfg["val_images"], image_size=run.spec.size,
-                                     loader=cfg.get("loader"), num_workers=cfg.get("workers"))
-    if not classnames:
-        raise UsageError(f"--val-data {source}: no class names (put a classnames.txt beside "
-                         "the class folders)")
+    source, images, classnames = run.val_images(cfg["val_images"],
+                                                "the choice among the candidates")
     files = candidate_files(cfg["candidates"])
     uaps = {}
     for name, path in files.items():
