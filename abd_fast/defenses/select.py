@@ -20,22 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from abd_fast.models import frozen, image_features
-
-
-def _predictions(model, images: Tensor, classifier: Tensor, uap=None, *, mean, std,
-                 batch_size: int = 250) -> Tensor:
-    """Top-1 zero-shot class [N] of each image (with the UAP when given; image k has id k, so
-    a random-place patch lands at the same place for every model)."""
-    from abd_fast.ops import normalize_images
-    out, device = [], classifier.device
-    with torch.no_grad():
-        for k in range(0, len(images), batch_size):
-            x0 = images[k:k + batch_size].to(device)
-            x = (normalize_images(x0, mean, std) if uap is None else
-                 uap.apply(x0, torch.arange(k, k + len(x0)), mean=mean, std=std))
-            out.append((image_features(model, x) @ classifier.T).argmax(1))
-    return torch.cat(out).cpu()
+from abd_fast.models import frozen
+from abd_fast.scan.model import predictions
 
 
 def capture(clean_pred: Tensor, adv_pred: Tensor, n_classes: int) -> Tensor:
@@ -60,9 +46,11 @@ def score_uaps(uaps: dict, model, reference, images: Tensor, classnames, *, toke
     with frozen(model, reference):
         heads = [(m, zero_shot_classifier(m, tokenizer, classnames, device=device))
                  for m in (model, reference)]
-        clean = [_predictions(m, images, w, mean=mean, std=std) for m, w in heads]
+        clean = [predictions(m, images, w, mean=mean, std=std, batch_size=250).cpu()
+                 for m, w in heads]
         for name, uap in uaps.items():
-            cap = [capture(clean[i], _predictions(m, images, w, uap, mean=mean, std=std), C)
+            cap = [capture(clean[i], predictions(m, images, w, mean=mean, std=std, trigger=uap,
+                                                 batch_size=250).cpu(), C)
                    for i, (m, w) in enumerate(heads)]
             gain = cap[0] - cap[1]
             top = int(gain.argmax())

@@ -173,14 +173,18 @@ class Search:
                 for i, g in enumerate(self.geometries)}
 
 
-def predictions(model, images: Tensor, classifier: Tensor, *, mean, std,
+def predictions(model, images: Tensor, classifier: Tensor, *, mean, std, trigger=None,
                 batch_size: int = 500) -> Tensor:
-    """Zero-shot top-1 predictions [N] of the clean images."""
+    """Zero-shot top-1 predictions [N] of the images, clean or with `trigger` (anything with
+    an attack Trigger's apply(images, ids, mean=, std=), e.g. a defenses.uap.UAP; image k has
+    id k, so a random-place patch lands at the same place for every model)."""
     from abd_fast.ops import normalize_images
     out = []
     with torch.no_grad():
         for k in range(0, len(images), batch_size):
-            x = normalize_images(images[k:k + batch_size].to(classifier.device), mean, std)
+            x0 = images[k:k + batch_size].to(classifier.device)
+            x = (normalize_images(x0, mean, std) if trigger is None else
+                 trigger.apply(x0, torch.arange(k, k + len(x0)), mean=mean, std=std))
             out.append((image_features(model, x) @ classifier.T).argmax(1))
     return torch.cat(out)
 
