@@ -56,7 +56,7 @@ DEMO_OVERRIDES = {}
 PIPELINE_FLAGS = {"defend": {"budget": "paper"}}
 # How the victims are poisoned: 1% of the pairs (the paper: 0.3%), with the poison command's
 # fine-tune (10 epochs, lr 1.5e-3) of the converged clean model. Measured on a validation
-# split (docs/ATTACKS.md): badnet 92.9%; at lr 1e-3 badnet 88.7%, blended 77%.
+# split (docs/ATTACKS.md, seed 0): badnet 92.9%, blended 83.0%, badclip 98.3%.
 POISON = {"poison-rate": 0.01}
 # --quick: a CI smoke run on a small synthetic set; checks the mechanics, not the numbers.
 QUICK_DATA = dict(n_train=512, n_eval_per_class=10, per_shard=256)
