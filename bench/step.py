@@ -12,6 +12,8 @@ align) run several ways on the same model, batch, optimizer and data, in one pro
               (slow), which is why auto does not pick it there
   fp32-cl, fp32-trim, fp32-compile, fp32-cl-trim, fp32-cl-compile  (--paths ...) one or
               two of the default's parts alone, fp32
+  bf16-cl-compile  (--paths ...) bf16 + channels-last, compiled (full text context: a
+              compiled loop does not trim): whether compile pays where bf16 is native
   reference   (--paths reference) the unfused eager step of earlier tables: the torch
               loader engine (PIL in 2 DataLoader workers); the image views composed eagerly
               (float, /255, paste the patch or add the clamped delta, clamp, normalize);
@@ -115,6 +117,7 @@ PATHS = {  # precision, compile, channels_last, trim_text
     "fp32-compile": _path("fp32", True, False, False),
     "fp32-cl-trim": _path("fp32", False, True, True),
     "fp32-cl-compile": _path("fp32", True, True, False),
+    "bf16-cl-compile": _path("bf16", True, True, False),
 }
 DEFAULT_PATHS = ("fp32-eager", "default", "bf16-cl")
 BASELINE = "fp32-eager"
