@@ -415,6 +415,9 @@ def aggregate_results(results: list) -> dict | None:
     classes = [r.get("capture_class") for r in results]
     out["capture_class"] = None if None in classes else (
         classes[0] if len(set(classes)) == 1 else "/".join(classes))
+    chosen = [(r.get("chosen") or {}).get("name") for r in results]  # a UAP floor's choice
+    if None not in chosen:
+        out["chosen"] = {"name": chosen[0] if len(set(chosen)) == 1 else "/".join(chosen)}
     return out
 
 
@@ -593,7 +596,9 @@ def _table1_section(attacks: dict, paper: bool, floors: dict) -> list[str]:
         out += ["Floors: *clean model (floor)* = the clean model under the attack's trigger "
                 "(the ASR a model without the backdoor has); *UAP alone* = the victim with its "
                 "UAP instead of the trigger (ASR = the UAP's rate to the target, which the "
-                "defender does not know; captured = where it sends images, target-free).", ""]
+                "defender does not know; captured = where it sends images, target-free; in "
+                "brackets, when there were candidates, the one `uap-select` chose on the "
+                "validation split).", ""]
     header = ["attack", "model", "CA top-1", "ASR", "d", "captured"]
     budgets = any((r or {}).get("budget") for models in attacks.values()
                   for r in models.values())
@@ -610,7 +615,9 @@ def _table1_section(attacks: dict, paper: bool, floors: dict) -> list[str]:
         for m in _model_order(models):
             named.append((m, MODEL_LABELS.get(m, m), models.get(m)))
             if m == "victim" and "uap" in floor:
-                named.append((None, FLOOR_ROWS["uap"], floor["uap"]))
+                chosen = (floor["uap"] or {}).get("chosen")
+                named.append((None, FLOOR_ROWS["uap"] + (f" ({chosen['name']})" if chosen
+                                                         else ""), floor["uap"]))
         for m, label, r in named:
             r = r or {}
             row = [attack, label, _stat(r, "ca_top1"), _stat(r, "asr"),

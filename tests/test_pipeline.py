@@ -65,9 +65,13 @@ def test_pipeline_user_data_flags(small_data, tmp_path, capsys):  # noqa: F811
                           small_data.eval_dir], capsys)
     assert code == 2 and "error: --target-label is needed with your own data" in err
     code, err = run_main(["pipeline", *out, *_user_flags(small_data)[:4], "--target-label",
-                          "banana"], capsys)
+                          "banana", "--val-data", small_data.val_dir], capsys)
     assert code == 2 and "error: --target-label 'banana' is not a class of the evaluation " \
         "data (arrow, circle" in err
+    # ABD's UAP is chosen among candidates on validation images: user data needs --val-data.
+    code, err = run_main(["pipeline", *out, *_user_flags(small_data)], capsys)
+    assert code == 2 and "error: --val-data is needed: the choice of ABD's UAP among " \
+        "--uap-candidates (or give --uap-candidates corner:paper" in err
     # Flags without a command are the pipeline's (the README's main command).
     code, err = run_main([*out, "--attacks", "nope"], capsys)
     assert code == 2 and "--attacks 'nope': unknown attack" in err
@@ -278,6 +282,44 @@ def test_training_stages_checkpoint_during_the_stage(tmp_path):
         ["defend", "--method", "abd"]
 
 
+def test_a_stage_whose_input_changed_runs_again(tmp_path):
+    """Same flags are not enough to skip: when an earlier stage re-ran (a new UAP file, a new
+    candidate in a directory list), the stages reading its outputs run again."""
+    import os
+
+    from abd_fast.cli.stages import Stages
+    runs = []
+
+    def fake_main(argv):
+        runs.append(argv[0])
+        (Path(argv[argv.index("--output") + 1]) / "eval.json").write_text("{}")
+        return 0
+    (tmp_path / "in").mkdir()
+    uap, cand = tmp_path / "in" / "uap.pt", tmp_path / "cand"
+    uap.write_bytes(b"1")
+    cand.mkdir()
+    (cand / "uap.pt").write_bytes(b"1")
+    argv = {"a": ["defend", "--uap", str(uap)], "b": ["uap-select", "--candidates",
+                                                   f"{tmp_path / 'none'},{cand}"]}
+
+    def run_all():
+        st = Stages(tmp_path / "run", {"a": 1, "b": 1}, fake_main, log=lambda *a, **k: None)
+        for name in argv:
+            st.run(name, argv[name])
+    run_all()
+    run_all()
+    assert runs == ["defend", "uap-select"]  # the second pass skipped both
+    later = (tmp_path / "run" / "a" / "stage.json").stat().st_mtime_ns + 10**9
+    os.utime(uap, ns=(later, later))
+    run_all()
+    assert runs[2:] == ["defend"]
+    os.utime(uap, ns=(0, 0))  # back before every stage.json
+    later = (tmp_path / "run" / "a" / "stage.json").stat().st_mtime_ns + 10**9
+    os.utime(cand / "uap.pt", ns=(later, later))
+    run_all()
+    assert runs[3:] == ["uap-select"]
+
+
 def test_a_failed_strip_keeps_the_stage_and_its_full_checkpoint(tmp_path, monkeypatch):
     """Stripping a finished stage's checkpoint only saves space: a full disk at that point
     keeps the stage complete with its full checkpoint and says so."""
@@ -317,6 +359,26 @@ def test_uap_candidates_plan_a_uap_per_candidate_then_the_choice():
     assert plan.index("uap-badnet-corner-paper") < plan.index("uap-badnet") \
         < plan.index("badnet-abd")
     assert "uap-badnet-random-differential" in plan
+    # One candidate: that UAP alone, no choice.
+    plan = list(plan_stages(dict(cfg, uap_candidates="linf:differential")))
+    assert [n for n in plan if n.startswith("uap-")] == ["uap-badnet"]
+
+
+def test_pipeline_default_uap_candidates_and_the_chosen_geometry(tmp_path):
+    """By default the pipeline chooses ABD's UAP among the paper's and three differential
+    geometries (the paper's first: it wins ties); Table III's UAP without L_bd takes the
+    chosen candidate's geometry, without its backdoor-loss flag."""
+    from abd_fast.cli.pipeline import PIPELINE_DEFAULTS, _chosen_geometry, _uap_candidates
+    cfg = dict(PIPELINE_DEFAULTS, defenses=["abd"], output=str(tmp_path))
+    assert list(_uap_candidates(cfg)) == ["corner-paper", "random-differential",
+                                          "linf-differential", "patchlinf-differential"]
+    (tmp_path / "uap-blended").mkdir()
+    (tmp_path / "uap-blended" / "selection.json").write_text(
+        json.dumps({"chosen": "uap-blended-linf-differential"}))
+    assert _chosen_geometry(cfg, "blended") == ["--mode", "linf"]
+    one = dict(cfg, uap_candidates="patch+linf:differential")
+    assert _chosen_geometry(one, "badnet") == ["--mode", "patch+linf", "--patch-place", "random"]
+    assert _chosen_geometry(dict(cfg, defenses=["ft"]), "blended") == []
 
 
 @pytest.mark.slow
@@ -339,3 +401,8 @@ def test_pipeline_chooses_the_uap_on_the_val_split(cache, tmp_path, capsys):
     assert argv[0] == "uap-select" and "--target-label" not in argv and "--val-data" in argv
     assert (out / "uap-badnet" / "uap.pt").read_bytes() == \
         (Path(sel["chosen_file"])).read_bytes()
+    # The report names the chosen candidate in the UAP-alone floor row.
+    chosen = sel["chosen"].removeprefix("uap-badnet-")
+    report = json.loads((out / "report.json").read_text())
+    assert report["floors"]["badnet"]["uap"]["chosen"]["name"] == chosen
+    assert f"| badnet | UAP alone ({chosen}) |" in (out / "report.md").read_text()

@@ -50,7 +50,7 @@ def test_quick_pipeline_two_seeds(cache, tmp_path, capsys):  # noqa: F811
             assert isinstance(floor["uap"]["capture_class"], str)
             assert 0 <= floor["uap"]["capture_rate"] <= 100
         md = (out / f"seed{k}" / "report.md").read_text()
-        assert "| clean model (floor) |" in md and "| UAP alone |" in md
+        assert "| clean model (floor) |" in md and "| UAP alone (" in md
     # Table I-III: mean ± std of the seeds' numbers.
     for a in ("badnet", "blended"):
         for m in ("victim", "ft", "abd"):

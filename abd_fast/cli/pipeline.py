@@ -38,7 +38,8 @@ from pathlib import Path
 
 from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap, uap_select
 from .common import (UsageError, caption_data_flags, check_flag_values, check_output, check_path,
-                     check_val_apart, loader_options, own_settings, source_options, speed_flags)
+                     check_val_apart, loader_options, own_settings, require_val_data,
+                     source_options, speed_flags)
 from .stages import Stages, StageError, clock
 
 NAME = "pipeline"
@@ -53,11 +54,19 @@ DEMO_OVERRIDES = {}
 # CleanCLIP, RoCLIP and ABD, steps x lr = 3x the poisoning's, >= 2 epochs (RoCLIP's
 # nearest-neighbour positives start in the second). A config's `defend: {budget: fixed}`
 # restores its own --lr/--epochs/--max-samples.
-PIPELINE_FLAGS = {"defend": {"budget": "paper"}}
+# ABD's adversarial view goes on CleanCLIP's AutoAugment view (the paper calls it a data
+# augmentation): chosen on the validation split, where it gave the lower ASR on all three
+# victims of the default demo (docs/METHOD.md; one recipe for every attack).
+PIPELINE_FLAGS = {"defend": {"budget": "paper"}, "defend:abd": {"adv-view": "autoaugment"}}
 # How the victims are poisoned: 1% of the pairs (the paper: 0.3%), with the poison command's
 # fine-tune (10 epochs, lr 1.5e-3) of the converged clean model. Measured on a validation
 # split (docs/ATTACKS.md, seed 0): badnet 92.9%, blended 83.0%, badclip 98.3%.
 POISON = {"poison-rate": 0.01}
+# ABD's UAP per victim: the paper's (AdvCLIP corner patch, ABD's backdoor loss) and three
+# geometries that can meet a global or moving trigger, with the differential backdoor loss;
+# `uap-select` chooses among them on the validation split without the target
+# (docs/METHOD.md, "Choosing a UAP without the target"). The paper's comes first: it wins ties.
+UAP_CANDIDATES = "corner:paper,random:differential,linf:differential,patch+linf:differential"
 # --quick: a CI smoke run on a small synthetic set; checks the mechanics, not the numbers.
 QUICK_DATA = dict(n_train=512, n_eval_per_class=10, per_shard=256)
 QUICK_OVERRIDES = {
@@ -155,7 +164,7 @@ def add_parser(subparsers):
                    help="ABD's UAP chosen per victim among candidates GEOMETRY[:LOSS],... "
                         "(geometries corner, random, linf, patch+linf; losses paper, "
                         "differential) by `uap-select` on the validation split, without the "
-                        "target (default: one UAP, the `uap` defaults)")
+                        f"target; one candidate: that UAP alone (default {UAP_CANDIDATES})")
     p.add_argument("--no-ablations", action="store_true",
                    help="skip ABD's Table II and III (run on the first attack)")
     p.add_argument("--quick", action="store_true",
@@ -183,8 +192,8 @@ def add_parser(subparsers):
 PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
-    defenses=",".join(DEFAULT_DEFENSES), uap_candidates=None, no_ablations=False, quick=False,
-    seed=0, seeds=None, loader=None, workers=None, precision=None, compile=None, recipe=None,
+    defenses=",".join(DEFAULT_DEFENSES), uap_candidates=UAP_CANDIDATES, no_ablations=False,
+    quick=False, seed=0, seeds=None, loader=None, workers=None, precision=None, compile=None, recipe=None,
     output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
@@ -200,8 +209,7 @@ def _settings(args, parser) -> dict:
     from abd_fast.defenses.stages import METHODS
     for key, known in (("attacks", ATTACKS), ("defenses", METHODS)):
         cfg[key] = _name_list(cfg, key, known)
-    if cfg["uap_candidates"] is not None:
-        uap_select.candidate_specs(cfg["uap_candidates"])  # a bad list: said before any work
+    candidates = _uap_candidates(cfg)  # a bad list: said here
     if cfg["output"] is None:
         cfg["output"] = "runs/quick" if cfg["quick"] else "runs/demo"
     check_path(cfg, "train_data", "data")
@@ -216,6 +224,9 @@ def _settings(args, parser) -> dict:
     if cfg["train_data"] is not None and cfg["target_label"] is None:
         raise UsageError("--target-label is needed with your own data: the class the backdoor "
                          "maps to (one of the --eval-data classes)")
+    if "abd" in cfg["defenses"] and len(candidates) > 1:
+        require_val_data(cfg, "the choice of ABD's UAP among --uap-candidates (or give "
+                              "--uap-candidates corner:paper: the paper's UAP alone)")
     for key in ("image_size", "workers"):
         v = cfg.get(key)
         if v is not None and (not isinstance(v, int) or v < (1 if key == "image_size" else 0)):
@@ -374,9 +385,10 @@ def plan_stages(cfg) -> dict:
         plan[f"scan-{a}"], plan[f"scan-data-{a}"] = 0.5, 0.3
     for a in cfg["attacks"]:
         if "abd" in cfg["defenses"]:
-            for name in _uap_candidates(cfg):
-                plan[f"uap-{a}-{name}"] = 2
-            plan[f"uap-{a}"] = 0.3 if cfg["uap_candidates"] else 2
+            candidates = _uap_candidates(cfg)
+            if len(candidates) > 1:
+                plan |= {f"uap-{a}-{name}": 2 for name in candidates}
+            plan[f"uap-{a}"] = 0.3 if len(candidates) > 1 else 2
         for d in cfg["defenses"]:
             plan[f"{a}-{d}"] = 2
     if not cfg["no_ablations"]:
@@ -389,9 +401,7 @@ def plan_stages(cfg) -> dict:
 
 
 def _uap_candidates(cfg) -> dict:
-    """{name: uap flags} of --uap-candidates ({} without it: one UAP)."""
-    if cfg.get("uap_candidates") is None:
-        return {}
+    """{name: uap flags} of --uap-candidates."""
     return uap_select.candidate_specs(cfg["uap_candidates"])
 
 
@@ -643,19 +653,19 @@ def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, clean_dir: Path,
         results["attacks"][a] = {"victim": read_eval(out / f"poison-{a}")}
         if "abd" in cfg["defenses"]:
             candidates = _uap_candidates(cfg)
-            dirs = [str(st.run(f"uap-{a}-{name}", ["uap", *flags.victim, "--checkpoint",
-                                                   victims[a], "--reference-model", clean,
-                                                   *flags.of("uap"), *extra],
-                               outputs=("uap.pt", "eval.json")))
-                    for name, extra in candidates.items()]
-            d = (st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val,
-                                     "--checkpoint", victims[a],
-                                     "--reference-model", clean, "--candidates",
-                                     ",".join(dirs)],
-                        outputs=("uap.pt", "selection.json", "eval.json")) if candidates else
-                 st.run(f"uap-{a}", ["uap", *flags.victim, "--checkpoint", victims[a],
-                                     "--reference-model", clean, *flags.of("uap")],
-                        outputs=("uap.pt", "eval.json")))
+
+            def uap(name, extra):
+                return st.run(name, ["uap", *flags.victim, "--checkpoint", victims[a],
+                                     "--reference-model", clean, *flags.of("uap"), *extra],
+                              outputs=("uap.pt", "eval.json"))
+            if len(candidates) == 1:
+                d = uap(f"uap-{a}", *candidates.values())
+            else:
+                dirs = [str(uap(f"uap-{a}-{name}", extra)) for name, extra in candidates.items()]
+                d = st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val,
+                                        "--checkpoint", victims[a], "--reference-model", clean,
+                                        "--candidates", ",".join(dirs)],
+                           outputs=("uap.pt", "selection.json", "eval.json"))
             uaps[a] = str(d / "uap.pt")
         for m in cfg["defenses"]:
             uap_flag = ["--uap", uaps[a]] if m == "abd" else []
@@ -677,8 +687,36 @@ def _ablations(st: Stages, cfg, flags: _StageFlags, clean: str, victims, uaps, r
         known["uap_bd"] = results["attacks"][a]["abd"]
     return run_tables(st, attack=a, checkpoint=victims[a], reference_model=clean,
                       common=flags.victim, uap_bd=uaps.get(a), known=known,
-                      uap_flags=flags.of("uap"), defend_flags=flags.of("defend", "defend:abd"),
-                      prefix=f"ablation-{a}-")
+                      uap_flags=[*flags.of("uap"), *_chosen_geometry(cfg, a)],
+                      defend_flags=flags.of("defend", "defend:abd"), prefix=f"ablation-{a}-")
+
+
+def _uap_floor(out: Path, attack) -> dict:
+    """The UAP-alone floor: the chosen UAP's own eval.json, with the candidate uap-select
+    chose ("chosen", its val score and top class) when there was a choice."""
+    from abd_fast.evaluate import read_eval
+    r = read_eval(out / f"uap-{attack}")
+    sel = out / f"uap-{attack}" / uap_select.SELECTION_FILE
+    if sel.exists():
+        s = json.loads(sel.read_text())
+        r["chosen"] = {"name": s["chosen"].removeprefix(f"uap-{attack}-"), "score": s["score"],
+                       "top_class": s["top_class"]}
+    return r
+
+
+def _chosen_geometry(cfg, attack) -> list:
+    """The `uap` geometry flags of ABD's UAP for `attack` (the candidate uap-select chose):
+    Table III's UAP without L_bd has the same geometry as the one with it."""
+    candidates = _uap_candidates(cfg)
+    if "abd" not in cfg["defenses"]:
+        return []
+    if len(candidates) == 1:
+        flags = next(iter(candidates.values()))
+    else:
+        sel = Path(cfg["output"]) / f"uap-{attack}" / uap_select.SELECTION_FILE
+        flags = candidates[json.loads(sel.read_text())["chosen"].removeprefix(f"uap-{attack}-")]
+    i = flags.index("--bd-loss")
+    return flags[:i] + flags[i + 2:]
 
 
 def _speed_settings(cfg) -> dict:
@@ -781,7 +819,7 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
     if st.skipped:
         notes.append(f"This invocation took {wall:.0f} s.")
     floors = {a: {"clean": read_eval(out / f"floor-{a}"),
-                  **({"uap": read_eval(out / f"uap-{a}")} if a in uaps else {})}
+                  **({"uap": _uap_floor(out, a)} if a in uaps else {})}
               for a in cfg["attacks"]}
     return {
         "clean": results["clean"], "attacks": results["attacks"], "floors": floors,

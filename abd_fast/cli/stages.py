@@ -62,11 +62,28 @@ class Stages:
             return None
 
     def done(self, name, argv, outputs) -> bool:
-        """True when root/name completed with these flags and its outputs exist."""
+        """True when root/name completed with these flags, its outputs exist and no input
+        changed since (an earlier stage re-ran: its outputs are newer than this stage)."""
         argv = [str(a) for a in argv]
         meta = self._meta(name)
-        return meta is not None and meta.get("argv") == argv and meta.get("complete") and all(
-            (self.root / name / o).exists() for o in outputs)
+        return (meta is not None and meta.get("argv") == argv and meta.get("complete")
+                and all((self.root / name / o).exists() for o in outputs)
+                and not self._inputs_changed(name, argv))
+
+    def _inputs_changed(self, name, argv) -> bool:
+        """True when a file the argv names (a flag value, comma lists split; for a directory
+        the files directly in it) was modified after root/name/stage.json was written."""
+        finished = (self.root / name / "stage.json").stat().st_mtime_ns
+        for part in (p for a in argv for p in a.split(",") if p):
+            try:
+                path = Path(part)
+                files = [path] if path.is_file() else list(path.iterdir()) if path.is_dir() \
+                    else []
+                if any(f.is_file() and f.stat().st_mtime_ns > finished for f in files):
+                    return True
+            except OSError:  # not a path (a name too long, unreadable): not an input
+                continue
+        return False
 
     def run(self, name: str, argv: list[str], outputs=("eval.json",), fn=None,
             force: bool = False) -> Path:
