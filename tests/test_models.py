@@ -164,8 +164,8 @@ def test_text_tower_gives_the_same_features_for_trimmed_token_batches(name):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     g_ref = torch.autograd.grad(ref.square().sum(), list(model.transformer.parameters()))
     g_got = torch.autograd.grad(got.square().sum(), list(model.transformer.parameters()))
-    for a, b in zip(g_got, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(g_got, g_ref):  # sums over other widths: AVX-512 blocks them otherwise
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # through the whole model, as the training loops call it
     img = torch.rand(3, 3, 32, 32)
     torch.testing.assert_close(model(img, short)[1], model(img, full)[1], rtol=1e-5, atol=1e-6)
