@@ -193,8 +193,8 @@ PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
     defenses=",".join(DEFAULT_DEFENSES), uap_candidates=UAP_CANDIDATES, no_ablations=False,
-    quick=False, seed=0, seeds=None, loader=None, workers=None, precision=None, compile=None, recipe=None,
-    output=None, config=None,
+    quick=False, seed=0, seeds=None, loader=None, workers=None, precision=None, compile=None,
+    recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
 CAPTION_DATA_FLAGS = ("csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
@@ -691,30 +691,35 @@ def _ablations(st: Stages, cfg, flags: _StageFlags, clean: str, victims, uaps, r
                       defend_flags=flags.of("defend", "defend:abd"), prefix=f"ablation-{a}-")
 
 
+def _selection(out: Path, attack) -> dict | None:
+    """uap-select's record for `attack` (None without a choice), "chosen" as the candidate's
+    name (the `uap-<attack>-` stage prefix removed)."""
+    sel = out / f"uap-{attack}" / uap_select.SELECTION_FILE
+    if not sel.exists():
+        return None
+    s = json.loads(sel.read_text())
+    return dict(s, chosen=s["chosen"].removeprefix(f"uap-{attack}-"))
+
+
 def _uap_floor(out: Path, attack) -> dict:
     """The UAP-alone floor: the chosen UAP's own eval.json, with the candidate uap-select
     chose ("chosen", its val score and top class) when there was a choice."""
     from abd_fast.evaluate import read_eval
     r = read_eval(out / f"uap-{attack}")
-    sel = out / f"uap-{attack}" / uap_select.SELECTION_FILE
-    if sel.exists():
-        s = json.loads(sel.read_text())
-        r["chosen"] = {"name": s["chosen"].removeprefix(f"uap-{attack}-"), "score": s["score"],
-                       "top_class": s["top_class"]}
+    s = _selection(out, attack)
+    if s is not None:
+        r["chosen"] = {"name": s["chosen"], "score": s["score"], "top_class": s["top_class"]}
     return r
 
 
 def _chosen_geometry(cfg, attack) -> list:
     """The `uap` geometry flags of ABD's UAP for `attack` (the candidate uap-select chose):
     Table III's UAP without L_bd has the same geometry as the one with it."""
-    candidates = _uap_candidates(cfg)
     if "abd" not in cfg["defenses"]:
         return []
-    if len(candidates) == 1:
-        flags = next(iter(candidates.values()))
-    else:
-        sel = Path(cfg["output"]) / f"uap-{attack}" / uap_select.SELECTION_FILE
-        flags = candidates[json.loads(sel.read_text())["chosen"].removeprefix(f"uap-{attack}-")]
+    candidates = _uap_candidates(cfg)
+    flags = (next(iter(candidates.values())) if len(candidates) == 1
+             else candidates[_selection(Path(cfg["output"]), attack)["chosen"]])
     i = flags.index("--bd-loss")
     return flags[:i] + flags[i + 2:]
 
