@@ -2,6 +2,7 @@
 --quick smoke run (report, plots, every stage), skipping completed stages and resuming an
 interrupted one, the clean-model cache on user data (CSV + ImageFolder), Table II and III."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _user_flags(data):
     (["--image-size", "0"], "--image-size must be an integer >= 1, got 0"),
     (["--config", "{tmp}/absent.yaml"], "--config {tmp}/absent.yaml: cannot read"),
     (["--uap-candidates", "corner:paper,middle"], "--uap-candidates 'middle': expected "
-                                                 "GEOMETRY[:LOSS]"),
+                                                 "GEOMETRY[:LOSS[:steer]]"),
     (["--uap-candidates", "linf:loud"], "--uap-candidates 'linf:loud': expected"),
 ])
 def test_pipeline_flags_stop_before_any_work(tmp_path, capsys, argv, message):
@@ -348,11 +349,17 @@ def test_a_failed_strip_keeps_the_stage_and_its_full_checkpoint(tmp_path, monkey
 
 
 def test_uap_candidates_plan_a_uap_per_candidate_then_the_choice():
+    from abd_fast.cli.common import UsageError
     from abd_fast.cli.pipeline import plan_stages
     from abd_fast.cli.uap_select import candidate_specs
-    specs = candidate_specs("corner:paper, linf:differential,patch+linf")
-    assert list(specs) == ["corner-paper", "linf-differential", "patchlinf-paper"]
+    specs = candidate_specs("corner:paper, linf:differential,patch+linf,random:differential:steer")
+    assert list(specs) == ["corner-paper", "linf-differential", "patchlinf-paper",
+                           "random-differential-steer"]
     assert specs["linf-differential"] == ["--mode", "linf", "--bd-loss", "differential"]
+    assert specs["random-differential-steer"][-4:] == ["--steer", "scan", "--lambda-steer", "10"]
+    for bad in ("random:differential:toward", "linf:paper:steer:x", "corner:steer"):
+        with pytest.raises(UsageError, match=re.escape(f"--uap-candidates {bad!r}")):
+            candidate_specs(bad)
     cfg = dict(quick=True, pretrained=None, attacks=["badnet"], defenses=["abd"],
                no_ablations=True, stage_flags={}, uap_candidates="corner,random:differential")
     plan = list(plan_stages(cfg))
@@ -365,13 +372,14 @@ def test_uap_candidates_plan_a_uap_per_candidate_then_the_choice():
 
 
 def test_pipeline_default_uap_candidates_and_the_chosen_geometry(tmp_path):
-    """By default the pipeline chooses ABD's UAP among the paper's and three differential
-    geometries (the paper's first: it wins ties); Table III's UAP without L_bd takes the
-    chosen candidate's geometry, without its backdoor-loss flag."""
+    """By default the pipeline chooses ABD's UAP among the paper's, three differential
+    geometries and a steered one (the paper's first: it wins ties); Table III's UAP without
+    L_bd takes the chosen candidate's geometry, without its backdoor-loss or steering flags."""
     from abd_fast.cli.pipeline import PIPELINE_DEFAULTS, _chosen_geometry, _uap_candidates
     cfg = dict(PIPELINE_DEFAULTS, defenses=["abd"], output=str(tmp_path))
     assert list(_uap_candidates(cfg)) == ["corner-paper", "random-differential",
-                                          "linf-differential", "patchlinf-differential"]
+                                          "linf-differential", "patchlinf-differential",
+                                          "random-differential-steer"]
     (tmp_path / "uap-blended").mkdir()
     (tmp_path / "uap-blended" / "selection.json").write_text(
         json.dumps({"chosen": "uap-blended-linf-differential"}))
@@ -379,6 +387,9 @@ def test_pipeline_default_uap_candidates_and_the_chosen_geometry(tmp_path):
     one = dict(cfg, uap_candidates="patch+linf:differential")
     assert _chosen_geometry(one, "badnet") == ["--mode", "patch+linf", "--patch-place", "random"]
     assert _chosen_geometry(dict(cfg, defenses=["ft"]), "blended") == []
+    (tmp_path / "uap-blended" / "selection.json").write_text(
+        json.dumps({"chosen": "uap-blended-random-differential-steer"}))
+    assert _chosen_geometry(cfg, "blended") == ["--mode", "patch", "--patch-place", "random"]
 
 
 @pytest.mark.slow
@@ -399,6 +410,7 @@ def test_pipeline_chooses_the_uap_on_the_val_split(cache, tmp_path, capsys):
                                                        "uap-badnet-linf-differential"}
     argv = json.loads((out / "uap-badnet" / "stage.json").read_text())["argv"]
     assert argv[0] == "uap-select" and "--target-label" not in argv and "--val-data" in argv
+    assert argv[argv.index("--criterion") + 1] == "scan" and "scan" in sel
     assert (out / "uap-badnet" / "uap.pt").read_bytes() == \
         (Path(sel["chosen_file"])).read_bytes()
     # The report names the chosen candidate in the UAP-alone floor row.

@@ -74,6 +74,13 @@ def test_the_backdoor_uap_wins_and_the_shared_attractor_scores_nothing():
     assert choose(scores)["name"] == "corner"
     with pytest.raises(ValueError, match="no candidate"):
         choose([])
+    # --criterion scan: the gain read on the class the scan suspects, whatever gains elsewhere
+    focused = score_uaps({"linf": attractor, "corner": backdoor}, Toy(backdoor=3), Toy(),
+                         images, NAMES, tokenizer=tokenizer, mean=mean, std=std, focus="circle")
+    assert [s["top_class"] for s in focused] == ["circle", "circle"]
+    assert [s["score"] for s in focused] == [by["linf"]["gain"]["circle"],
+                                             by["corner"]["gain"]["circle"]]
+    assert choose(focused)["name"] == "linf"  # the corner patch gains nothing on 'circle'
 
 
 def test_uap_select_command_writes_the_chosen_uap_and_every_score(tmp_path, capsys):
@@ -106,6 +113,15 @@ def test_uap_select_command_writes_the_chosen_uap_and_every_score(tmp_path, caps
     assert sel["chosen"] == "a" and sel["n_images"] == 20
     assert (tmp_path / "sel" / "uap.pt").read_bytes() == (tmp_path / "a" / "uap.pt").read_bytes()
     assert UAP.load(tmp_path / "sel" / "uap.pt").place == "random"
+    assert "scan" not in sel and sel["criterion"].startswith("largest per-class")
+    # --criterion scan: the scan of the val images finds nothing (the model against itself),
+    # so the choice falls back to the largest gain, and the scan's verdict is recorded
+    code, err = run_main([*argv[:-2], "--criterion", "scan", "--output", tmp_path / "sel2"],
+                         capsys)
+    assert code == 0, err
+    sel2 = json.loads((tmp_path / "sel2" / "selection.json").read_text())
+    assert sel2["scan"]["backdoored"] is False and sel2["scan"]["suspected_target"] is None
+    assert sel2["criterion"].startswith("capture gain") and sel2["chosen"] == "a"
     # bad input: named flag and file
     code, err = run_main([*argv[:-2], "--candidates", tmp_path / "nope", "--output",
                           tmp_path / "o"], capsys)

@@ -62,11 +62,16 @@ PIPELINE_FLAGS = {"defend": {"budget": "paper"}, "defend:abd": {"adv-view": "aut
 # fine-tune (10 epochs, lr 1.5e-3) of the converged clean model. Measured on a validation
 # split (docs/ATTACKS.md, seed 0): badnet 92.9%, blended 83.0%, badclip 98.3%.
 POISON = {"poison-rate": 0.01}
-# ABD's UAP per victim: the paper's (AdvCLIP corner patch, ABD's backdoor loss) and three
-# geometries that can meet a global or moving trigger, with the differential backdoor loss;
-# `uap-select` chooses among them on the validation split without the target
-# (docs/METHOD.md, "Choosing a UAP without the target"). The paper's comes first: it wins ties.
-UAP_CANDIDATES = "corner:paper,random:differential,linf:differential,patch+linf:differential"
+# ABD's UAP per victim: the paper's (AdvCLIP corner patch, ABD's backdoor loss), three
+# geometries that can meet a global or moving trigger, with the differential backdoor loss,
+# and (ours) the random-place patch steered toward the class the scan suspects; `uap-select
+# --criterion scan` chooses among them on the validation split without the target: the
+# capture gain on the class the scan suspects there when it flags the victim, else the largest
+# gain (docs/METHOD.md, "Choosing a UAP without the target"; both chosen on val). The paper's
+# comes first: it wins ties.
+UAP_CANDIDATES = ("corner:paper,random:differential,linf:differential,"
+                  "patch+linf:differential,random:differential:steer")
+UAP_CRITERION = "scan"
 # --quick: a CI smoke run on a small synthetic set; checks the mechanics, not the numbers.
 QUICK_DATA = dict(n_train=512, n_eval_per_class=10, per_shard=256)
 QUICK_OVERRIDES = {
@@ -161,10 +166,12 @@ def add_parser(subparsers):
     p.add_argument("--defenses", metavar="LIST",
                    help=f"comma list (default {','.join(DEFAULT_DEFENSES)})")
     p.add_argument("--uap-candidates", metavar="LIST",
-                   help="ABD's UAP chosen per victim among candidates GEOMETRY[:LOSS],... "
-                        "(geometries corner, random, linf, patch+linf; losses paper, "
-                        "differential) by `uap-select` on the validation split, without the "
-                        f"target; one candidate: that UAP alone (default {UAP_CANDIDATES})")
+                   help="ABD's UAP chosen per victim among candidates "
+                        "GEOMETRY[:LOSS[:steer]],... (geometries corner, random, linf, "
+                        "patch+linf; losses paper, differential; steer: toward the class the "
+                        "scan suspects) by `uap-select --criterion scan` on the validation "
+                        "split, without the target; one candidate: that UAP alone (default "
+                        f"{UAP_CANDIDATES})")
     p.add_argument("--no-ablations", action="store_true",
                    help="skip ABD's Table II and III (run on the first attack)")
     p.add_argument("--quick", action="store_true",
@@ -664,7 +671,7 @@ def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, clean_dir: Path,
                 dirs = [str(uap(f"uap-{a}-{name}", extra)) for name, extra in candidates.items()]
                 d = st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val,
                                         "--checkpoint", victims[a], "--reference-model", clean,
-                                        "--candidates", ",".join(dirs)],
+                                        "--candidates", ",".join(dirs), "--criterion", UAP_CRITERION],
                            outputs=("uap.pt", "selection.json", "eval.json"))
             uaps[a] = str(d / "uap.pt")
         for m in cfg["defenses"]:
@@ -714,14 +721,13 @@ def _uap_floor(out: Path, attack) -> dict:
 
 def _chosen_geometry(cfg, attack) -> list:
     """The `uap` geometry flags of ABD's UAP for `attack` (the candidate uap-select chose):
-    Table III's UAP without L_bd has the same geometry as the one with it."""
+    Table III's UAP without L_bd has the same geometry (not its loss or steering)."""
     if "abd" not in cfg["defenses"]:
         return []
     candidates = _uap_candidates(cfg)
     flags = (next(iter(candidates.values())) if len(candidates) == 1
              else candidates[_selection(Path(cfg["output"]), attack)["chosen"]])
-    i = flags.index("--bd-loss")
-    return flags[:i] + flags[i + 2:]
+    return flags[:flags.index("--bd-loss")]
 
 
 def _speed_settings(cfg) -> dict:

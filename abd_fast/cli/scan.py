@@ -90,6 +90,21 @@ def load_reference(run: Run, path):
         raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
 
 
+def scan_val(run: Run, reference, purpose: str) -> tuple[dict, object, list]:
+    """The scan (this command's settings and the run's --seed) on the run's validation images,
+    against the reference when given: how `uap --steer scan` and `uap-select --criterion scan`
+    infer the target without knowing it. Returns (scan.json's fields, the val source, the
+    class names)."""
+    from abd_fast.scan.model import scan_model
+    source, images, classnames = run.val_images(DEFAULTS["scan_images"], purpose)
+    result, _ = scan_model(run.model, images, classnames, tokenizer=run.tokenizer,
+                           mean=run.mean, std=run.std, reference=reference,
+                           steps=DEFAULTS["steps"], batch_size=DEFAULTS["batch_size"],
+                           lr=DEFAULTS["lr"], seed=run.cfg["seed"],
+                           restarts=DEFAULTS["restarts"])
+    return result, source, classnames
+
+
 def geometries(cfg):
     from abd_fast.scan.model import DEFAULT_GEOMETRIES, Geometry
     if not cfg.get("geometries"):

@@ -115,22 +115,16 @@ def run(cfg: dict) -> int:
 
 
 def scan_target(cfg: dict, run: Run, reference) -> tuple:
-    """--steer scan: the scan's per-class search (the `scan` command's settings) on the
-    validation images, against the reference when given; never reads the target or trigger.
-    Returns (the poisoned model's zero-shot classifier of the val classes, the index of the
-    most anomalous class, notes for eval.json)."""
+    """--steer scan: the scan's per-class search on the validation images (cli.scan.scan_val),
+    against the reference when given; never reads the target or trigger. Returns (the
+    poisoned model's zero-shot classifier of the val classes, the index of the most anomalous
+    class, notes for eval.json)."""
     from abd_fast.evaluate import zero_shot_classifier
-    from abd_fast.scan.model import scan_model
 
-    from .scan import DEFAULTS as SCAN
-    source, images, classnames = run.val_images(SCAN["scan_images"],
-                                                "--steer scan's target search")
+    from .scan import scan_val
     device = run.info.device
-    result, _ = scan_model(run.model, images, classnames, tokenizer=run.tokenizer,
-                           mean=run.mean, std=run.std,
-                           reference=None if reference is None else reference.to(device),
-                           steps=SCAN["steps"], batch_size=SCAN["batch_size"], lr=SCAN["lr"],
-                           seed=cfg["seed"], restarts=SCAN["restarts"])
+    result, source, classnames = scan_val(
+        run, None if reference is None else reference.to(device), "--steer scan's target search")
     cls = result["most_anomalous_class"]
     notes = {k: result[k] for k in ("backdoored", "score", "threshold", "mode", "geometry")}
     notes.update(toward=cls, val_data=str(source), lambda_steer=cfg["lambda_steer"])

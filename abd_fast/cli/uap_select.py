@@ -1,7 +1,9 @@
 """`uap-select`: choose among candidate UAPs (trained by `uap` with different geometries and
 backdoor losses) without the target or the trigger, on the validation split
 (abd_fast.defenses.select): per candidate, the class it captures far more on the poisoned
-model than on the clean reference; the candidate with the largest such gain wins. Writes
+model than on the clean reference; the candidate with the largest such gain wins. With
+--criterion scan (ours, docs/METHOD.md), when the scan of the poisoned model on the same
+validation images flags it, the gain is read on the class the scan suspects. Writes
 OUTPUT/uap.pt (a copy of the chosen UAP, what `defend --uap` takes) and
 OUTPUT/selection.json (every candidate's score, top class and per-class capture), and
 OUTPUT/eval.json: the chosen candidate's own `uap` evaluation when it sits beside its file."""
@@ -19,7 +21,12 @@ from .scan import UNKNOWN_TO_THE_SCAN, architecture, load_reference
 NAME = "uap-select"
 SELECTION_FILE = "selection.json"
 DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, candidates=None,
-                val_images=1000, output="runs/uap-select")
+                criterion="gain", val_images=1000, output="runs/uap-select")
+CRITERIA = {"gain": "largest per-class capture gain (points) of the poisoned model over the "
+                    "reference on the validation images; no labels, no target",
+            "scan": "capture gain (points) of the poisoned model over the reference on the "
+                    "class the scan of the validation images suspects (the largest gain on any "
+                    "class when the scan does not flag the model); no labels, no target"}
 
 
 def _flags(p):
@@ -29,30 +36,39 @@ def _flags(p):
                         "of the poisoned model over it)")
     p.add_argument("--candidates", metavar="LIST",
                    help="comma-separated UAP files (uap.pt) or `uap` output directories")
+    p.add_argument("--criterion", choices=list(CRITERIA),
+                   help="gain: the largest capture gain on any class; scan: the gain on the "
+                        "class `scan` suspects on the validation images, when it flags the "
+                        "model (ours: docs/METHOD.md)")
     p.add_argument("--val-images", type=int, metavar="N",
                    help="validation images used (evenly spaced over the listing)")
 
 
-# `pipeline --uap-candidates GEOM:LOSS,...`: each candidate's `uap` flags.
+# `pipeline --uap-candidates GEOM:LOSS[:steer],...`: each candidate's `uap` flags, the
+# geometry's first. `steer` (ours): the UAP is also steered toward the class the scan of the
+# validation images suspects (`uap --steer scan`; weight 10, the one value tried).
 GEOMETRIES = {"corner": ["--mode", "patch", "--patch-place", "corner"],
               "random": ["--mode", "patch", "--patch-place", "random"],
               "linf": ["--mode", "linf"],
               "patch+linf": ["--mode", "patch+linf", "--patch-place", "random"]}
 LOSSES = ("paper", "differential")
+STEER = ["--steer", "scan", "--lambda-steer", "10"]
 
 
 def candidate_specs(text) -> dict:
-    """'corner:paper,linf:differential' -> {"corner-paper": [uap flags], ...}; a bare GEOM
-    means GEOM:paper."""
+    """'corner:paper,random:differential:steer' -> {"corner-paper": [uap flags],
+    "random-differential-steer": [...]}; a bare GEOM means GEOM:paper."""
     out = {}
     for item in (s.strip() for s in str(text).split(",") if s.strip()):
-        geom, _, loss = item.partition(":")
+        geom, loss, steer, *rest = item.split(":") + ["", ""]
         loss = loss or "paper"
-        if geom not in GEOMETRIES or loss not in LOSSES:
-            raise UsageError(f"--uap-candidates {item!r}: expected GEOMETRY[:LOSS] with "
-                             f"GEOMETRY one of {', '.join(GEOMETRIES)} and LOSS one of "
-                             f"{', '.join(LOSSES)} (e.g. corner:paper,linf:differential)")
-        out[f"{geom.replace('+', '')}-{loss}"] = [*GEOMETRIES[geom], "--bd-loss", loss]
+        if geom not in GEOMETRIES or loss not in LOSSES or steer not in ("", "steer") or any(rest):
+            raise UsageError(f"--uap-candidates {item!r}: expected GEOMETRY[:LOSS[:steer]] "
+                             f"with GEOMETRY one of {', '.join(GEOMETRIES)} and LOSS one of "
+                             f"{', '.join(LOSSES)} (e.g. corner:paper,linf:differential,"
+                             "random:differential:steer)")
+        name = f"{geom.replace('+', '')}-{loss}" + ("-steer" if steer else "")
+        out[name] = [*GEOMETRIES[geom], "--bd-loss", loss, *(STEER if steer else [])]
     if not out:
         raise UsageError("--uap-candidates is empty: give GEOMETRY[:LOSS],... "
                          "(e.g. corner:paper,linf:differential)")
@@ -96,6 +112,8 @@ def check(cfg: dict):
     check_path(cfg, "val_data", "data")
     require_val_data(cfg, "the choice among the candidates")
     check_int(cfg, "val_images", 4)
+    if cfg["criterion"] not in CRITERIA:
+        raise UsageError(f"--criterion {cfg['criterion']!r}: one of {', '.join(CRITERIA)}")
     cfg["candidates"] = [str(p) for p in candidate_files(cfg.get("candidates")).values()]
     cfg.update(architecture(cfg["checkpoint"], cfg))
 
@@ -117,8 +135,17 @@ def run(cfg: dict) -> int:
             raise UsageError(f"--candidates {path}: a UAP for {uap.image_size} px images, the "
                              f"model takes {run.spec.size} px")
         uaps[name] = uap
+    scan, focus = None, None
+    if cfg["criterion"] == "scan":
+        from .scan import scan_val
+        found, _, scan_classes = scan_val(run, reference, "--criterion scan's target search")
+        if scan_classes != classnames:
+            raise UsageError(f"--val-data {source}: its class names changed between reads")
+        scan = {k: found[k] for k in ("backdoored", "score", "threshold", "suspected_target",
+                                      "most_anomalous_class", "mode", "geometry")}
+        focus = found["suspected_target"] if found["backdoored"] else None
     scores = score_uaps(uaps, run.model, reference, images, classnames,
-                        tokenizer=run.tokenizer, mean=run.mean, std=run.std)
+                        tokenizer=run.tokenizer, mean=run.mean, std=run.std, focus=focus)
     best = choose(scores)
     for s in scores:
         u = uaps[s["name"]]
@@ -126,8 +153,8 @@ def run(cfg: dict) -> int:
                  area=u.area)
     result = {"chosen": best["name"], "chosen_file": str(files[best["name"]]),
               "score": best["score"], "top_class": best["top_class"],
-              "criterion": "largest per-class capture gain (points) of the poisoned model over "
-                           "the reference on the validation images; no labels, no target",
+              "criterion": CRITERIA[cfg["criterion"]],
+              **({"scan": scan} if scan is not None else {}),
               "checkpoint": str(cfg["checkpoint"]), "reference_model": cfg["reference_model"],
               "val_data": str(source), "n_images": len(images),
               "seconds": round(time.perf_counter() - t0, 2), "candidates": scores}

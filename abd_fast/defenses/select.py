@@ -10,7 +10,9 @@ poisoned model than on the clean reference. For each candidate UAP and each clas
     gain[c]      = capture_poisoned[c] - capture_reference[c]     (percentage points)
 
 The candidate's score is its largest gain, its top class that class; the chosen candidate
-has the largest score. Only images and class names are read: no labels, no target.
+has the largest score. Only images and class names are read: no labels, no target. Given a
+`focus` class (uap-select --criterion scan: the class the scan suspects, itself found without
+the target), the score is the gain on that class instead.
 
     scores = score_uaps(uaps, model, reference, images, classnames, tokenizer=..., mean=...,
                         std=...)     # [{"score", "top_class", "capture", ...}] per candidate
@@ -36,9 +38,10 @@ def capture(clean_pred: Tensor, adv_pred: Tensor, n_classes: int) -> Tensor:
 
 
 def score_uaps(uaps: dict, model, reference, images: Tensor, classnames, *, tokenizer, mean,
-               std) -> list[dict]:
-    """Per candidate (uaps: {name: defenses.uap.UAP}, in order): score (largest gain, points),
-    top_class, the per-class capture on both models and the class each captures most."""
+               std, focus: str | None = None) -> list[dict]:
+    """Per candidate (uaps: {name: defenses.uap.UAP}, in order): score (largest gain, or the
+    gain on `focus`, points), top_class, the per-class capture on both models and the class
+    each captures most."""
     from abd_fast.evaluate import zero_shot_classifier
     device = next(model.parameters()).device
     C = len(classnames)
@@ -53,7 +56,7 @@ def score_uaps(uaps: dict, model, reference, images: Tensor, classnames, *, toke
                                                  batch_size=250).cpu(), C)
                    for i, (m, w) in enumerate(heads)]
             gain = cap[0] - cap[1]
-            top = int(gain.argmax())
+            top = int(gain.argmax()) if focus is None else classnames.index(focus)
             table = lambda t: {classnames[c]: round(float(t[c]), 2) for c in range(C)}  # noqa
             out.append({"name": name, "score": round(float(gain[top]), 2),
                         "top_class": classnames[top],
