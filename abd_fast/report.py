@@ -493,7 +493,8 @@ def machine_info() -> dict:
 def weak_model_warnings(report: dict) -> list[str]:
     """Warnings for numbers that mean little: the clean model's zero-shot CA top-1 under
     twice chance (100 / n_classes; needs the clean result's n_classes), a victim's ASR under
-    50%. Each says what it means and what to try."""
+    50%, a defense whose CA fell under twice chance from a victim above it (collapsed). Each
+    says what it means and what to try."""
     out = []
     clean = report.get("clean") or {}
     n_classes = clean.get("n_classes")
@@ -514,6 +515,21 @@ def weak_model_warnings(report: dict) -> list[str]:
                 "removing a backdoor. Try more poisoned samples (--poison-rate / "
                 "--poison-count), more poisoning epochs, or a stronger clean model "
                 "(--pretrained, more epochs, more data).")
+        victim_ca = (models.get("victim") or {}).get("ca_top1")
+        chance = 100 / n_classes if n_classes else None
+        for name, r in models.items():
+            ca = (r or {}).get("ca_top1")
+            if (name == "victim" or chance is None or ca is None or victim_ca is None
+                    or victim_ca < WEAK_CA_TIMES_CHANCE * chance
+                    or ca >= WEAK_CA_TIMES_CHANCE * chance):
+                continue
+            out.append(
+                f"{name} on the {attack} victim collapsed: CA top-1 {ca:.2f}% is under twice "
+                f"chance ({WEAK_CA_TIMES_CHANCE * chance:.2f}%), from the victim's "
+                f"{victim_ca:.2f}%. Its ASR is then the share of images it puts in the target "
+                "class anyway, not a backdoor: its row says nothing about removing one. Try "
+                "that defense with a smaller budget (defend --budget-ratio, or --budget fixed "
+                "--lr; docs/METHOD.md).")
     return out
 
 

@@ -204,6 +204,22 @@ def test_weak_models_are_warned_about(tmp_path, n_classes, clean_ca, victim_asr,
         assert md[2] == shown[0]
 
 
+def test_a_collapsed_defense_is_warned_about(tmp_path):
+    """A defense whose CA fell under twice chance (RoCLIP at the demo's lr: docs/METHOD.md)
+    gets a warning naming it, the attack and the numbers; one at twice chance does not."""
+    rep = synthetic_report(4)
+    rep["clean"]["n_classes"] = 10
+    models = rep["attacks"]["blended"]
+    defenses = [m for m in models if m != "victim"]
+    models["victim"]["ca_top1"] = 98.5
+    models[defenses[0]]["ca_top1"], models[defenses[1]]["ca_top1"] = 11.3, 20.0
+    warnings = json.loads(rp.write_report(rep, tmp_path)["json"].read_text())["warnings"]
+    collapsed = [w for w in warnings if "collapsed" in w]
+    assert collapsed == [w for w in warnings if w.startswith(f"{defenses[0]} on the blended")]
+    assert len(collapsed) == 1 and "CA top-1 11.30% is under twice chance (20.00%), from the " \
+        "victim's 98.50%" in collapsed[0] and "--budget-ratio" in collapsed[0]
+
+
 def test_report_not_a_dict():
     with pytest.raises(rp.ReportError, match="expected a dict"):
         rp.validate_report([1, 2])
