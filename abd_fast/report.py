@@ -524,7 +524,8 @@ def weak_model_warnings(report: dict) -> list[str]:
                     or ca >= WEAK_CA_TIMES_CHANCE * chance):
                 continue
             out.append(
-                f"{name} on the {attack} victim collapsed: CA top-1 {ca:.2f}% is under twice "
+                f"{MODEL_LABELS.get(name, name)} on the {attack} victim collapsed: CA top-1 "
+                f"{ca:.2f}% is under twice "
                 f"chance ({WEAK_CA_TIMES_CHANCE * chance:.2f}%), from the victim's "
                 f"{victim_ca:.2f}%. Its ASR is then the share of images it puts in the target "
                 "class anyway, not a backdoor: its row says nothing about removing one. Try "

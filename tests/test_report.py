@@ -215,7 +215,8 @@ def test_a_collapsed_defense_is_warned_about(tmp_path):
     models[defenses[0]]["ca_top1"], models[defenses[1]]["ca_top1"] = 11.3, 20.0
     warnings = json.loads(rp.write_report(rep, tmp_path)["json"].read_text())["warnings"]
     collapsed = [w for w in warnings if "collapsed" in w]
-    assert collapsed == [w for w in warnings if w.startswith(f"{defenses[0]} on the blended")]
+    label = rp.MODEL_LABELS[defenses[0]]
+    assert collapsed == [w for w in warnings if w.startswith(f"{label} on the blended")]
     assert len(collapsed) == 1 and "CA top-1 11.30% is under twice chance (20.00%), from the " \
         "victim's 98.50%" in collapsed[0] and "--budget-ratio" in collapsed[0]
 
