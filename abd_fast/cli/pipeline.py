@@ -671,7 +671,8 @@ def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, clean_dir: Path,
                 dirs = [str(uap(f"uap-{a}-{name}", extra)) for name, extra in candidates.items()]
                 d = st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val,
                                         "--checkpoint", victims[a], "--reference-model", clean,
-                                        "--candidates", ",".join(dirs), "--criterion", UAP_CRITERION],
+                                        "--candidates", ",".join(dirs),
+                                        "--criterion", UAP_CRITERION],
                            outputs=("uap.pt", "selection.json", "eval.json"))
             uaps[a] = str(d / "uap.pt")
         for m in cfg["defenses"]:

@@ -57,8 +57,8 @@ def uap_stage(run, reference=None, steer=None) -> dict:
     image) or "differential" (both encoders on the same adversarial image; the cli's default
     sign -1 pushes the poisoned encoder's view away from the reference's: the UAP seeks
     what only the poisoned model responds to).
-    steer: None, or (classifier [C, D], class index, notes for eval.json): our extension (`--steer scan`, not the
-    paper's): a term lambda_steer * CE(100 * cos(E_p(x'), classifier), class) that steers the
+    steer: None, or (classifier [C, D], class index, notes for eval.json): our extension
+    (`--steer scan`, not the paper's): a term lambda_steer * CE(100 * cos(E_p(x'), classifier), class) that steers the
     UAP toward a class, the scan's target-free suspected target. Returns the training
     summary."""
     cfg, info, device = run.cfg, run.info, run.info.device
