@@ -421,3 +421,29 @@ def test_aggregate_seeds_mean_and_std(tmp_path):
     # A stage missing in one seed leaves its cell empty rather than a mean of fewer seeds.
     reps[1]["attacks"]["badnet"]["ft"] = None
     assert rp.aggregate_seeds(reps)["attacks"]["badnet"]["ft"] is None
+
+
+def test_seed_tables_aggregates_report_files(tmp_path):
+    """bench/seed_tables.py: per-seed report.json files of separate runs -> the same mean ± std
+    as aggregate_seeds; a seed given twice is refused, naming the file."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    files = []
+    for k in (0, 1):
+        rep = synthetic_report(20 + k)
+        rep["settings"]["seed"] = k
+        files.append(tmp_path / f"seed{k}.json")
+        files[-1].write_text(json.dumps(rep))
+    cmd = [sys.executable, str(root / "bench" / "seed_tables.py")]
+    done = subprocess.run([*cmd, *map(str, files), "--output", str(tmp_path / "agg")],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr
+    agg = json.loads((tmp_path / "agg" / "report.json").read_text())
+    asr = [json.loads(f.read_text())["attacks"]["badclip"]["cleanclip"]["asr"] for f in files]
+    r = agg["attacks"]["badclip"]["cleanclip"]
+    assert r["asr"] == pytest.approx(np.mean(asr)) and r["asr_seeds"] == asr
+    assert agg["settings"]["seeds"] == [0, 1]
+    done = subprocess.run([*cmd, str(files[0]), str(files[0]), "--output", str(tmp_path / "b")],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode != 0 and f"{files[0]}: its settings.seed is 0" in done.stderr
