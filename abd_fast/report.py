@@ -498,10 +498,11 @@ def weak_model_warnings(report: dict) -> list[str]:
     out = []
     clean = report.get("clean") or {}
     n_classes = clean.get("n_classes")
-    if n_classes and clean["ca_top1"] < WEAK_CA_TIMES_CHANCE * 100 / n_classes:
+    weak_ca = WEAK_CA_TIMES_CHANCE * 100 / n_classes if n_classes else None  # twice chance
+    if weak_ca is not None and clean["ca_top1"] < weak_ca:
         out.append(
             f"The clean model is weak: zero-shot CA top-1 {clean['ca_top1']:.2f}% is under "
-            f"twice chance ({WEAK_CA_TIMES_CHANCE * 100 / n_classes:.2f}% for {n_classes} "
+            f"twice chance ({weak_ca:.2f}% for {n_classes} "
             "classes). It has barely learned to tell the classes apart, so the CA and ASR "
             "differences between its victims and defenses below mean little. Try pretrained "
             "weights (--pretrained), more epochs (--epochs), or more and more varied caption "
@@ -516,17 +517,15 @@ def weak_model_warnings(report: dict) -> list[str]:
                 "--poison-count), more poisoning epochs, or a stronger clean model "
                 "(--pretrained, more epochs, more data).")
         victim_ca = (models.get("victim") or {}).get("ca_top1")
-        chance = 100 / n_classes if n_classes else None
+        if weak_ca is None or victim_ca is None or victim_ca < weak_ca:
+            continue  # a defense can only collapse from a victim that knew the classes
         for name, r in models.items():
             ca = (r or {}).get("ca_top1")
-            if (name == "victim" or chance is None or ca is None or victim_ca is None
-                    or victim_ca < WEAK_CA_TIMES_CHANCE * chance
-                    or ca >= WEAK_CA_TIMES_CHANCE * chance):
+            if name == "victim" or ca is None or ca >= weak_ca:
                 continue
             out.append(
                 f"{MODEL_LABELS.get(name, name)} on the {attack} victim collapsed: CA top-1 "
-                f"{ca:.2f}% is under twice "
-                f"chance ({WEAK_CA_TIMES_CHANCE * chance:.2f}%), from the victim's "
+                f"{ca:.2f}% is under twice chance ({weak_ca:.2f}%), from the victim's "
                 f"{victim_ca:.2f}%. Its ASR is then the share of images it puts in the target "
                 "class anyway, not a backdoor: its row says nothing about removing one. Try "
                 "that defense with a smaller budget (defend --budget-ratio, or --budget fixed "
