@@ -66,7 +66,14 @@ Settings (--setting, repeatable; default demo and 224-vit):
            16 captions, forward + backward of the CLIP loss only (views, text, forward, loss,
            backward; no loader, no optimizer): the issue's "ViT-B/32 forward + backward"
 --demo-report adds the per-stage wall times of a `python -m abd_fast.train` demo run
-(report.json's "timing": {stage: seconds}). Writes bench/results/step.json.
+(report.json's "timing": {stage: seconds}). Repeated, it lines the runs up stage by stage,
+the first as the baseline, with each other run's speed-up over it (baseline seconds / its
+seconds) and the sums over the stages every run has, e.g. the demo in fp32 against the default:
+
+    .venv/bin/python bench/step.py --setting none --demo-report runs/fp32/report.json \
+        --demo-report runs/demo/report.json
+
+Writes bench/results/step.json.
 """
 from __future__ import annotations
 
@@ -431,6 +438,29 @@ def read_demo_report(path) -> dict:
     return {"stages": stages, "total": total, "sum_of_stages": sum(stages.values())}
 
 
+def demo_timing_rows(timings: list[dict]) -> list[dict]:
+    """Rows of stage -> seconds of each run (keys s0, s1, ...; read_demo_report's dicts) and
+    x1, x2, ...: the first run's seconds over run k's (its speed-up over the first). Then
+    "sum of common stages" (the stages every run has: the comparable total) and each run's
+    own sum of stages."""
+    names = list(dict.fromkeys(k for t in timings for k in t["stages"]))
+    common = [n for n in names if all(n in t["stages"] for t in timings)]
+
+    def row(stage, secs):
+        r = {"stage": stage, **{f"s{k}": v for k, v in enumerate(secs) if v is not None}}
+        for k, v in enumerate(secs[1:], 1):
+            if v and secs[0]:
+                r[f"x{k}"] = f"{secs[0] / v:.2f}x"
+        return r
+    rows = [row(n, [t["stages"].get(n) for t in timings]) for n in names]
+    if len(timings) > 1:
+        rows.append(row("sum of common stages",
+                        [sum(t["stages"][n] for n in common) for t in timings]))
+    rows.append({"stage": "sum of stages",
+                 **{f"s{k}": t["sum_of_stages"] for k, t in enumerate(timings)}})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -446,7 +476,9 @@ def main(argv=None):
                     "setting)")
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: cores)")
     ap.add_argument("--mode", choices=["patch", "linf"], default="patch", help="UAP form")
-    ap.add_argument("--demo-report", metavar="PATH", help="a demo run's report.json")
+    ap.add_argument("--demo-report", metavar="PATH", action="append",
+                    help="a demo run's report.json; repeat to compare runs (the first is the "
+                         "baseline)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/step.json"))
     args = ap.parse_args(argv)
     if any(v is not None and v < 1 for v in (args.steps, args.warmup, args.repeats)):
@@ -472,14 +504,16 @@ def main(argv=None):
                            ("step_ms", "step ms"), ("compile_s", "compile s")]
                     + [(f"{p}_ms", p) for p in PARTS]))
     if args.demo_report:
-        timing = read_demo_report(args.demo_report)
-        payload["demo_timing"] = {"report": str(args.demo_report), "seconds": timing}
-        print(f"\ndemo wall time per stage ({args.demo_report}):")
-        rows_t = [{"stage": k, "seconds": v} for k, v in timing["stages"].items()]
-        rows_t.append({"stage": "sum of stages", "seconds": timing["sum_of_stages"]})
-        if timing["total"] is not None:
-            rows_t.append({"stage": "total (report)", "seconds": timing["total"]})
-        print(table(rows_t, [("stage", "stage"), ("seconds", "seconds")]))
+        timings = [read_demo_report(p) for p in args.demo_report]
+        payload["demo_timing"] = [{"report": str(p), "seconds": t}
+                                  for p, t in zip(args.demo_report, timings)]
+        print("\ndemo wall time per stage, seconds:")
+        for k, (p, t) in enumerate(zip(args.demo_report, timings)):
+            total = "" if t["total"] is None else f" (its own wall time: {t['total']:.0f} s)"
+            print(f"  s{k}: {p}{total}")
+        cols = [("stage", "stage")] + [(f"s{k}", f"s{k}") for k in range(len(timings))]
+        cols += [(f"x{k}", f"s0/s{k}") for k in range(1, len(timings))]
+        print(table(demo_timing_rows(timings), cols))
     out = Path(args.out)
     if out.exists():  # settings measured by earlier runs stay in the file
         old = json.loads(out.read_text())

@@ -213,8 +213,10 @@ def test_clean_model_cache_on_user_data(cache, small_data, tmp_path, capsys):  #
 def test_ablation_tables_2_and_3(victim, tmp_path, capsys):  # noqa: F811
     out, common = victim
     ckpt, clean = out / "poisoned" / "checkpoint.pt", out / "clean" / "checkpoint.pt"
+    # The pipeline's budget and view, given to the defend rows only (as pipeline's rows get).
     code, err = run_main(["ablation", "--table", "2", *common, "--checkpoint", ckpt,
-                          "--reference-model", clean, "--output", tmp_path / "t2"], capsys)
+                          "--reference-model", clean, "--budget", "paper", "--budget-steps", "2",
+                          "--adv-view", "autoaugment", "--output", tmp_path / "t2"], capsys)
     assert code == 0, err
     t2 = json.loads((tmp_path / "t2" / "table2.json").read_text())
     assert t2["attack"] == "blended" and set(t2["rows"]) == set(TABLE2_ROWS)
@@ -226,6 +228,14 @@ def test_ablation_tables_2_and_3(victim, tmp_path, capsys):  # noqa: F811
     assert "--no-eda" in flags["i_adv"] and "--no-adv" in flags["t_eda"]
     assert "--uap" not in flags["t_eda"] and "--uap" in flags["i_adv_t_eda"]
     assert flags["ft"][flags["ft"].index("--method") + 1] == "ft"
+    for row in TABLE2_ROWS:
+        argv = flags[row]
+        assert argv[argv.index("--budget") + 1] == "paper"
+        assert argv[argv.index("--adv-view") + 1] == "autoaugment"
+        budget = json.loads((tmp_path / "t2" / row / "eval.json").read_text())["budget"]
+        assert budget["rule"] == "paper" and budget["steps"] == 2 and budget["pairs"] == 128
+    uap_argv = json.loads((tmp_path / "t2" / "uap-bd-file" / "stage.json").read_text())["argv"]
+    assert "--budget" not in uap_argv and "--adv-view" not in uap_argv
     uap_bd = tmp_path / "t2" / "uap-bd-file" / "uap.pt"
     code, err = run_main(["ablation", "--table", "3", *common, "--checkpoint", ckpt,
                           "--uap", uap_bd, "--max-samples", "32", "--output", tmp_path / "t3"],

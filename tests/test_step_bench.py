@@ -8,8 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.step import (eager_views, fused_loss, fused_views, make_uap,  # noqa: E402
-                        read_demo_report, reference_loss)
+from bench.step import (demo_timing_rows, eager_views, fused_loss, fused_views,  # noqa: E402
+                        make_uap, read_demo_report, reference_loss)
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
@@ -56,3 +56,17 @@ def test_demo_report(tmp_path):
         read_demo_report(p)
     with pytest.raises(SystemExit, match="no such file"):
         read_demo_report(tmp_path / "missing.json")
+
+
+def test_demo_timing_rows_compare_runs():
+    a = {"stages": {"pretrain": 300.0, "poison": 100.0, "roclip": 50.0}, "total": None,
+         "sum_of_stages": 450.0}
+    b = {"stages": {"pretrain": 200.0, "poison": 80.0}, "total": None, "sum_of_stages": 280.0}
+    rows = {r["stage"]: r for r in demo_timing_rows([a, b])}
+    assert rows["pretrain"] == {"stage": "pretrain", "s0": 300.0, "s1": 200.0, "x1": "1.50x"}
+    assert rows["roclip"] == {"stage": "roclip", "s0": 50.0}   # only in the baseline: no ratio
+    assert rows["sum of common stages"] == {"stage": "sum of common stages", "s0": 400.0,
+                                            "s1": 280.0, "x1": "1.43x"}
+    assert rows["sum of stages"] == {"stage": "sum of stages", "s0": 450.0, "s1": 280.0}
+    one = demo_timing_rows([a])
+    assert [r["stage"] for r in one] == ["pretrain", "poison", "roclip", "sum of stages"]

@@ -14,8 +14,10 @@ Table III rows (the UAP's backdoor loss L_bd), each `uap` then `defend --method 
 Sub-runs go to DIR/<row>/ (UAPs to DIR/uap-file/ and DIR/uap-bd-file/, unless --uap gives
 ABD's UAP); each is skipped on a re-run when done with the same flags. Writes DIR/table<N>.json
 ({"attack", "rows": {row: eval result}}, report.json's ablation schema) and DIR/table<N>.md.
-Common flags (data, model, batch size, epochs, lr, ...) go to every sub-run (--max-samples to
-the defend runs only); without them each sub-run uses its command's defaults.
+Common flags (data, model, batch size, epochs, lr, ...) go to every sub-run; --max-samples and
+defend's budget and view flags (--budget, --budget-ratio, --budget-steps, --adv-view) to the
+defend runs only. Without them each sub-run uses its command's defaults; the pipeline's
+ablation rows run with `--budget paper --adv-view autoaugment`, which those flags reproduce.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ NAME = "ablation"
 PASS_FLAGS = ("train_data", "eval_data", "classnames", "target_label", "model", "image_size",
               "batch_size", "epochs", "lr", "warmup", "seed", "loader", "workers",
               "checkpoint_every", "csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
+DEFEND_FLAGS = ("max_samples", "budget", "budget_ratio", "budget_steps", "adv_view")
 
 
 def add_parser(subparsers):
@@ -47,6 +50,13 @@ def add_parser(subparsers):
                    "trained here")
     p.add_argument("--reference-model", metavar="FILE",
                    help="the clean model, for the backdoor loss of the UAPs trained here")
+    p.add_argument("--budget", choices=["fixed", "paper"],
+                   help="the defend rows' budget (defend --budget; the pipeline's: paper)")
+    p.add_argument("--budget-ratio", type=float, metavar="R", help="defend --budget-ratio")
+    p.add_argument("--budget-steps", type=int, metavar="N", help="defend --budget-steps")
+    p.add_argument("--adv-view", choices=["raw", "autoaugment"],
+                   help="ABD rows' adversarial view (defend --adv-view; the pipeline's: "
+                        "autoaugment)")
     return p
 
 
@@ -106,11 +116,12 @@ def run(args, parser, run_command) -> int:
     rows = planned_rows((table,), uap_bd_given=cfg.get("uap") is not None)
     stages = Stages(out, {r: 1 for r in rows}, run_command)
     try:
-        # --max-samples limits the fine-tuning data (the defend runs), not the UAP's.
-        subset = ["--max-samples", str(cfg["max_samples"])] if cfg.get("max_samples") else []
+        # The fine-tuning data and budget are the defend runs', not the UAP's.
+        defend = [f for key in DEFEND_FLAGS if cfg.get(key) is not None
+                  for f in (f"--{key.replace('_', '-')}", str(cfg[key]))]
         tables = run_tables(stages, attack=attack, checkpoint=cfg["checkpoint"], common=common,
                             reference_model=cfg.get("reference_model"), uap_bd=cfg.get("uap"),
-                            tables=(table,), defend_flags=subset)
+                            tables=(table,), defend_flags=defend)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
