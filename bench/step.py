@@ -440,22 +440,38 @@ def read_demo_report(path) -> dict:
 
 def demo_timing_rows(timings: list[dict]) -> list[dict]:
     """Rows of stage -> seconds of each run (keys s0, s1, ...; read_demo_report's dicts) and
-    x1, x2, ...: the first run's seconds over run k's (its speed-up over the first). Then
-    "sum of common stages" (the stages every run has: the comparable total) and each run's
+    x1, x2, ...: the first run's seconds over run k's (its speed-up over the first). With two
+    or more runs after the first, also "med": the median of those runs' seconds of the stage
+    (one run slowed by other jobs does not move it) and "xmed" = s0 / med. Then "sum of
+    common stages" (the stages every run has: the comparable total; with med, the stages the
+    first run and at least two others have, summed per run and as medians) and each run's
     own sum of stages."""
     names = list(dict.fromkeys(k for t in timings for k in t["stages"]))
-    common = [n for n in names if all(n in t["stages"] for t in timings)]
+    others = timings[1:]
 
-    def row(stage, secs):
+    def median_of_others(n):
+        vals = [t["stages"][n] for t in others if n in t["stages"]]
+        return statistics.median(vals) if len(others) > 1 and len(vals) > 1 else None
+
+    def row(stage, secs, med=None):
         r = {"stage": stage, **{f"s{k}": v for k, v in enumerate(secs) if v is not None}}
         for k, v in enumerate(secs[1:], 1):
             if v and secs[0]:
                 r[f"x{k}"] = f"{secs[0] / v:.2f}x"
+        if med is not None:
+            r["med"] = med
+            if secs[0]:
+                r["xmed"] = f"{secs[0] / med:.2f}x"
         return r
-    rows = [row(n, [t["stages"].get(n) for t in timings]) for n in names]
+    rows = [row(n, [t["stages"].get(n) for t in timings], median_of_others(n)) for n in names]
     if len(timings) > 1:
+        common = [n for n in names if all(n in t["stages"] for t in timings)]
         rows.append(row("sum of common stages",
                         [sum(t["stages"][n] for n in common) for t in timings]))
+    if len(others) > 1:
+        both = [n for n in names if n in timings[0]["stages"] and median_of_others(n) is not None]
+        rows.append(row("sum of stages with a median", [sum(timings[0]["stages"][n] for n in both)],
+                        sum(median_of_others(n) for n in both)))
     rows.append({"stage": "sum of stages",
                  **{f"s{k}": t["sum_of_stages"] for k, t in enumerate(timings)}})
     return rows
@@ -513,6 +529,8 @@ def main(argv=None):
             print(f"  s{k}: {p}{total}")
         cols = [("stage", "stage")] + [(f"s{k}", f"s{k}") for k in range(len(timings))]
         cols += [(f"x{k}", f"s0/s{k}") for k in range(1, len(timings))]
+        if len(timings) > 2:
+            cols += [("med", "median s1.."), ("xmed", "s0/median")]
         print(table(demo_timing_rows(timings), cols))
     out = Path(args.out)
     if out.exists():  # settings measured by earlier runs stay in the file

@@ -70,3 +70,18 @@ def test_demo_timing_rows_compare_runs():
     assert rows["sum of stages"] == {"stage": "sum of stages", "s0": 450.0, "s1": 280.0}
     one = demo_timing_rows([a])
     assert [r["stage"] for r in one] == ["pretrain", "poison", "roclip", "sum of stages"]
+
+
+def test_demo_timing_rows_median_of_the_other_runs():
+    base = {"stages": {"poison": 150.0, "abd": 240.0, "clean": 400.0}, "total": None,
+            "sum_of_stages": 790.0}
+    runs = [{"stages": {"poison": 100.0, "abd": 180.0}, "total": None, "sum_of_stages": 280.0},
+            {"stages": {"poison": 4000.0, "abd": 160.0}, "total": None, "sum_of_stages": 4160.0},
+            {"stages": {"poison": 120.0, "abd": 200.0, "clean": 320.0}, "total": None,
+             "sum_of_stages": 640.0}]
+    rows = {r["stage"]: r for r in demo_timing_rows([base, *runs])}
+    # The slowed run's 4000 s does not move the median; a stage one other run has: no median.
+    assert rows["poison"]["med"] == 120.0 and rows["poison"]["xmed"] == "1.25x"
+    assert rows["abd"]["med"] == 180.0 and "med" not in rows["clean"]
+    total = rows["sum of stages with a median"]
+    assert total["s0"] == 390.0 and total["med"] == 300.0 and total["xmed"] == "1.30x"
