@@ -447,11 +447,11 @@ def demo_timing_rows(timings: list[dict]) -> list[dict]:
     first run and at least two others have, summed per run and as medians) and each run's
     own sum of stages."""
     names = list(dict.fromkeys(k for t in timings for k in t["stages"]))
-    others = timings[1:]
-
-    def median_of_others(n):
-        vals = [t["stages"][n] for t in others if n in t["stages"]]
-        return statistics.median(vals) if len(others) > 1 and len(vals) > 1 else None
+    meds = {}
+    for n in names:
+        vals = [t["stages"][n] for t in timings[1:] if n in t["stages"]]
+        if len(vals) > 1:
+            meds[n] = statistics.median(vals)
 
     def row(stage, secs, med=None):
         r = {"stage": stage, **{f"s{k}": v for k, v in enumerate(secs) if v is not None}}
@@ -463,15 +463,16 @@ def demo_timing_rows(timings: list[dict]) -> list[dict]:
             if secs[0]:
                 r["xmed"] = f"{secs[0] / med:.2f}x"
         return r
-    rows = [row(n, [t["stages"].get(n) for t in timings], median_of_others(n)) for n in names]
+    rows = [row(n, [t["stages"].get(n) for t in timings], meds.get(n)) for n in names]
     if len(timings) > 1:
         common = [n for n in names if all(n in t["stages"] for t in timings)]
         rows.append(row("sum of common stages",
                         [sum(t["stages"][n] for n in common) for t in timings]))
-    if len(others) > 1:
-        both = [n for n in names if n in timings[0]["stages"] and median_of_others(n) is not None]
-        rows.append(row("sum of stages with a median", [sum(timings[0]["stages"][n] for n in both)],
-                        sum(median_of_others(n) for n in both)))
+    if len(timings) > 2:
+        both = [n for n in meds if n in timings[0]["stages"]]
+        rows.append(row("sum of stages with a median",
+                        [sum(timings[0]["stages"][n] for n in both)],
+                        sum(meds[n] for n in both)))
     rows.append({"stage": "sum of stages",
                  **{f"s{k}": t["sum_of_stages"] for k, t in enumerate(timings)}})
     return rows

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from .common import UsageError, check_output, check_path, common_parser, own_settings
+from .defend import budget_and_view_flags
 from .stages import Stages, StageError
 
 NAME = "ablation"
@@ -50,13 +51,8 @@ def add_parser(subparsers):
                    "trained here")
     p.add_argument("--reference-model", metavar="FILE",
                    help="the clean model, for the backdoor loss of the UAPs trained here")
-    p.add_argument("--budget", choices=["fixed", "paper"],
-                   help="the defend rows' budget (defend --budget; the pipeline's: paper)")
-    p.add_argument("--budget-ratio", type=float, metavar="R", help="defend --budget-ratio")
-    p.add_argument("--budget-steps", type=int, metavar="N", help="defend --budget-steps")
-    p.add_argument("--adv-view", choices=["raw", "autoaugment"],
-                   help="ABD rows' adversarial view (defend --adv-view; the pipeline's: "
-                        "autoaugment)")
+    # For the defend rows; the pipeline's rows run --budget paper --adv-view autoaugment.
+    budget_and_view_flags(p)
     return p
 
 
@@ -100,13 +96,16 @@ def _write_table(key: str, table: dict, timing: dict, out: Path):
     print(f"-> {out / (key + '.json')}, {out / (key + '.md')}", flush=True)
 
 
+def _argv(cfg: dict, keys) -> list[str]:
+    """`--key value` for each of keys set in cfg."""
+    return [f for key in keys if cfg.get(key) is not None
+            for f in (f"--{key.replace('_', '-')}", str(cfg[key]))]
+
+
 def run(args, parser, run_command) -> int:
     from abd_fast.defenses.ablation import planned_rows, run_tables
     cfg, attack = _settings(args, parser)
-    common = []
-    for key in PASS_FLAGS:
-        if cfg.get(key) is not None:
-            common += [f"--{key.replace('_', '-')}", str(cfg[key])]
+    common = _argv(cfg, PASS_FLAGS)
     if cfg.get("precision") is not None:
         common += ["--precision", cfg["precision"]]
     if cfg.get("compile") is not None:
@@ -117,11 +116,9 @@ def run(args, parser, run_command) -> int:
     stages = Stages(out, {r: 1 for r in rows}, run_command)
     try:
         # The fine-tuning data and budget are the defend runs', not the UAP's.
-        defend = [f for key in DEFEND_FLAGS if cfg.get(key) is not None
-                  for f in (f"--{key.replace('_', '-')}", str(cfg[key]))]
         tables = run_tables(stages, attack=attack, checkpoint=cfg["checkpoint"], common=common,
                             reference_model=cfg.get("reference_model"), uap_bd=cfg.get("uap"),
-                            tables=(table,), defend_flags=defend)
+                            tables=(table,), defend_flags=_argv(cfg, DEFEND_FLAGS))
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -31,8 +31,6 @@ def _flags(p):
                    help="abd: in-modal alignment with the views (align), MMCL on the views "
                         "(replace), or MMCL on the clean pairs plus MMCL on the views (union: "
                         "the paper's enhanced dataset)")
-    p.add_argument("--adv-view", choices=["raw", "autoaugment"],
-                   help="abd: the UAP on the raw image, or on CleanCLIP's AutoAugment view")
     p.add_argument("--no-adv", action="store_true", help="abd ablation: no adversarial view")
     p.add_argument("--no-eda", action="store_true", help="abd ablation: no EDA text view")
     p.add_argument("--break-epoch", type=int, metavar="N",
@@ -40,6 +38,14 @@ def _flags(p):
     p.add_argument("--bank-size", type=int, metavar="N", help="roclip: text memory bank size")
     p.add_argument("--lambda1", type=float, metavar="W", help="weight of the MMCL term")
     p.add_argument("--lambda2", type=float, metavar="W", help="weight of the in-modal terms")
+    budget_and_view_flags(p)
+    attack_flags(p, required=False)
+
+
+def budget_and_view_flags(p):
+    """--adv-view and the budget flags (also `ablation`'s, for its defend rows)."""
+    p.add_argument("--adv-view", choices=["raw", "autoaugment"],
+                   help="abd: the UAP on the raw image, or on CleanCLIP's AutoAugment view")
     p.add_argument("--budget", choices=["fixed", "paper"],
                    help="fixed: --max-samples/--epochs/--batch-size/--lr as given (--epochs "
                         f"default {FIXED_EPOCHS}); paper: the ABD paper's shape from the "
@@ -52,7 +58,6 @@ def _flags(p):
     p.add_argument("--budget-steps", type=int, metavar="N",
                    help="--budget paper: N optimizer steps instead of the poisoning's (the lr "
                         "is scaled to keep steps x lr)")
-    attack_flags(p, required=False)
 
 
 def add_parser(subparsers):
