@@ -40,7 +40,7 @@ from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap, u
 from .common import (UsageError, caption_data_flags, check_flag_values, check_output, check_path,
                      check_val_apart, loader_options, own_settings, require_val_data,
                      source_options, speed_flags)
-from .stages import Stages, StageError, clock
+from .stages import Stages, StageError, clock, subprocess_command
 
 NAME = "pipeline"
 # The pipeline's departures from the uap/defend defaults (cli/uap.py, cli/defend.py: the
@@ -182,6 +182,13 @@ def add_parser(subparsers):
                         "shared), then victims, UAPs, defenses and ablations per seed into "
                         "OUTPUT/seed<k>/; report.md/json give Table I-III as mean ± std "
                         "(default: one run with --seed, the usual layout)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="run up to N independent stages at once (each attack's chain, the UAP "
+                        "candidates, the defenses of a victim), each in its own process with "
+                        "1/N of the torch threads; the clean model first with all of them. On "
+                        "small models this uses the cores better than one stage's threads "
+                        "(docs/PERFORMANCE.md). Numbers differ from --jobs 1 by the threads' "
+                        "rounding only (default 1: one stage at a time, in-process)")
     p.add_argument("--loader", choices=["torch", "dali"], help="decoding engine")
     p.add_argument("--workers", type=int, metavar="N", help="decoding workers per process")
     speed_flags(p)  # given: passed to every stage; else each stage's own default
@@ -200,7 +207,7 @@ PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
     defenses=",".join(DEFAULT_DEFENSES), uap_candidates=UAP_CANDIDATES, no_ablations=False,
-    quick=False, seed=0, seeds=None, loader=None, workers=None, precision=None, compile=None,
+    quick=False, seed=0, seeds=None, jobs=1, loader=None, workers=None, precision=None, compile=None,
     recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
@@ -239,6 +246,8 @@ def _settings(args, parser) -> dict:
         if v is not None and (not isinstance(v, int) or v < (1 if key == "image_size" else 0)):
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= "
                              f"{1 if key == 'image_size' else 0}, got {v!r}")
+    if not isinstance(cfg["jobs"], int) or cfg["jobs"] < 1:
+        raise UsageError(f"--jobs must be an integer >= 1, got {cfg['jobs']!r}")
     if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {cfg['seed']!r}")
     cfg["seeds"] = _seed_list(cfg["seeds"])
@@ -460,6 +469,18 @@ class _StageFlags:
         return val + own + self.q + [f for k in keys for f in self.extra(k)]
 
 
+def stage_threads(jobs: int) -> int:
+    """Torch threads of each stage run side by side with --jobs (this process's over jobs)."""
+    import torch
+    return max(1, torch.get_num_threads() // jobs)
+
+
+def _stages(cfg, root: Path, plan: dict, run_command) -> Stages:
+    """The stage runner: --jobs stages at once, each in a process of stage_threads."""
+    spawn = subprocess_command(stage_threads(cfg["jobs"])) if cfg["jobs"] > 1 else None
+    return Stages(root, plan, run_command, jobs=cfg["jobs"], spawn=spawn)
+
+
 def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
     """Runs the plan's stages (skipping those done before) and writes the report.
     run_command(argv) -> exit status runs one command in-process. With --seeds: _run_seeds."""
@@ -472,7 +493,7 @@ def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
     print(f"pipeline: {len(plan)} stages into {out} (attacks {', '.join(cfg['attacks'])}; "
           f"defenses {', '.join(cfg['defenses'])}; target {data['target']!r}"
           + ("; --quick" if cfg["quick"] else "") + ")", flush=True)
-    st = Stages(out, plan, run_command)
+    st = _stages(cfg, out, plan, run_command)
     notes = []
     clean = _clean_model(st, cfg, data, flags, notes)
     return _after_clean(st, cfg, data, flags, clean, out / "clean", notes, t_start)
@@ -492,7 +513,7 @@ def _run_seeds(cfg: dict, data: dict, run_command) -> dict:
           f"one shared clean model, into {out}/seed<k> (attacks {', '.join(cfg['attacks'])}; "
           f"defenses {', '.join(cfg['defenses'])}; target {data['target']!r}"
           + ("; --quick" if cfg["quick"] else "") + ")", flush=True)
-    st0 = Stages(out, {"clean": plan["clean"]}, run_command)
+    st0 = _stages(cfg, out, {"clean": plan["clean"]}, run_command)
     notes = []
     clean = _clean_model(st0, first, data, _StageFlags(first, data), notes)
     notes.append(f"The clean model is shared by every seed: trained (or evaluated, "
@@ -502,7 +523,7 @@ def _run_seeds(cfg: dict, data: dict, run_command) -> dict:
     for k in seeds:
         cfg_k = dict(cfg, seed=k, output=str(out / f"seed{k}"))
         plan_k = {n: c for n, c in plan_stages(cfg_k).items() if n != "clean"}
-        st = Stages(out / f"seed{k}", plan_k, run_command)
+        st = _stages(cfg, out / f"seed{k}", plan_k, run_command)
         print(f"pipeline: seed {k} -> {out / f'seed{k}'}", flush=True)
         reports[k] = _after_clean(st, cfg_k, data, _StageFlags(cfg_k, data), clean,
                                   out / "clean", list(notes), time.perf_counter())
@@ -520,14 +541,37 @@ def _run_seeds(cfg: dict, data: dict, run_command) -> dict:
 def _after_clean(st: Stages, cfg, data, flags: _StageFlags, clean: str, clean_dir: Path,
                  notes: list, t_start: float) -> dict:
     """Every stage after the clean model (weights `clean`, its eval.json in clean_dir), into
-    st's root = cfg["output"], and that directory's report."""
+    st's root = cfg["output"], and that directory's report. Each attack's stages form a chain
+    (its victim first, then what needs it; the first attack's ablations after its defenses);
+    the chains and the clean model's scan are independent (run side by side with --jobs)."""
+    from abd_fast.evaluate import read_eval
     out = Path(cfg["output"])
-    patch = _badclip_trigger(st, cfg, data, flags, clean)
-    victims = _victims(st, cfg, flags, clean, patch)
-    _floors(st, data, flags, clean, victims)
-    scans = _scans(st, cfg, flags, clean, victims)
-    results, uaps = _defenses(st, cfg, flags, clean, clean_dir, victims)
-    tables = _ablations(st, cfg, flags, clean, victims, uaps, results)
+    results = {"clean": read_eval(clean_dir), "attacks": dict.fromkeys(cfg["attacks"])}
+    scans = {"clean": None, **dict.fromkeys(cfg["attacks"])}
+    victims, uaps, tables = {}, {}, {"table2": None, "table3": None}
+
+    def scan_clean():
+        scans["clean"] = _scan(st, flags, "scan-clean", clean)
+
+    def chain(a):
+        patch = _badclip_trigger(st, cfg, data, flags, clean) if a == "badclip" else None
+        victims[a] = _victim(st, cfg, flags, clean, a, patch)
+        results["attacks"][a] = {"victim": read_eval(out / f"poison-{a}"),
+                                 **dict.fromkeys(cfg["defenses"])}
+
+        def scan_victim():
+            scans[a] = _scan_victim(st, flags, clean, a, victims[a])
+
+        def defense(m):
+            if m == "abd":
+                uaps[a] = _abd_uap(st, cfg, flags, clean, a, victims[a])
+            results["attacks"][a][m] = _defend(st, flags, a, m, victims[a], uaps.get(a))
+        st.parallel(lambda work: work(), [
+            lambda: _floor(st, data, flags, clean, a, victims[a]), scan_victim,
+            *(lambda m=m: defense(m) for m in _uap_first(cfg["defenses"]))])
+        if a == cfg["attacks"][0]:
+            tables.update(_ablations(st, cfg, flags, clean, victims, uaps, results))
+    st.parallel(lambda work: work(), [scan_clean, *(lambda a=a: chain(a) for a in cfg["attacks"])])
     analysis = {}
     st.run("report", ["analysis"], outputs=(), force=True,
            fn=lambda d: analysis.update(_analyse(cfg, data, out, victims, uaps)))
@@ -545,12 +589,18 @@ def _after_clean(st: Stages, cfg, data, flags: _StageFlags, clean: str, clean_di
     return report
 
 
+def _uap_first(defenses) -> list:
+    """The defenses with abd (whose UAP stages come first) leading: the longest chain starts
+    first when stages run side by side."""
+    return sorted(defenses, key=lambda m: m != "abd")
+
+
 def _clean_model(st: Stages, cfg, data, flags: _StageFlags, notes: list) -> str:
     """Stage 1, the clean model: --pretrained evaluated, else trained (or reused from the
     cache of clean models trained with the same settings and data). Returns its weights."""
     out = Path(cfg["output"])
     if cfg["pretrained"]:
-        st.run("clean", ["eval", *flags.common, "--checkpoint", cfg["pretrained"]])
+        st.run("clean", ["eval", *flags.common, "--checkpoint", cfg["pretrained"]], alone=True)
         return cfg["pretrained"]
     argv = ["pretrain", *flags.common, *flags.q,
             *(_flags(QUICK_OVERRIDES["pretrain"]) if flags.quick else []),
@@ -564,11 +614,11 @@ def _clean_model(st: Stages, cfg, data, flags: _StageFlags, notes: list) -> str:
         print(f"  reusing the clean model trained before with the same settings and data: "
               f"{cached}", flush=True)
     if not st.done("clean", argv, CLEAN_FILES) and (cached / "eval.json").exists():
-        st.run("clean", argv, CLEAN_FILES, fn=from_cache)
+        st.run("clean", argv, CLEAN_FILES, fn=from_cache, alone=True)
         notes.append(f"The clean model was reused from the cache ({cached}); it was trained "
                      "by an earlier run with the same pretrain settings and data.")
     else:
-        st.run("clean", argv, CLEAN_FILES)
+        st.run("clean", argv, CLEAN_FILES, alone=True)
         store_clean(out / "clean", key, argv)
     return str(out / "clean" / "checkpoint.pt")
 
@@ -585,19 +635,16 @@ def _badclip_trigger(st: Stages, cfg, data, flags: _StageFlags, clean: str) -> s
     return str(d / "badclip_patch.png")
 
 
-def _victims(st: Stages, cfg, flags: _StageFlags, clean: str, patch) -> dict:
-    """Stage 2b: one poisoned model per attack, {attack: checkpoint}."""
-    victims = {}
+def _victim(st: Stages, cfg, flags: _StageFlags, clean: str, a: str, patch) -> str:
+    """Stage 2b: the poisoned model of attack `a`; returns its checkpoint."""
+    trig = ["--trigger-file", patch] if a == "badclip" else []
     # A config's own poison count or rate replaces POISON's (the stage takes exactly one).
-    for a in cfg["attacks"]:
-        trig = ["--trigger-file", patch] if a == "badclip" else []
-        own = {**cfg["stage_flags"].get("poison", {}), **cfg["stage_flags"].get(f"poison:{a}", {})}
-        poison_flags = [] if {"poison-count", "poison-rate"} & set(own) else _flags(POISON)
-        d = st.run(f"poison-{a}", ["poison", *flags.victim, "--pretrained", clean,
-                                   "--attack", a, *poison_flags, *trig, *flags.extra("poison"),
-                                   *flags.extra(f"poison:{a}")])
-        victims[a] = str(d / "checkpoint.pt")
-    return victims
+    own = {**cfg["stage_flags"].get("poison", {}), **cfg["stage_flags"].get(f"poison:{a}", {})}
+    poison_flags = [] if {"poison-count", "poison-rate"} & set(own) else _flags(POISON)
+    d = st.run(f"poison-{a}", ["poison", *flags.victim, "--pretrained", clean, "--attack", a,
+                               *poison_flags, *trig, *flags.extra("poison"),
+                               *flags.extra(f"poison:{a}")])
+    return str(d / "checkpoint.pt")
 
 
 def victim_trigger_flags(checkpoint) -> list:
@@ -616,71 +663,60 @@ def victim_trigger_flags(checkpoint) -> list:
     return out
 
 
-def _floors(st: Stages, data, flags: _StageFlags, clean: str, victims: dict):
-    """Stage 2b': the clean model under each victim's own trigger (floor-<attack>/eval.json):
+def _floor(st: Stages, data, flags: _StageFlags, clean: str, a: str, victim: str):
+    """Stage 2b': the clean model under the victim's own trigger (floor-<attack>/eval.json):
     the ASR a model without the backdoor has."""
-    for a, victim in victims.items():
-        st.run(f"floor-{a}", ["eval", *flags.common, "--checkpoint", clean, "--target-label",
-                              data["target"], *victim_trigger_flags(victim)])
+    st.run(f"floor-{a}", ["eval", *flags.common, "--checkpoint", clean, "--target-label",
+                          data["target"], *victim_trigger_flags(victim)])
 
 
-def _scans(st: Stages, cfg, flags: _StageFlags, clean: str, victims: dict) -> dict:
-    """Stage 2c, the backdoor scans (docs/SCAN.md), none told the target or the trigger: the
-    clean model alone; each victim with the clean model as reference; each victim's training
-    pairs as it was poisoned, measured against its poisoned ids. report.json's "scan"."""
+def _scan(st: Stages, flags: _StageFlags, name: str, checkpoint: str, *extra) -> dict:
+    """Stage 2c, a backdoor scan (docs/SCAN.md), told neither the target nor the trigger:
+    its scan.json (report.json's "scan")."""
     quick = _flags(QUICK_OVERRIDES["scan"]) if flags.quick else []
-
-    def scan_stage(name, checkpoint, *extra):
-        d = st.run(name, ["scan", *flags.common, "--checkpoint", checkpoint, *extra, *quick,
-                          *flags.extra("scan")], outputs=(scan.SCAN_FILE,))
-        return json.loads((d / scan.SCAN_FILE).read_text())
-    out = {"clean": scan_stage("scan-clean", clean)}
-    for a, victim in victims.items():
-        model = scan_stage(f"scan-{a}", victim, "--reference-model", clean)
-        d = st.run(f"scan-data-{a}", ["scan-data", *flags.common, "--checkpoint", victim,
-                                      "--reference-model", clean, "--poisoned-by", victim,
-                                      *flags.extra("scan-data")],
-                   outputs=(scan_data.SUMMARY_FILE,))
-        measured = json.loads((d / scan_data.SUMMARY_FILE).read_text())
-        out[a] = {"model": model, "data": {k: measured[k] for k in (
-            "auroc", "precision_at_poison_count", "poison_count", "score")}}
-    return out
+    d = st.run(name, ["scan", *flags.common, "--checkpoint", checkpoint, *extra, *quick,
+                      *flags.extra("scan")], outputs=(scan.SCAN_FILE,))
+    return json.loads((d / scan.SCAN_FILE).read_text())
 
 
-def _defenses(st: Stages, cfg, flags: _StageFlags, clean: str, clean_dir: Path,
-              victims: dict):
-    """Stage 3: per victim, ABD's UAP (when abd is run) and each defense. Returns the
-    evaluation results {"clean", "attacks": {attack: {"victim", defense...}}} and the UAP
-    files {attack: uap.pt}."""
+def _scan_victim(st: Stages, flags: _StageFlags, clean: str, a: str, victim: str) -> dict:
+    """The victim scanned with the clean model as reference, and its training pairs as it
+    was poisoned, measured against its poisoned ids: {"model", "data"}."""
+    model = _scan(st, flags, f"scan-{a}", victim, "--reference-model", clean)
+    d = st.run(f"scan-data-{a}", ["scan-data", *flags.common, "--checkpoint", victim,
+                                  "--reference-model", clean, "--poisoned-by", victim,
+                                  *flags.extra("scan-data")],
+               outputs=(scan_data.SUMMARY_FILE,))
+    measured = json.loads((d / scan_data.SUMMARY_FILE).read_text())
+    return {"model": model, "data": {k: measured[k] for k in (
+        "auroc", "precision_at_poison_count", "poison_count", "score")}}
+
+
+def _abd_uap(st: Stages, cfg, flags: _StageFlags, clean: str, a: str, victim: str) -> str:
+    """Stage 3a: ABD's UAP for the victim: the one candidate, or uap-select's choice among
+    the candidates (trained side by side with --jobs). Returns its uap.pt."""
+    candidates = _uap_candidates(cfg)
+
+    def uap(name, extra):
+        return st.run(name, ["uap", *flags.victim, "--checkpoint", victim, "--reference-model",
+                             clean, *flags.of("uap"), *extra], outputs=("uap.pt", "eval.json"))
+    if len(candidates) == 1:
+        return str(uap(f"uap-{a}", *candidates.values()) / "uap.pt")
+    dirs = st.parallel(lambda item: str(uap(f"uap-{a}-{item[0]}", item[1])), candidates.items())
+    d = st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val, "--checkpoint", victim,
+                            "--reference-model", clean, "--candidates", ",".join(dirs),
+                            "--criterion", UAP_CRITERION],
+               outputs=("uap.pt", "selection.json", "eval.json"))
+    return str(d / "uap.pt")
+
+
+def _defend(st: Stages, flags: _StageFlags, a: str, m: str, victim: str, uap) -> dict:
+    """Stage 3b: defense m on the victim (abd with its UAP); its evaluation results."""
     from abd_fast.evaluate import read_eval
-    out = Path(cfg["output"])
-    results = {"clean": read_eval(clean_dir), "attacks": {}}
-    uaps = {}
-    for a in cfg["attacks"]:
-        results["attacks"][a] = {"victim": read_eval(out / f"poison-{a}")}
-        if "abd" in cfg["defenses"]:
-            candidates = _uap_candidates(cfg)
-
-            def uap(name, extra):
-                return st.run(name, ["uap", *flags.victim, "--checkpoint", victims[a],
-                                     "--reference-model", clean, *flags.of("uap"), *extra],
-                              outputs=("uap.pt", "eval.json"))
-            if len(candidates) == 1:
-                d = uap(f"uap-{a}", *candidates.values())
-            else:
-                dirs = [str(uap(f"uap-{a}-{name}", extra)) for name, extra in candidates.items()]
-                d = st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val,
-                                        "--checkpoint", victims[a], "--reference-model", clean,
-                                        "--candidates", ",".join(dirs),
-                                        "--criterion", UAP_CRITERION],
-                           outputs=("uap.pt", "selection.json", "eval.json"))
-            uaps[a] = str(d / "uap.pt")
-        for m in cfg["defenses"]:
-            uap_flag = ["--uap", uaps[a]] if m == "abd" else []
-            d = st.run(f"{a}-{m}", ["defend", *flags.victim, "--checkpoint", victims[a],
-                                    "--method", m, *uap_flag, *flags.of("defend", f"defend:{m}")])
-            results["attacks"][a][m] = read_eval(d)
-    return results, uaps
+    uap_flag = ["--uap", uap] if m == "abd" else []
+    return read_eval(st.run(f"{a}-{m}", ["defend", *flags.victim, "--checkpoint", victim,
+                                         "--method", m, *uap_flag,
+                                         *flags.of("defend", f"defend:{m}")]))
 
 
 def _ablations(st: Stages, cfg, flags: _StageFlags, clean: str, victims, uaps, results) -> dict:
@@ -828,7 +864,12 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
     if quick:
         notes.append("--quick: a smoke run on a small synthetic set with 1-2 epochs per stage; "
                      "its numbers are not meaningful.")
-    if st.skipped:
+    if cfg["jobs"] > 1:
+        notes.append(f"--jobs {cfg['jobs']}: up to {cfg['jobs']} stages ran at once, each in "
+                     f"its own process with {stage_threads(cfg['jobs'])} torch thread(s) (the "
+                     "clean model alone, with all); each stage's seconds are its own, so their "
+                     "total exceeds the wall time.")
+    if st.skipped or cfg["jobs"] > 1:
         notes.append(f"This invocation took {wall:.0f} s.")
     floors = {a: {"clean": read_eval(out / f"floor-{a}"),
                   **({"uap": _uap_floor(out, a)} if a in uaps else {})}
@@ -846,6 +887,8 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
                      "pretrained": cfg["pretrained"], "poison": POISON,
                      "demo_overrides": demo, "pipeline_flags": PIPELINE_FLAGS,
                      "stage_flags": cfg["stage_flags"], **_speed_settings(cfg),
+                     "jobs": cfg["jobs"],
+                     "stage_threads": stage_threads(cfg["jobs"]) if cfg["jobs"] > 1 else None,
                      **({"quick_overrides": QUICK_OVERRIDES} if quick else {})},
         "notes": notes,
     }

@@ -6,11 +6,23 @@ dispatcher's main (given to Stages: the command line calls itself, the library n
 or a function of the stage's directory. ROOT/<name>/stage.json records the stage's argv and
 whether it completed; a stage done before with the same argv and outputs is skipped, and an
 interrupted training stage resumes from its last checkpoint.
+
+jobs > 1 (`pipeline --jobs N`): `parallel` runs independent pieces of work in threads, and
+up to N stages run at once, each as its own process (`python -m abd_fast.train ...`, output
+in ROOT/<name>/log.txt) with `threads` torch threads. A stage's thread count is fixed by the
+flags, not by what else runs, so a run is reproducible with the same --jobs on the same
+machine. Stages run with `alone=True` (the clean model, which every other stage waits for)
+stay in-process with every thread.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +38,29 @@ class StageError(RuntimeError):
     """A stage's command failed; the message names the stage and its directory."""
 
 
+class StageCancelled(StageError):
+    """A stage not started because another stage of a parallel run failed first."""
+
+
+def _die_with_parent():  # subprocess preexec_fn: a killed pipeline takes its stages with it
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def subprocess_command(threads: int):
+    """A run_command for parallel stages: `python -m abd_fast.train *cmd` in its own process
+    with `threads` torch (OpenMP) threads, its output to <--output>/log.txt."""
+    def run(cmd) -> int:
+        cmd = [str(c) for c in cmd]
+        log = Path(cmd[cmd.index("--output") + 1]) / "log.txt"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        with open(log, "ab") as f:
+            return subprocess.run([sys.executable, "-m", "abd_fast.train", *cmd], env=env,
+                                  stdout=f, stderr=subprocess.STDOUT,
+                                  preexec_fn=_die_with_parent).returncode
+    return run
+
+
 def clock(s: float) -> str:
     """Seconds as m:ss."""
     s = int(round(s))
@@ -37,23 +72,58 @@ class Stages:
 
     run_command(argv) -> exit status: runs one command in-process (the dispatcher's main).
     plan: {stage name: estimated cost} (any unit) for the progress line's ETA, which scales
-    the measured seconds per cost unit of the stages run so far."""
+    the measured seconds per cost unit of the stages run so far.
+    jobs, spawn: up to `jobs` stages at once, each through spawn(argv) -> exit status
+    (subprocess_command) instead of run_command; see the module's docstring."""
 
-    def __init__(self, root: Path, plan: dict, run_command, log=print):
+    def __init__(self, root: Path, plan: dict, run_command, log=print, jobs: int = 1,
+                 spawn=None):
         self.root, self.plan, self.run_command, self.log = Path(root), dict(plan), run_command, log
+        self.jobs, self.spawn = int(jobs), spawn
+        if self.jobs > 1 and spawn is None:
+            raise ValueError("jobs > 1 needs spawn, the command runner of parallel stages")
+        self._slots, self._lock = threading.Semaphore(self.jobs), threading.RLock()
+        self.failed = False
         self.k, self.t0 = 0, time.perf_counter()
         self.work_s = self.work_cost = 0.0
-        self.timing, self.skipped = {}, []
+        self.timing, self.skipped, self.ended, self.index = {}, [], set(), {}
 
-    def _line(self, name, status, current: bool = False):
-        """`[stage k/N] name: status | elapsed m:ss | ETA m:ss` (current: the stage is
-        still to run, so its cost counts in the ETA)."""
-        elapsed = time.perf_counter() - self.t0
-        left = sum(c for n, c in list(self.plan.items())[self.k - current:])
-        eta = ("ETA 0:00" if not left else f"ETA {clock(left * self.work_s / self.work_cost)}"
-               if self.work_cost else "ETA ?")
-        self.log(f"[stage {self.k}/{len(self.plan)}] {name}: {status} | elapsed "
-                 f"{clock(elapsed)} | {eta}", flush=True)
+    def _line(self, name, status):
+        """`[stage k/N] name: status | elapsed m:ss | ETA m:ss` (the ETA: the cost of the
+        stages not yet ended at the seconds per cost unit so far, over the jobs)."""
+        with self._lock:
+            elapsed = time.perf_counter() - self.t0
+            left = sum(c for n, c in self.plan.items() if n not in self.ended)
+            eta = ("ETA 0:00" if not left else
+                   f"ETA {clock(left * self.work_s / self.work_cost / self.jobs)}"
+                   if self.work_cost else "ETA ?")
+            self.log(f"[stage {self.index[name]}/{len(self.plan)}] {name}: {status} | elapsed "
+                     f"{clock(elapsed)} | {eta}", flush=True)
+
+    def parallel(self, fn, items) -> list:
+        """[fn(item) for item in items]: in order with one job, else each in its own thread
+        (their stages share the job slots). After a failure no new stage starts; the running
+        ones finish (their work is kept) and the first real error is raised."""
+        items = list(items)
+        if self.jobs == 1:
+            return [fn(item) for item in items]
+        results, errors = [None] * len(items), []
+
+        def work(k):
+            try:
+                results[k] = fn(items[k])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self.failed = True  # (a failure outside a stage, e.g. reading its output)
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(k,), daemon=True)
+                   for k in range(len(items))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, StageCancelled)), errors[0])
+        return results
 
     def _meta(self, name) -> dict | None:
         try:
@@ -86,22 +156,31 @@ class Stages:
         return False
 
     def run(self, name: str, argv: list[str], outputs=("eval.json",), fn=None,
-            force: bool = False) -> Path:
+            force: bool = False, alone: bool = False) -> Path:
         """Runs `python -m abd_fast.train *argv --output root/name` in-process (or fn(dir)
-        when given), unless done before with the same argv (and not force). Returns the
-        stage's directory."""
+        when given; with jobs > 1 in a process of its own unless alone), unless done before
+        with the same argv (and not force). Returns the stage's directory."""
         argv = [str(a) for a in argv]
         d = self.root / name
-        self.k += 1
-        if not force and self.done(name, argv, outputs):
-            return self._skip(name)
-        self._line(name, "running", current=True)
-        resume = self._prepare(name, argv)
-        t0 = time.perf_counter()
-        if fn is not None:
-            fn(d)
-        else:
-            self._run_command(name, argv, resume)
+        with self._lock:
+            self.k += 1
+            self.index[name] = self.k
+            if not force and self.done(name, argv, outputs):
+                return self._skip(name)
+        with self._slots:
+            if self.failed:
+                raise StageCancelled(f"stage {name} not started: another stage failed")
+            self._line(name, "running")
+            resume = self._prepare(name, argv)
+            t0 = time.perf_counter()
+            try:
+                if fn is not None:
+                    fn(d)
+                else:
+                    self._run_command(name, argv, resume, alone)
+            except BaseException:
+                self.failed = True  # before the slot is free: no stage starts after it
+                raise
         missing = [o for o in outputs if not (d / o).exists()]
         if missing:
             raise StageError(f"stage {name} wrote no {', '.join(missing)} in {d}")
@@ -113,6 +192,7 @@ class Stages:
         self.timing[name] = seconds
         self.skipped.append(name)
         self.plan[name] = 0
+        self.ended.add(name)
         self._line(name, f"done before ({seconds:.0f} s then), skipped")
         return self.root / name
 
@@ -133,16 +213,19 @@ class Stages:
         atomic_write_text(json.dumps({"argv": argv, "complete": False}) + "\n", d / "stage.json")
         return resume
 
-    def _run_command(self, name, argv, resume):
+    def _run_command(self, name, argv, resume, alone: bool = False):
         d = self.root / name
         every = (["--checkpoint-every", str(STAGE_CHECKPOINT_STEPS)]
                  if argv[0] in TRAINING_COMMANDS and "--checkpoint-every" not in argv else [])
         cmd = [*argv, *every, "--output", str(d), *resume]
-        self.log(f"  python -m abd_fast.train {' '.join(cmd)}", flush=True)
-        code = self.run_command(cmd)
+        own = self.jobs > 1 and not alone
+        self.log(f"  python -m abd_fast.train {' '.join(cmd)}"
+                 + (f"  (log: {d / 'log.txt'})" if own else ""), flush=True)
+        code = (self.spawn if own else self.run_command)(cmd)
         if code != 0:
-            raise StageError(f"stage {name} failed (exit status {code}); its output is in "
-                             f"{d}; fix the cause and re-run: completed stages are kept")
+            where = f"its log is {d / 'log.txt'}" if own else f"its output is in {d}"
+            raise StageError(f"stage {name} failed (exit status {code}); {where}; fix the "
+                             "cause and re-run: completed stages are kept")
 
     def _finish(self, name, argv, seconds: float):
         """Marks the stage complete, then strips a training stage's checkpoint to its
@@ -157,7 +240,9 @@ class Stages:
             except OSError as e:  # only disk space is lost: the full checkpoint is intact
                 self.log(f"  kept {name}'s full checkpoint (stripping it failed: {e})",
                          flush=True)
-        self.timing[name] = seconds
-        self.work_s += seconds
-        self.work_cost += self.plan.get(name, 0)
+        with self._lock:
+            self.timing[name] = seconds
+            self.work_s += seconds
+            self.work_cost += self.plan.get(name, 0)
+            self.ended.add(name)
         self._line(name, f"finished in {seconds:.0f} s")

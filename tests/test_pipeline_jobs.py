@@ -1,0 +1,152 @@
+"""pipeline --jobs N: independent stages side by side, each in its own process with its share
+of the torch threads; a stage's numbers depend on its flags and thread count only, not on
+what ran beside it; a failure stops new stages and keeps the finished ones."""
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from abd_fast.cli.stages import StageCancelled, StageError, Stages, subprocess_command
+from test_pipeline import _run, cache  # noqa: F401 (fixture)
+
+
+def _writer(log, seconds=0.05, fail=(), slow=()):
+    """A fake command runner: records the stages running at once, writes eval.json; stages
+    named in `slow` take 8x as long, those in `fail` exit with status 3."""
+    state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+
+    def run(argv):
+        name = Path(argv[argv.index("--output") + 1]).name
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            log.append(name)
+        time.sleep(seconds * (8 if name in slow else 1))
+        with lock:
+            state["now"] -= 1
+        if name in fail:
+            return 3
+        (Path(argv[argv.index("--output") + 1]) / "eval.json").write_text("{}")
+        return 0
+    return run, state
+
+
+def test_stages_run_side_by_side_up_to_jobs(tmp_path):
+    """Four chains of two stages on 2 jobs: never more than 2 stages at once, both slots
+    used, every stage complete; a stage run alone goes to the in-process runner."""
+    spawned, inproc = [], []
+    spawn, state = _writer(spawned)
+    main, _ = _writer(inproc)
+    names = [f"{c}-{k}" for c in "abcd" for k in (1, 2)]
+    st = Stages(tmp_path, {"first": 1, **dict.fromkeys(names, 1)}, main,
+                log=lambda *a, **k: None, jobs=2, spawn=spawn)
+    st.run("first", ["pretrain"], alone=True)
+    st.parallel(lambda c: [st.run(f"{c}-{k}", ["defend", c, str(k)]) for k in (1, 2)], "abcd")
+    assert inproc == ["first"] and sorted(spawned) == sorted(names)
+    assert state["peak"] == 2
+    for c in "abcd":  # each chain in its order
+        assert spawned.index(f"{c}-1") < spawned.index(f"{c}-2")
+    assert set(st.timing) == {"first", *names} and st.ended == {"first", *names}
+    assert all(json.loads((tmp_path / n / "stage.json").read_text())["complete"] for n in names)
+    with pytest.raises(ValueError, match="jobs > 1 needs spawn"):
+        Stages(tmp_path, {}, main, jobs=2)
+
+
+def test_one_job_runs_the_pieces_in_order_in_process(tmp_path):
+    ran = []
+    main, state = _writer(ran, seconds=0)
+    st = Stages(tmp_path, dict.fromkeys("xyz", 1), main, log=lambda *a, **k: None)
+    assert st.parallel(lambda n: st.run(n, ["eval"]).name, "zxy") == ["z", "x", "y"]
+    assert ran == ["z", "x", "y"] and state["peak"] == 1
+
+
+def test_a_failed_stage_stops_new_ones_and_keeps_the_finished(tmp_path):
+    """2 slots: a slow stage in one, a failing one in the other, a third stage waiting for a
+    slot. The waiting stage and the slow one's successor are not started; the slow one
+    finishes and is kept; the error raised is the failure's (naming its log)."""
+    ran = []
+    spawn, _ = _writer(ran, seconds=0.3, fail={"bad"}, slow={"slow"})
+    st = Stages(tmp_path, {}, spawn, log=lambda *a, **k: None, jobs=2, spawn=spawn)
+
+    def chain(names, delay=0.0):
+        time.sleep(delay)  # the third chain asks for a slot once both are taken
+        for n in names:
+            st.run(n, ["defend", n])
+    with pytest.raises(StageError, match=r"stage bad failed \(exit status 3\); its log is "
+                                         r".*bad/log\.txt") as e:
+        st.parallel(lambda args: chain(*args),
+                    [(["slow", "after-slow"],), (["bad"],), (["waiting"], 0.1)])
+    assert not isinstance(e.value, StageCancelled)
+    assert sorted(ran) == ["bad", "slow"]
+    assert json.loads((tmp_path / "slow" / "stage.json").read_text())["complete"]
+    assert not json.loads((tmp_path / "bad" / "stage.json").read_text())["complete"]
+
+
+def test_subprocess_command_sets_the_threads_and_logs(tmp_path):
+    """A parallel stage is `python -m abd_fast.train ...` in its own process, with the
+    stage's torch threads, its output appended to <output>/log.txt."""
+    out = tmp_path / "s"
+    out.mkdir()
+    code = subprocess_command(1)(["selfcheck", "--help", "--output", out])
+    assert code == 0 and "selfcheck" in (out / "log.txt").read_text()
+    code = subprocess_command(1)(["no-such-command", "--output", out])
+    assert code == 2 and "invalid choice" in (out / "log.txt").read_text()
+
+
+METRICS = ("ca_top1", "ca_top5", "asr", "embedding_distance", "capture_class", "capture_rate")
+
+
+def _numbers(report) -> dict:
+    """Every model's evaluation numbers and every scan's verdict in a report."""
+    out = {f"{a}/{m}": {k: r.get(k) for k in METRICS}
+           for a, models in report["attacks"].items() for m, r in models.items()}
+    out |= {f"floor/{a}/{k}": {m: r.get(m) for m in METRICS}
+            for a, f in report["floors"].items() for k, r in f.items()}
+    scans = {k: s["model"] if "data" in s else s for k, s in report["scan"].items()}
+    out |= {f"scan/{k}": (s["score"], s["suspected_target"]) for k, s in scans.items()}
+    return out
+
+
+@pytest.mark.slow
+def test_jobs_2_gives_the_numbers_of_one_stage_at_a_time(cache, tmp_path, capsys):  # noqa: F811
+    """The same quick pipeline in-process one stage at a time (with the threads a stage of
+    --jobs 2 gets) and with --jobs 2 (each stage a process, two at once): the same numbers,
+    exactly."""
+    from abd_fast.cli.pipeline import stage_threads
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip(f"torch has {threads} thread here: --jobs 2 cannot split them")
+    argv = ["--quick", "--attacks", "blended", "--defenses", "ft,abd", "--no-ablations",
+            "--uap-candidates", "corner,linf:differential"]
+    torch.set_num_threads(stage_threads(2))
+    try:
+        _run([*argv, "--output", tmp_path / "one"], capsys)
+    finally:
+        torch.set_num_threads(threads)
+    text = _run([*argv, "--jobs", "2", "--output", tmp_path / "two"], capsys)
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert _numbers(one) == _numbers(two) and len(_numbers(one)) == 3 + 2 + 2
+    assert one["settings"]["jobs"] == 1 and one["settings"]["stage_threads"] is None
+    assert two["settings"]["jobs"] == 2 and two["settings"]["stage_threads"] == threads // 2
+    assert "reusing the clean model" in text  # the first run's, cached
+    assert (tmp_path / "two" / "blended-abd" / "log.txt").exists()
+    assert not (tmp_path / "two" / "clean" / "log.txt").exists()  # alone: in-process
+
+
+def test_jobs_bench_cuts_the_demo_stage(tmp_path):
+    """bench/jobs.py times the demo's own badnet ABD stage, cut to --steps; without a demo
+    run it says what to run."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.jobs import stage_argv
+    with pytest.raises(SystemExit, match=r"badnet-abd/stage.json not found: run the demo"):
+        stage_argv(tmp_path, 50)
+    (tmp_path / "badnet-abd").mkdir()
+    (tmp_path / "badnet-abd" / "stage.json").write_text(json.dumps(
+        {"argv": ["defend", "--method", "abd", "--budget", "paper"], "complete": True}))
+    assert stage_argv(tmp_path, 50) == ["defend", "--method", "abd", "--budget", "paper",
+                                        "--budget-steps", "50"]
