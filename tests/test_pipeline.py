@@ -46,6 +46,7 @@ def _user_flags(data):
     (["--model", "RN9000"], "--model 'RN9000' is not a known architecture"),
     (["--pretrained", "{tmp}/none.pt"], "--pretrained {tmp}/none.pt: no such file"),
     (["--image-size", "0"], "--image-size must be an integer >= 1, got 0"),
+    (["--jobs", "0"], "--jobs must be an integer >= 1, got 0"),
     (["--config", "{tmp}/absent.yaml"], "--config {tmp}/absent.yaml: cannot read"),
     (["--uap-candidates", "corner:paper,middle"], "--uap-candidates 'middle': expected "
                                                  "GEOMETRY[:LOSS[:steer]]"),

@@ -1,14 +1,15 @@
 """The one-command job: `python -m abd_fast.train` (no arguments) or `... pipeline [flags]`.
 
-    data -> clean CLIP (trained, or reused from the cache) -> badclip trigger -> poisoned
-    victims (one per attack) -> floors (the clean CLIP under each victim's trigger) ->
-    backdoor scans (each model; each victim's poisoned training pairs) -> UAP per victim ->
-    defenses on each victim -> ablations (ABD Table II and III on the first attack) ->
+    data -> clean CLIP (trained, or reused from the cache), its backdoor scan ->
+    per attack: (badclip trigger ->) poisoned victim -> its floor (the clean CLIP under the
+    victim's trigger), backdoor scans (the victim; its poisoned training pairs), ABD's UAP,
+    the defenses -> on the first attack, ablations (ABD Table II and III) ->
     similarity analysis, embeddings ->
     OUTPUT/report.json, report.md, ca_asr.png, embedding.png, similarity.png
 
 Every stage is a run of an existing command (`pretrain`, `poison`, `uap`, `defend`, ...)
-called in-process with its flags into OUTPUT/<stage>/, which then holds that command's
+called in-process with its flags (with --jobs N > 1: up to N at once, each in its own
+process; abd_fast/cli/stages.py) into OUTPUT/<stage>/, which then holds that command's
 checkpoint.pt and eval.json plus stage.json (the stage's flags and wall time); a finished
 training stage's checkpoint.pt keeps its weights and config only (engine.strip_checkpoint:
 a third of the size). A stage whose stage.json records the same flags and whose outputs
@@ -207,8 +208,8 @@ PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
     defenses=",".join(DEFAULT_DEFENSES), uap_candidates=UAP_CANDIDATES, no_ablations=False,
-    quick=False, seed=0, seeds=None, jobs=1, loader=None, workers=None, precision=None, compile=None,
-    recipe=None, output=None, config=None,
+    quick=False, seed=0, seeds=None, jobs=1, loader=None, workers=None, precision=None,
+    compile=None, recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
 CAPTION_DATA_FLAGS = ("csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
@@ -614,6 +615,7 @@ def _clean_model(st: Stages, cfg, data, flags: _StageFlags, notes: list) -> str:
         print(f"  reusing the clean model trained before with the same settings and data: "
               f"{cached}", flush=True)
     if not st.done("clean", argv, CLEAN_FILES) and (cached / "eval.json").exists():
+        st.plan["clean"] = 0  # a copy: its seconds say nothing about the ETA's rate
         st.run("clean", argv, CLEAN_FILES, fn=from_cache, alone=True)
         notes.append(f"The clean model was reused from the cache ({cached}); it was trained "
                      "by an earlier run with the same pretrain settings and data.")
