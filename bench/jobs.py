@@ -19,16 +19,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from abd_fast.cli.stages import subprocess_command  # noqa: E402
 from bench.common import ROOT, machine  # noqa: E402
 
 
@@ -44,25 +45,24 @@ def stage_argv(run: Path, steps: int) -> list[str]:
 
 
 def run_round(argv, copies: int, threads: int, parallel: bool, tmp: Path) -> float:
-    """Wall seconds of `copies` runs of argv: at once or one after the other."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    """Wall seconds of `copies` runs of argv, each through the pipeline's own stage runner
+    (abd_fast.cli.stages.subprocess_command, `threads` threads): at once or one after the
+    other."""
+    run = subprocess_command(threads)
+    outs = [Path(tempfile.mkdtemp(dir=tmp)) for _ in range(copies)]
+    cmds = [[*argv, "--output", str(out)] for out in outs]
     t0 = time.perf_counter()
-    procs = []
-    for k in range(copies):
-        out = tmp / f"{'par' if parallel else 'seq'}-{k}"
-        log = open(tmp / f"{out.name}.log", "w")
-        p = subprocess.Popen([sys.executable, "-m", "abd_fast.train", *argv, "--output",
-                              str(out)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                             cwd=ROOT)
-        if parallel:
-            procs.append((p, log))
-        else:
-            if p.wait() != 0:
-                raise SystemExit(f"error: the stage failed, see {log.name}")
-    for p, log in procs:
-        if p.wait() != 0:
-            raise SystemExit(f"error: the stage failed, see {log.name}")
-    return time.perf_counter() - t0
+    if parallel:
+        with ThreadPoolExecutor(copies) as pool:
+            codes = list(pool.map(run, cmds))
+    else:
+        codes = [run(cmd) for cmd in cmds]
+    seconds = time.perf_counter() - t0
+    for code, out in zip(codes, outs):
+        if code != 0:
+            tail = (out / "log.txt").read_text()[-2000:]
+            raise SystemExit(f"error: the stage failed (exit status {code}):\n{tail}")
+    return seconds
 
 
 def main():
@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "jobs.json")
     args = ap.parse_args()
     argv = stage_argv(args.run.resolve(), args.steps)
+    os.chdir(ROOT)  # the stage's flags name paths relative to the checkout
     threads = torch.get_num_threads()
     split = max(1, threads // args.jobs)
     rounds = {"sequential": [], "parallel": []}

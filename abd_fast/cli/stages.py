@@ -54,10 +54,11 @@ def subprocess_command(threads: int):
         cmd = [str(c) for c in cmd]
         log = Path(cmd[cmd.index("--output") + 1]) / "log.txt"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        linux = sys.platform.startswith("linux")  # prctl is Linux's
         with open(log, "ab") as f:
             return subprocess.run([sys.executable, "-m", "abd_fast.train", *cmd], env=env,
                                   stdout=f, stderr=subprocess.STDOUT,
-                                  preexec_fn=_die_with_parent).returncode
+                                  preexec_fn=_die_with_parent if linux else None).returncode
     return run
 
 
