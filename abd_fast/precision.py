@@ -25,6 +25,7 @@ import contextlib
 import functools
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # CPU features whose presence makes bf16 matrix math faster than fp32 (/proc/cpuinfo names).
@@ -90,12 +91,33 @@ def trim_text(requested: str | None) -> bool:
     return channels_last(requested)
 
 
-def autocast(device, precision: str):
-    """The autocast context of a resolved precision (disabled for fp32)."""
+def autocast(device, precision: str, math_attention: bool | None = None):
+    """The autocast context of a resolved precision (disabled for fp32). On a CPU under bf16 or
+    fp16 it also makes scaled_dot_product_attention run its math kernel (math_attention: None =
+    that default; False keeps torch's choice, True forces it). The backend is picked in the
+    forward pass, so the backward that follows outside the context uses it too.
+
+    Why: torch's CPU flash-attention kernel is slow in bf16 for the short sequences of CLIP
+    towers, its backward above all (9 ms per call against 1 ms forward, on the demo's 16-token
+    text batches), while math's is two matrix products. Measured on the AVX512-BF16 EPYC
+    (docs/PERFORMANCE.md, "Attention on a CPU"): model forward + backward 1.46x faster for
+    abd-tiny-rn, 2.4x for abd-tiny-vit, 1.12x for ViT-B-32; in fp32 the two kernels are level,
+    so fp32 keeps torch's choice (and explicit fp32 its arithmetic bit for bit). Math is as
+    accurate in bf16 (it computes the softmax in fp32; tests/test_precision.py). A GPU keeps
+    torch's choice (flash attention there is the fast one)."""
     device_type = torch.device(device).type
     if precision == "fp32":
         return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=DTYPES[precision])
+    cast = torch.autocast(device_type, dtype=DTYPES[precision])
+    if math_attention is None:
+        math_attention = device_type == "cpu"
+    return _with_math_attention(cast) if math_attention else cast
+
+
+@contextlib.contextmanager
+def _with_math_attention(cast):
+    with cast, sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def image_dtype(device) -> torch.dtype:

@@ -14,6 +14,8 @@ align) run several ways on the same model, batch, optimizer and data, in one pro
               two of the default's parts alone, fp32
   bf16-cl-compile  (--paths ...) bf16 + channels-last, compiled (full text context: a
               compiled loop does not trim): whether compile pays where bf16 is native
+  default-flash  (--paths ...) the default with torch's own attention kernel on a CPU (flash)
+              instead of math (abd_fast.precision.autocast): what that choice is worth
   reference   (--paths reference) the unfused eager step of earlier tables: the torch
               loader engine (PIL in 2 DataLoader workers); the image views composed eagerly
               (float, /255, paste the patch or add the clamped delta, clamp, normalize);
@@ -108,9 +110,9 @@ SETTINGS = {
 }
 # The ways of running the step (module doc). compile / channels_last / trim_text None: the
 # defend loop's default and the precision's.
-def _path(precision, compile, channels_last, trim_text, fused=True):
+def _path(precision, compile, channels_last, trim_text, fused=True, math_attention=None):
     return dict(fused=fused, precision=precision, compile=compile, channels_last=channels_last,
-                trim_text=trim_text)
+                trim_text=trim_text, math_attention=math_attention)
 
 
 PATHS = {  # precision, compile, channels_last, trim_text
@@ -125,6 +127,8 @@ PATHS = {  # precision, compile, channels_last, trim_text
     "fp32-cl-trim": _path("fp32", False, True, True),
     "fp32-cl-compile": _path("fp32", True, True, False),
     "bf16-cl-compile": _path("bf16", True, True, False),
+    # the default as it was before its CPU attention choice (abd_fast.precision.autocast)
+    "default-flash": _path("auto", None, None, None, math_attention=False),
 }
 DEFAULT_PATHS = ("fp32-eager", "default", "bf16-cl")
 BASELINE = "fp32-eager"
@@ -247,18 +251,20 @@ def path_options(spec: dict) -> dict:
     # as the training commands: no trimmed text in a compiled loop (abd_fast.cli.common.Run)
     return {"precision": precision, "channels_last": choice("channels_last", channels_last),
             "trim_text": choice("trim_text", lambda p: trim_text(p) and not compile),
-            "compile": compile}
+            "compile": compile,   # math attention: None = autocast's own default
+            "math_attention": spec["math_attention"]}
 
 
 class TrainPath:
     def __init__(self, name, loader, model, views, loss, tokenizer, eda, mean, std, uap, lr,
                  precision="fp32", channels_last=False, trim_text=False, compile=False,
-                 optimizer=True):
+                 math_attention=None, optimizer=True):
         from abd_fast.engine import compile_module, make_optimizer
         self.name, self.loader, self.model = name, loader, model
         self.views, self.loss, self.tok, self.eda = views, loss, tokenizer, eda
         self.mean, self.std, self.uap = mean, std, uap
         self.precision, self.trim_text = precision, trim_text
+        self.math_attention = math_attention
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.forward = compile_module(model) if compile else model
@@ -290,7 +296,7 @@ class TrainPath:
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            with autocast("cpu", self.precision):
+            with autocast("cpu", self.precision, self.math_attention):
                 x = self.views(batch.images, batch.ids, self.uap, self.mean, self.std)
                 t2 = time.perf_counter()
                 tokens = self.tok(batch.captions + eda_view(self.eda, batch.captions, batch.ids,
@@ -384,6 +390,7 @@ def run_setting(name: str, cfg: dict, args) -> dict:
           f"steps (+{warmup} warm-up); paths: "
           + "; ".join(f"{p} = {o['precision']}{', channels-last' if o['channels_last'] else ''}"
                       f"{', trimmed text' if o['trim_text'] else ''}"
+                      f"{', flash attention' if o['math_attention'] is False else ''}"
                       f"{', compiled' if o['compile'] else ', eager'}"
                       for p, o in options.items()), flush=True)
     first = {}

@@ -14,8 +14,9 @@ from test_pipeline import _run, cache  # noqa: F401 (fixture)
 
 
 def _writer(log, seconds=0.05, fail=(), slow=()):
-    """A fake command runner: records the stages running at once, writes eval.json; stages
-    named in `slow` take 8x as long, those in `fail` exit with status 3."""
+    """A fake command runner: records the stages running at once, writes eval.json (and a
+    `uap` command's uap.pt); stages named in `slow` take 8x as long, those in `fail` exit
+    with status 3."""
     state = {"now": 0, "peak": 0}
     lock = threading.Lock()
 
@@ -30,7 +31,10 @@ def _writer(log, seconds=0.05, fail=(), slow=()):
             state["now"] -= 1
         if name in fail:
             return 3
-        (Path(argv[argv.index("--output") + 1]) / "eval.json").write_text("{}")
+        out = Path(argv[argv.index("--output") + 1])
+        (out / "eval.json").write_text(json.dumps({"stage": name}))
+        if argv[0] == "uap":
+            (out / "uap.pt").write_bytes(b"")
         return 0
     return run, state
 
@@ -54,6 +58,41 @@ def test_stages_run_side_by_side_up_to_jobs(tmp_path):
     assert all(json.loads((tmp_path / n / "stage.json").read_text())["complete"] for n in names)
     with pytest.raises(ValueError, match="jobs > 1 needs spawn"):
         Stages(tmp_path, {}, main, jobs=2)
+
+
+@pytest.mark.parametrize("case", ["pipeline", "table2+3 alone", "table3 alone"])
+def test_ablation_rows_side_by_side_after_the_uap_files_they_share(tmp_path, case):
+    """run_tables on 2 job slots: the rows the tables miss run side by side, each after the
+    UAP file it uses (ABD's, trained first when not given, is shared by several rows); the
+    stages run are planned_rows' and each row holds its own run's result."""
+    from abd_fast.defenses.ablation import UAP_DIRS, planned_rows, run_tables
+    ran, inproc = [], []
+    spawn, state = _writer(ran, slow={"uap-file"})
+    main, _ = _writer(inproc)
+    tables = (3,) if case == "table3 alone" else (2, 3)
+    known = ({"ft": {"stage": "ft-main"}, "i_adv_t_eda": {"stage": "abd-main"},
+              "uap_bd": {"stage": "abd-main"}} if case == "pipeline" else {})
+    uap_bd = "abd-uap.pt" if case == "pipeline" else None
+    planned = planned_rows(tables, known=known, uap_bd_given=uap_bd is not None)
+    st = Stages(tmp_path, dict.fromkeys(planned, 1), main, log=lambda *a, **k: None, jobs=2,
+                spawn=spawn)
+    out = run_tables(st, attack="badnet", checkpoint="victim.pt", common=[], tables=tables,
+                     uap_bd=uap_bd, known=known)
+    assert inproc == [] and sorted(ran) == sorted(planned) and state["peak"] == 2
+    assert ran.index(UAP_DIRS["uap"]) < ran.index("uap")
+    if uap_bd is None:  # ABD's UAP alone first, then everything that uses it
+        assert ran[0] == UAP_DIRS["uap_bd"]
+    t2, t3 = out["table2"], out["table3"]["rows"]
+    assert t3["uap"] == {"stage": "uap"}
+    if case == "pipeline":
+        assert t2["rows"] == {"ft": {"stage": "ft-main"}, "i_adv": {"stage": "i_adv"},
+                              "t_eda": {"stage": "t_eda"}, "i_adv_t_eda": {"stage": "abd-main"}}
+        assert t3["uap_bd"] == {"stage": "abd-main"}
+    elif case == "table2+3 alone":  # Table III's UAP + L_bd row is Table II's ABD row
+        assert t2["rows"] == {r: {"stage": r} for r in ("ft", "i_adv", "t_eda", "i_adv_t_eda")}
+        assert t3["uap_bd"] == {"stage": "i_adv_t_eda"}
+    else:
+        assert t2 is None and t3["uap_bd"] == {"stage": "uap_bd"}
 
 
 def test_one_job_runs_the_pieces_in_order_in_process(tmp_path):

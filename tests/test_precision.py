@@ -46,6 +46,46 @@ def test_channels_last_and_image_dtype_follow_the_precision():
         assert image_dtype("cpu") == torch.float32
 
 
+def _attention(q, k, v, causal, **autocast_kw):
+    """scaled_dot_product_attention under autocast(cpu, ...): its output, the name of the
+    backward node (which kernel ran) and the gradients of q, k, v for a fixed upstream."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with autocast("cpu", **autocast_kw):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    node = out.grad_fn.name()
+    out.backward(torch.ones_like(out))  # outside the context, as the Trainer's backward
+    return out.detach(), node, [t.grad for t in (q, k, v)]
+
+
+def test_cpu_low_precision_runs_math_attention_and_fp32_keeps_torchs_choice():
+    q, k, v = (torch.randn(6, 4, 13, 16) for _ in range(3))   # (batch, heads, tokens, dim)
+    _, node, _ = _attention(q, k, v, True, precision="bf16")
+    assert "Flash" not in node                       # the math kernel's graph
+    _, node, _ = _attention(q, k, v, True, precision="bf16", math_attention=False)
+    assert "Flash" in node                           # torch's own pick on a CPU
+    _, node, _ = _attention(q, k, v, True, precision="fp32")
+    assert "Flash" in node                           # fp32 untouched
+    assert torch.backends.cuda.flash_sdp_enabled()   # the switch is scoped to the context
+
+
+@pytest.mark.parametrize("shape,causal", [((9, 4, 13, 32), True),    # text tower, odd length
+                                          ((7, 2, 5, 24), False),    # attention pool
+                                          ((3, 12, 50, 64), False)])  # ViT-B/32's tokens
+def test_math_attention_is_as_accurate_as_flash_in_bf16(shape, causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
+    ref, _, ref_grads = _attention(q, k, v, causal, precision="fp32")
+
+    def errors(**kw):
+        out, _, grads = _attention(*(t.bfloat16() for t in (q, k, v)), causal,
+                                   precision="bf16", **kw)
+        return [float((a.double() - b).norm() / b.norm())
+                for a, b in zip([out] + grads, [ref] + ref_grads)]
+    math, flash = errors(), errors(math_attention=False)
+    assert max(math) < 1e-2                              # bf16's rounding, nothing more
+    assert all(m <= 1.25 * f for m, f in zip(math, flash)), (math, flash)
+
+
 # ---- the Trainer's precision and layout, on a toy CLIP (a conv tower and a text bag) --------
 
 from abd_fast.data.loader import Batch  # noqa: E402

@@ -88,7 +88,8 @@ EMBEDDING_IMAGES = 500       # eval images in embedding.png, evenly spaced over 
 VAL_COMMANDS = ("uap", "defend")  # the stages given --val-data (recipe choices are made there)
 DEFAULT_ATTACKS = ("badnet", "blended", "badclip")
 DEFAULT_DEFENSES = ("ft", "cleanclip", "roclip", "abd")
-CACHE_VERSION = 2            # bump when pretrain's meaning changes: old cached models are ignored
+CACHE_VERSION = 3            # bump when pretrain's meaning or arithmetic changes: old cached models
+                             # are ignored (3: math attention under bf16 on a CPU)
 
 
 def _flags(d: dict) -> list[str]:

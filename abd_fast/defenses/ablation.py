@@ -36,8 +36,8 @@ def planned_rows(tables=(2, 3), known=(), uap_bd_given: bool = True) -> list[str
         out += [r for r in TABLE2 if r not in known]
     if 3 in tables:
         out += [UAP_DIRS["uap"], "uap"]
-        if "uap_bd" not in known and "i_adv_t_eda" not in known:
-            out.append("uap_bd")
+        if not ({"uap_bd", "i_adv_t_eda"} & known) and 2 not in tables:
+            out.append("uap_bd")  # else Table II's ABD row is this one
     return out
 
 
@@ -50,11 +50,13 @@ def run_tables(stages, *, attack: str, checkpoint, common: list, reference_model
 
     known: rows already computed elsewhere {row: eval result} (e.g. the pipeline's FT and ABD
     runs: "ft", "i_adv_t_eda", "uap_bd"); uap_bd: ABD's UAP file, else it is trained here.
-    common: flags of every sub-run; uap_flags / defend_flags: of the uap / defend runs."""
+    common: flags of every sub-run; uap_flags / defend_flags: of the uap / defend runs.
+    The rows run through stages.parallel: side by side when the runner has more than one job
+    slot (pipeline --jobs), once the UAP files they share exist."""
     known = dict(known or {})
     ref = ["--reference-model", reference_model] if reference_model else []
     victim = ["--checkpoint", checkpoint]
-    rows2, rows3 = {}, {}
+    rows3 = {}
 
     files = {"uap_bd": uap_bd} if uap_bd is not None else {}
 
@@ -71,18 +73,25 @@ def run_tables(stages, *, attack: str, checkpoint, common: list, reference_model
                 *defend_flags]
         return read_eval(stages.run(prefix + row, argv))
 
-    if 2 in tables:
-        for row, flags in TABLE2.items():
-            if row in known:
-                rows2[row] = known[row]
-            else:
-                uap = uap_file("uap_bd") if "--no-adv" not in flags else None
-                rows2[row] = defend(row, flags, uap)
-        known.setdefault("i_adv_t_eda", rows2["i_adv_t_eda"])
+    missing2 = [r for r in TABLE2 if r not in known] if 2 in tables else []
+    rows2 = {r: known[r] for r in TABLE2 if r in known} if 2 in tables else {}
+    # Table III's "UAP + L_bd" row is ABD with ABD's UAP: Table II's last row when it has one
+    bd_row = known.get("uap_bd") or known.get("i_adv_t_eda")
+    own_bd = 3 in tables and bd_row is None and "i_adv_t_eda" not in missing2
+    if any("--no-adv" not in TABLE2[r] for r in missing2) or own_bd:
+        uap_file("uap_bd")  # first: the rows below that use it then run side by side
+    runs = [(rows2, r, lambda r=r: defend(r, TABLE2[r], None if "--no-adv" in TABLE2[r]
+                                          else uap_file("uap_bd"))) for r in missing2]
     if 3 in tables:
-        rows3["uap"] = defend("uap", TABLE2["i_adv_t_eda"], uap_file("uap"))
-        rows3["uap_bd"] = known.get("uap_bd") or known.get("i_adv_t_eda") or defend(
-            "uap_bd", TABLE2["i_adv_t_eda"], uap_file("uap_bd"))
+        runs.append((rows3, "uap", lambda: defend("uap", TABLE2["i_adv_t_eda"], uap_file("uap"))))
+        if own_bd:
+            runs.append((rows3, "uap_bd", lambda: defend("uap_bd", TABLE2["i_adv_t_eda"],
+                                                         uap_file("uap_bd"))))
+    for (rows, row, _), value in zip(runs, stages.parallel(lambda run: run[2](), runs)):
+        rows[row] = value
+    if 3 in tables and "uap_bd" not in rows3:
+        rows3["uap_bd"] = bd_row or rows2["i_adv_t_eda"]
+    rows2 = {r: rows2[r] for r in TABLE2 if r in rows2}
     return {"table2": {"attack": attack, "rows": rows2} if 2 in tables else None,
             "table3": {"attack": attack, "rows": rows3} if 3 in tables else None}
 
