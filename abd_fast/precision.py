@@ -100,11 +100,11 @@ def autocast(device, precision: str, math_attention: bool | None = None):
     Why: torch's CPU flash-attention kernel is slow in bf16 for the short sequences of CLIP
     towers, its backward above all (9 ms per call against 1 ms forward, on the demo's 16-token
     text batches), while math's is two matrix products. Measured on the AVX512-BF16 EPYC
-    (docs/PERFORMANCE.md, "Attention on a CPU"): model forward + backward 1.46x faster for
-    abd-tiny-rn, 2.4x for abd-tiny-vit, 1.12x for ViT-B-32; in fp32 the two kernels are level,
-    so fp32 keeps torch's choice (and explicit fp32 its arithmetic bit for bit). Math is as
-    accurate in bf16 (it computes the softmax in fp32; tests/test_precision.py). A GPU keeps
-    torch's choice (flash attention there is the fast one)."""
+    (bench/step.py --paths default,default-flash; docs/PERFORMANCE.md, "Attention on a CPU"):
+    the demo's defend step 1.45x faster, ViT-B-32's forward + backward 1.20x. In fp32 the two
+    kernels were level there, so fp32 keeps torch's choice (and an explicit fp32 its
+    arithmetic bit for bit). Math is as accurate in bf16: it casts to fp32 for its products
+    and softmax (tests/test_precision.py). A GPU keeps torch's choice (flash is fast there)."""
     device_type = torch.device(device).type
     if precision == "fp32":
         return torch.autocast(device_type, enabled=False)

@@ -85,3 +85,18 @@ def test_demo_timing_rows_median_of_the_other_runs():
     assert rows["abd"]["med"] == 180.0 and "med" not in rows["clean"]
     total = rows["sum of stages with a median"]
     assert total["s0"] == 390.0 and total["med"] == 300.0 and total["xmed"] == "1.30x"
+
+
+@pytest.mark.parametrize("model", ["abd-tiny-rn", "abd-tiny-vit"])
+def test_attention_bench_kernels_compute_the_same_step(model):
+    """bench/attention.py times the same step under both kernels: in fp32 torch's own kernel
+    and the math kernel give the same gradients (to rounding)."""
+    from bench.attention import make_step
+    net, step = make_step(model, 6, 11, 32, "fp32")
+    grads = {}
+    for kernel in ("own", "math"):
+        step(kernel)
+        grads[kernel] = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    assert len(grads["own"]) == len(grads["math"]) > 10
+    own, mat = (torch.cat([g.flatten() for g in grads[k]]) for k in ("own", "math"))
+    assert float((own - mat).norm() / mat.norm()) < 1e-4  # fp32 rounding of other sums
