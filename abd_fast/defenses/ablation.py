@@ -53,10 +53,9 @@ def run_tables(stages, *, attack: str, checkpoint, common: list, reference_model
     common: flags of every sub-run; uap_flags / defend_flags: of the uap / defend runs.
     The rows run through stages.parallel: side by side when the runner has more than one job
     slot (pipeline --jobs), once the UAP files they share exist."""
-    known = dict(known or {})
+    known = known or {}
     ref = ["--reference-model", reference_model] if reference_model else []
     victim = ["--checkpoint", checkpoint]
-    rows3 = {}
 
     files = {"uap_bd": uap_bd} if uap_bd is not None else {}
 
@@ -74,26 +73,25 @@ def run_tables(stages, *, attack: str, checkpoint, common: list, reference_model
         return read_eval(stages.run(prefix + row, argv))
 
     missing2 = [r for r in TABLE2 if r not in known] if 2 in tables else []
-    rows2 = {r: known[r] for r in TABLE2 if r in known} if 2 in tables else {}
     # Table III's "UAP + L_bd" row is ABD with ABD's UAP: Table II's last row when it has one
     bd_row = known.get("uap_bd") or known.get("i_adv_t_eda")
     own_bd = 3 in tables and bd_row is None and "i_adv_t_eda" not in missing2
     if any("--no-adv" not in TABLE2[r] for r in missing2) or own_bd:
         uap_file("uap_bd")  # first: the rows below that use it then run side by side
-    runs = [(rows2, r, lambda r=r: defend(r, TABLE2[r], None if "--no-adv" in TABLE2[r]
-                                          else uap_file("uap_bd"))) for r in missing2]
+    # row -> (its defend flags, the row whose UAP file it trains with)
+    todo = {r: (TABLE2[r], None if "--no-adv" in TABLE2[r] else "uap_bd") for r in missing2}
     if 3 in tables:
-        runs.append((rows3, "uap", lambda: defend("uap", TABLE2["i_adv_t_eda"], uap_file("uap"))))
+        todo["uap"] = (TABLE2["i_adv_t_eda"], "uap")
         if own_bd:
-            runs.append((rows3, "uap_bd", lambda: defend("uap_bd", TABLE2["i_adv_t_eda"],
-                                                         uap_file("uap_bd"))))
-    for (rows, row, _), value in zip(runs, stages.parallel(lambda run: run[2](), runs)):
-        rows[row] = value
-    if 3 in tables and "uap_bd" not in rows3:
-        rows3["uap_bd"] = bd_row or rows2["i_adv_t_eda"]
-    rows2 = {r: rows2[r] for r in TABLE2 if r in rows2}
+            todo["uap_bd"] = (TABLE2["i_adv_t_eda"], "uap_bd")
+    ran = dict(zip(todo, stages.parallel(
+        lambda r: defend(r, todo[r][0], todo[r][1] and uap_file(todo[r][1])), todo)))
+    rows2 = {r: known[r] if r in known else ran[r] for r in TABLE2} if 2 in tables else {}
     return {"table2": {"attack": attack, "rows": rows2} if 2 in tables else None,
-            "table3": {"attack": attack, "rows": rows3} if 3 in tables else None}
+            "table3": {"attack": attack, "rows": {
+                "uap": ran["uap"],
+                "uap_bd": bd_row or ran.get("uap_bd") or rows2["i_adv_t_eda"]}}
+            if 3 in tables else None}
 
 
 def table_markdown(key: str, table: dict) -> str:
