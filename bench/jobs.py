@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from abd_fast.cli.stages import subprocess_command  # noqa: E402
+from abd_fast.cli.stages import WorkerPool  # noqa: E402
 from bench.common import ROOT, machine  # noqa: E402
 
 
@@ -46,9 +46,9 @@ def stage_argv(run: Path, steps: int) -> list[str]:
 
 def run_round(argv, copies: int, threads: int, parallel: bool, tmp: Path) -> float:
     """Wall seconds of `copies` runs of argv, each through the pipeline's own stage runner
-    (abd_fast.cli.stages.subprocess_command, `threads` threads): at once or one after the
-    other."""
-    run = subprocess_command(threads)
+    (abd_fast.cli.stages.WorkerPool of `copies` workers with `threads` threads, new each
+    round): at once or one after the other."""
+    run = WorkerPool(threads, copies)
     outs = [Path(tempfile.mkdtemp(dir=tmp)) for _ in range(copies)]
     cmds = [[*argv, "--output", str(out)] for out in outs]
     t0 = time.perf_counter()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from abd_fast.engine import Trainer
-from abd_fast.cli.pipeline import DEFAULT_ATTACKS, DEFAULT_DEFENSES
+from abd_fast.cli.pipeline import (AUTO_JOBS, DEFAULT_ATTACKS, DEFAULT_DEFENSES, FULL_DEFENSES,
+                                   _settings, add_parser)
 from abd_fast.report import TABLE2_ROWS, TABLE3_ROWS, validate_report
 from test_defense_cli import victim  # noqa: F401 (fixture)
 from abd_fast.train import main
@@ -57,6 +58,40 @@ def test_pipeline_flags_stop_before_any_work(tmp_path, capsys, argv, message):
     code, err = run_main(["pipeline", "--output", tmp_path / "out", *argv], capsys)
     assert code == 2 and f"error: {message.format(tmp=tmp_path)}" in err
     assert not (tmp_path / "out").exists()
+
+
+def _cfg(argv, tmp_path):
+    import argparse
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    return _settings(parser.parse_args([*map(str, argv), "--output", str(tmp_path / "o")]), parser)
+
+
+def test_pipeline_defaults_full_and_jobs(tmp_path, small_data, monkeypatch):  # noqa: F811
+    """The demo runs FT, CleanCLIP and ABD without the ablations; --full adds RoCLIP and
+    Table II/III unless told otherwise; --jobs defaults to AUTO_JOBS on the embedded data on a
+    CPU with enough threads only."""
+    cfg = _cfg([], tmp_path)
+    assert cfg["defenses"] == list(DEFAULT_DEFENSES) and "roclip" not in cfg["defenses"]
+    assert not cfg["ablations"]
+    cfg = _cfg(["--full"], tmp_path)
+    assert cfg["defenses"] == list(FULL_DEFENSES) and cfg["ablations"]
+    cfg = _cfg(["--full", "--no-ablations", "--defenses", "ft,abd"], tmp_path)
+    assert cfg["defenses"] == ["ft", "abd"] and not cfg["ablations"]
+    assert _cfg(["--ablations"], tmp_path)["ablations"]
+    with pytest.raises(Exception, match="give --ablations or --no-ablations, not both"):
+        _cfg(["--ablations", "--no-ablations"], tmp_path)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: AUTO_JOBS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cfg([], tmp_path)["jobs"] == AUTO_JOBS
+    assert _cfg(["--jobs", "1"], tmp_path)["jobs"] == 1
+    assert _cfg(["--quick"], tmp_path)["jobs"] == 1  # the CI smoke run stays in-process
+    assert _cfg(_user_flags(small_data) + ["--val-data", small_data.val_dir],
+                tmp_path)["jobs"] == 1  # user data: one stage at a time unless asked
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert _cfg([], tmp_path)["jobs"] == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: AUTO_JOBS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _cfg([], tmp_path)["jobs"] == 1
 
 
 def test_pipeline_user_data_flags(small_data, tmp_path, capsys):  # noqa: F811
@@ -132,12 +167,12 @@ def test_pipeline_stage_flags_reach_their_stages(cache, small_data, tmp_path, ca
 @pytest.mark.slow
 def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    text = _run(["--quick", "--output", out], capsys)
+    text = _run(["--quick", "--full", "--output", out], capsys)
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
     assert list(report["attacks"]) == list(DEFAULT_ATTACKS)
     for attack, models in report["attacks"].items():
-        assert set(models) == {"victim", *DEFAULT_DEFENSES}
+        assert set(models) == {"victim", *FULL_DEFENSES}
         for name, r in models.items():  # every victim and defense evaluated with the attack
             assert r["attack"] == attack and r["asr"] is not None and r["n_eval"] == 100, name
     assert report["clean"]["asr"] is None
@@ -156,7 +191,7 @@ def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys, monkeypa
     assert f"[stage {len(stages)}/{len(stages)}] report" in text and "ETA" in text
 
     # A re-run skips every completed stage (same flags) and writes the same numbers.
-    text = _run(["--quick", "--output", out], capsys)
+    text = _run(["--quick", "--full", "--output", out], capsys)
     assert text.count("), skipped") == len(stages) - 1  # all but the report
     again = json.loads((out / "report.json").read_text())
     assert again["attacks"] == report["attacks"] and again["ablations"] == report["ablations"]
@@ -177,10 +212,10 @@ def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys, monkeypa
     with monkeypatch.context() as m:
         m.setattr(Trainer, "save", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            main(["--quick", "--output", str(out)])
+            main(["--quick", "--full", "--output", str(out)])
     assert "blended-roclip: running" in capsys.readouterr().out
     assert "optimizer" in torch.load(out / "blended-roclip" / "checkpoint.pt", weights_only=True)
-    text = _run(["--quick", "--output", out], capsys)
+    text = _run(["--quick", "--full", "--output", out], capsys)
     assert "resuming blended-roclip" in text and text.count("), skipped") == len(stages) - 2
     assert json.loads((out / "report.json").read_text())["attacks"]["blended"]["roclip"][
         "asr"] == report["attacks"]["blended"]["roclip"]["asr"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from abd_fast.cli.stages import StageCancelled, StageError, Stages, subprocess_command
+from abd_fast.cli.stages import StageCancelled, StageError, Stages, WorkerPool
 from test_pipeline import _run, cache  # noqa: F401 (fixture)
 
 
@@ -125,15 +125,94 @@ def test_a_failed_stage_stops_new_ones_and_keeps_the_finished(tmp_path):
     assert not json.loads((tmp_path / "bad" / "stage.json").read_text())["complete"]
 
 
-def test_subprocess_command_sets_the_threads_and_logs(tmp_path):
-    """A parallel stage is `python -m abd_fast.train ...` in its own process, with the
-    stage's torch threads, its output appended to <output>/log.txt."""
-    out = tmp_path / "s"
-    out.mkdir()
-    code = subprocess_command(1)(["selfcheck", "--help", "--output", out])
-    assert code == 0 and "selfcheck" in (out / "log.txt").read_text()
-    code = subprocess_command(1)(["no-such-command", "--output", out])
-    assert code == 2 and "invalid choice" in (out / "log.txt").read_text()
+def test_worker_pool_reuses_its_processes_logs_and_replaces_the_dead(tmp_path):
+    """Parallel stages run in long-lived worker processes: commands one after another in the
+    same process, each one's output (and a failure's exit status) in its <output>/log.txt; a
+    worker that died is replaced by a new one."""
+    import os
+    import signal
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    pool = WorkerPool(threads=1, size=1)
+    try:
+        assert pool(["selfcheck", "--help", "--output", a]) == 0
+        first = pool._idle.queue[0]
+        assert pool(["no-such-command", "--output", b]) == 2
+        assert pool._idle.queue[0] is first and first.poll() is None  # the same process
+        help_text = "usage: python -m abd_fast.train selfcheck"
+        assert help_text in (a / "log.txt").read_text()
+        assert "invalid choice" in (b / "log.txt").read_text()
+        assert help_text not in (b / "log.txt").read_text()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert pool(["selfcheck", "--help", "--output", c]) == 0
+        assert pool._idle.queue[0].pid != first.pid
+    finally:
+        pool.close()
+    assert pool._idle.empty()
+
+
+def test_worker_ends_with_its_pipeline(tmp_path):
+    """A killed pipeline takes its workers with it, whichever thread started them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "w = subprocess.Popen([sys.executable, '-m', 'abd_fast.cli.worker'], "
+         "stdin=subprocess.PIPE)\nprint(w.pid, flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        try:
+            os.waitpid(worker, os.WNOHANG)  # not our child: ChildProcessError
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the worker outlived its pipeline by 10 s")
+
+
+WORKER_SCRIPT = """
+import os, sys
+from pathlib import Path
+from abd_fast.cli.worker import run_logged
+
+def main(argv):
+    print("python says", argv[0])
+    os.write(2, b"C says hello\\n")
+    if argv[0] == "fail":
+        raise RuntimeError("broken stage")
+    if argv[0] == "exit":
+        raise SystemExit(2)
+    return 0
+
+log = Path(sys.argv[1])
+print([run_logged(main, [a], log) for a in ("ok", "fail", "exit")], flush=True)
+"""
+
+
+def test_worker_sends_both_streams_and_failures_to_the_log(tmp_path):
+    """run_logged, in a process of its own: Python's and the C libraries' output (file
+    descriptors 1 and 2) go to the stage's log, a raised error becomes exit status 1 with its
+    traceback there, and the process's own stdout is back afterwards."""
+    import subprocess
+    import sys
+    log = tmp_path / "log.txt"
+    out = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(log)], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    assert out == "[0, 1, 2]\n"
+    text = log.read_text()
+    assert text.count("C says hello") == 3 and "python says ok" in text
+    assert "python says exit" in text and "RuntimeError: broken stage" in text
 
 
 METRICS = ("ca_top1", "ca_top5", "asr", "embedding_distance", "capture_class", "capture_rate")
@@ -153,8 +232,8 @@ def _numbers(report) -> dict:
 @pytest.mark.slow
 def test_jobs_2_gives_the_numbers_of_one_stage_at_a_time(cache, tmp_path, capsys):  # noqa: F811
     """The same quick pipeline in-process one stage at a time (with the threads a stage of
-    --jobs 2 gets) and with --jobs 2 (each stage a process, two at once): the same numbers,
-    exactly."""
+    --jobs 2 gets) and with --jobs 2 (two worker processes, two stages at once): the same
+    numbers, exactly."""
     from abd_fast.cli.pipeline import stage_threads
     threads = torch.get_num_threads()
     if threads < 2:
@@ -189,3 +268,18 @@ def test_jobs_bench_cuts_the_demo_stage(tmp_path):
         {"argv": ["defend", "--method", "abd", "--budget", "paper"], "complete": True}))
     assert stage_argv(tmp_path, 50) == ["defend", "--method", "abd", "--budget", "paper",
                                         "--budget-steps", "50"]
+
+
+def test_stage_startup_bench_reads_the_demo_stage(tmp_path):
+    """bench/stage_startup.py times the demo's floor-badnet stage, its flags without the
+    output; without a demo run it says what to run."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.stage_startup import stage_argv
+    with pytest.raises(SystemExit, match=r"floor-badnet/stage.json not found: run the demo"):
+        stage_argv(tmp_path)
+    (tmp_path / "floor-badnet").mkdir()
+    (tmp_path / "floor-badnet" / "stage.json").write_text(json.dumps(
+        {"argv": ["eval", "--checkpoint", "c.pt", "--output", "runs/x", "--attack", "badnet"],
+         "complete": True}))
+    assert stage_argv(tmp_path) == ["eval", "--checkpoint", "c.pt", "--attack", "badnet"]

@@ -8,8 +8,8 @@ whether it completed; a stage done before with the same argv and outputs is skip
 interrupted training stage resumes from its last checkpoint.
 
 jobs > 1 (`pipeline --jobs N`): `parallel` runs independent pieces of work in threads, and
-up to N stages run at once, each as its own process (`python -m abd_fast.train ...`, output
-in ROOT/<name>/log.txt) with `threads` torch threads. A stage's thread count is fixed by the
+up to N stages run at once, each in one of N worker processes (WorkerPool; output in
+ROOT/<name>/log.txt) with `threads` torch threads. A stage's thread count is fixed by the
 flags, not by what else runs, so a run is reproducible with the same --jobs on the same
 machine. Stages run with `alone=True` (the clean model, which every other stage waits for)
 stay in-process with every thread.
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -42,24 +42,54 @@ class StageCancelled(StageError):
     """A stage not started because another stage of a parallel run failed first."""
 
 
-def _die_with_parent():  # subprocess preexec_fn: a killed pipeline takes its stages with it
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+class WorkerPool:
+    """The runner of parallel stages: `size` long-lived worker processes
+    (abd_fast.cli.worker), each with `threads` torch (OpenMP) threads, started when first
+    needed; a command waits for an idle worker, runs there (its output appended to
+    <--output>/log.txt) and returns its exit status. A worker that died is replaced, and a
+    stage it was running reports a failure; a killed pipeline takes its workers with it
+    (abd_fast.cli.worker.exit_with_parent)."""
 
+    def __init__(self, threads: int, size: int):
+        self.threads = int(threads)
+        self._idle = queue.Queue()
+        for _ in range(int(size)):
+            self._idle.put(None)  # a slot without a process yet
 
-def subprocess_command(threads: int):
-    """A run_command for parallel stages: `python -m abd_fast.train *cmd` in its own process
-    with `threads` torch (OpenMP) threads, its output to <--output>/log.txt."""
-    def run(cmd) -> int:
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads),
+                   MKL_NUM_THREADS=str(self.threads))
+        return subprocess.Popen([sys.executable, "-m", "abd_fast.cli.worker"], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, cmd) -> int:
         cmd = [str(c) for c in cmd]
-        log = Path(cmd[cmd.index("--output") + 1]) / "log.txt"
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        linux = sys.platform.startswith("linux")  # prctl is Linux's
-        with open(log, "ab") as f:
-            return subprocess.run([sys.executable, "-m", "abd_fast.train", *cmd], env=env,
-                                  stdout=f, stderr=subprocess.STDOUT,
-                                  preexec_fn=_die_with_parent if linux else None).returncode
-    return run
+        worker = self._idle.get()
+        try:
+            if worker is None or worker.poll() is not None:
+                worker = self._start()
+            try:
+                worker.stdin.write(json.dumps(cmd) + "\n")
+                worker.stdin.flush()
+                reply = worker.stdout.readline()
+            except BrokenPipeError:
+                reply = ""
+            if reply:
+                return int(reply)
+            code = worker.wait()  # it died (killed, out of memory)
+            with open(Path(cmd[cmd.index("--output") + 1]) / "log.txt", "a") as f:
+                f.write(f"\nthe stage's worker process died (exit status {code})\n")
+            return code or 1
+        finally:
+            self._idle.put(worker)
+
+    def close(self):
+        """Ends the idle workers (end of input: each exits after its command)."""
+        while not self._idle.empty():
+            worker = self._idle.get()
+            if worker is not None:
+                worker.stdin.close()
+                worker.wait()
 
 
 def clock(s: float) -> str:
@@ -75,7 +105,7 @@ class Stages:
     plan: {stage name: estimated cost} (any unit) for the progress line's ETA, which scales
     the measured seconds per cost unit of the stages run so far.
     jobs, spawn: up to `jobs` stages at once, each through spawn(argv) -> exit status
-    (subprocess_command) instead of run_command; see the module's docstring."""
+    (a WorkerPool) instead of run_command; see the module's docstring."""
 
     def __init__(self, root: Path, plan: dict, run_command, log=print, jobs: int = 1,
                  spawn=None):
@@ -88,6 +118,11 @@ class Stages:
         self.k, self.t0 = 0, time.perf_counter()
         self.work_s = self.work_cost = 0.0
         self.timing, self.skipped, self.ended, self.index = {}, [], set(), {}
+
+    def close(self):
+        """Ends the worker processes of parallel stages, if any."""
+        if isinstance(self.spawn, WorkerPool):
+            self.spawn.close()
 
     def _line(self, name, status):
         """`[stage k/N] name: status | elapsed m:ss | ETA m:ss` (the ETA: the cost of the
