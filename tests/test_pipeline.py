@@ -407,7 +407,7 @@ def test_uap_candidates_plan_a_uap_per_candidate_then_the_choice():
         with pytest.raises(UsageError, match=re.escape(f"--uap-candidates {bad!r}")):
             candidate_specs(bad)
     cfg = dict(quick=True, pretrained=None, attacks=["badnet"], defenses=["abd"],
-               no_ablations=True, stage_flags={}, uap_candidates="corner,random:differential")
+               ablations=False, stage_flags={}, uap_candidates="corner,random:differential")
     plan = list(plan_stages(cfg))
     assert plan.index("uap-badnet-corner-paper") < plan.index("uap-badnet") \
         < plan.index("badnet-abd")

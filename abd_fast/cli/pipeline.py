@@ -200,7 +200,7 @@ def add_parser(subparsers):
                         "(default: one run with --seed, the usual layout)")
     p.add_argument("--jobs", type=int, metavar="N",
                    help="run up to N independent stages at once (each attack's chain, the UAP "
-                        "candidates, the defenses of a victim), each in its own process with "
+                        "candidates, the defenses of a victim) in N worker processes with "
                         "1/N of the torch threads; the clean model first with all of them. On "
                         "small models this uses the cores better than one stage's threads "
                         "(docs/PERFORMANCE.md). Numbers differ from --jobs 1 by the threads' "
@@ -508,7 +508,7 @@ def stage_threads(jobs: int) -> int:
 
 
 def _stages(cfg, root: Path, plan: dict, run_command) -> Stages:
-    """The stage runner: --jobs stages at once, each in a process of stage_threads."""
+    """The stage runner: --jobs stages at once, in --jobs workers of stage_threads."""
     spawn = WorkerPool(stage_threads(cfg["jobs"]), cfg["jobs"]) if cfg["jobs"] > 1 else None
     return Stages(root, plan, run_command, jobs=cfg["jobs"], spawn=spawn)
 
