@@ -26,8 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-from .worker import stage_log
-
 # Training stages checkpoint this often unless their flags say otherwise (≈ 22 s of the demo's
 # stages on 2 CPU cores; 0.3 s per checkpoint of the tiny model with its optimizer state,
 # 145 MB; 48 MB once the stage has finished and its checkpoint is stripped). Not part of a
@@ -79,7 +77,7 @@ class WorkerPool:
             if reply:
                 return int(reply)
             code = worker.wait()  # it died (killed, out of memory)
-            with open(stage_log(cmd), "a") as f:
+            with open(Path(cmd[cmd.index("--output") + 1]) / "log.txt", "a") as f:
                 f.write(f"\nthe stage's worker process died (exit status {code})\n")
             return code or 1
         finally:
