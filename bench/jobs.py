@@ -1,6 +1,7 @@
 """Stages side by side (`pipeline --jobs N`) against one at a time: the same `defend` stage
 (ABD, the demo's paper budget cut to --steps optimizer steps, its evaluation included) run
-N times, each as its own `python -m abd_fast.train` process,
+N times through the pipeline's worker processes (abd_fast.cli.stages.WorkerPool, new each
+round; bench/results/jobs.json was measured with a new process per stage, before the pool),
 
   sequential  one after the other, each with all of torch's threads (what --jobs 1 gives a
               stage: the pipeline's in-process default)
@@ -52,12 +53,15 @@ def run_round(argv, copies: int, threads: int, parallel: bool, tmp: Path) -> flo
     outs = [Path(tempfile.mkdtemp(dir=tmp)) for _ in range(copies)]
     cmds = [[*argv, "--output", str(out)] for out in outs]
     t0 = time.perf_counter()
-    if parallel:
-        with ThreadPoolExecutor(copies) as pool:
-            codes = list(pool.map(run, cmds))
-    else:
-        codes = [run(cmd) for cmd in cmds]
-    seconds = time.perf_counter() - t0
+    try:
+        if parallel:
+            with ThreadPoolExecutor(copies) as pool:
+                codes = list(pool.map(run, cmds))
+        else:
+            codes = [run(cmd) for cmd in cmds]
+        seconds = time.perf_counter() - t0
+    finally:
+        run.close()
     for code, out in zip(codes, outs):
         if code != 0:
             tail = (out / "log.txt").read_text()[-2000:]

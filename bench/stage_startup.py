@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from abd_fast.cli.stages import WorkerPool  # noqa: E402
+from abd_fast.cli.stages import WorkerPool, stage_log  # noqa: E402
 from bench.common import ROOT, machine  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def stage_argv(run: Path, stage: str = "floor-badnet") -> list[str]:
 def in_processes(cmds) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for cmd in cmds:
-        log = Path(cmd[cmd.index("--output") + 1]) / "log.txt"
+        log = stage_log(cmd)
         with open(log, "ab") as f:
             if subprocess.run([sys.executable, "-m", "abd_fast.train", *cmd], env=env,
                               stdout=f, stderr=subprocess.STDOUT).returncode:

@@ -90,6 +90,24 @@ def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa:
     steer = json.loads((tmp_path / "uap" / "eval.json").read_text())["steer"]
     assert steer["mode"] == "reference" and steer["toward"] and steer["val_data"] == val
     assert isinstance(steer["backdoored"], bool) and steer["lambda_steer"] == 1.0
+    # uap-select --val-scan reads the steered run's scan (val_scan.json) instead of making the
+    # same search again: the same verdict and choice as scanning itself
+    saved = tmp_path / "uap" / "val_scan.json"
+    select = ["uap-select", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
+              "--reference-model", out / "clean" / "checkpoint.pt", "--val-data", val,
+              "--candidates", tmp_path / "uap", "--criterion", "scan"]
+    selections = []
+    for extra in ([], ["--val-scan", saved]):
+        code, err = run_main([*select, *extra, "--output", tmp_path / f"sel{len(extra)}"], capsys)
+        assert code == 0, err
+        sel = json.loads((tmp_path / f"sel{len(extra)}" / "selection.json").read_text())
+        selections.append({k: sel[k] for k in ("scan", "chosen", "score", "candidates")})
+    assert selections[0] == selections[1] and selections[0]["scan"]["score"] == steer["score"]
+    # another seed's search is not this one; --val-scan belongs to --criterion scan
+    for extra, says in ((["--seed", "3", "--val-scan", saved], "other seed"),
+                        (["--criterion", "gain", "--val-scan", saved], "--criterion scan")):
+        code, err = run_main([*select, *extra, "--output", tmp_path / "o"], capsys)
+        assert code == 2 and "--val-scan" in err and says in err, err
 
 
 @pytest.mark.parametrize("method,extra", [

@@ -188,6 +188,12 @@ def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys, monkeypa
     stages = [d.name for d in out.iterdir() if (d / "stage.json").exists()]
     assert set(report["timing"]) == set(stages)
     assert "badnet-abd" in stages and "ablation-badnet-uap" in stages
+    # uap-select reads the steered candidate's scan of the val images, not a search of its own
+    select = json.loads((out / "uap-badnet" / "stage.json").read_text())["argv"]
+    steered = out / "uap-badnet-random-differential-steer"
+    assert select[select.index("--val-scan") + 1] == str(steered / "val_scan.json")
+    assert json.loads((out / "uap-badnet" / "selection.json").read_text())["scan"]["score"] \
+        == json.loads((steered / "eval.json").read_text())["steer"]["score"]
     assert f"[stage {len(stages)}/{len(stages)}] report" in text and "ETA" in text
 
     # A re-run skips every completed stage (same flags) and writes the same numbers.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from abd_fast.cli.stages import StageCancelled, StageError, Stages, WorkerPool
+from abd_fast.cli.stages import Slots, StageCancelled, StageError, Stages, WorkerPool
 from test_pipeline import _run, cache  # noqa: F401 (fixture)
 
 
@@ -59,6 +59,61 @@ def test_stages_run_side_by_side_up_to_jobs(tmp_path):
     with pytest.raises(ValueError, match="jobs > 1 needs spawn"):
         Stages(tmp_path, {}, main, jobs=2)
 
+
+
+def test_a_free_slot_goes_to_the_waiting_stage_of_the_highest_priority():
+    """One slot: the waiters take it by priority, not by arrival; a stage that asks within
+    `settle` of the slot's release (one a finished stage made ready) competes for it too."""
+    slots, order, releasing = Slots(1, settle=0.5), [], threading.Event()
+
+    def holder():
+        with slots.hold():
+            time.sleep(0.3)  # the others queue meanwhile
+            releasing.set()
+
+    def waiter(name, priority, after=None):
+        if after is not None:
+            after.wait()
+            time.sleep(0.15)  # after the release, within the settling time
+        with slots.hold(priority):
+            order.append(name)
+    threads = [threading.Thread(target=holder)]
+    threads += [threading.Thread(target=waiter, args=a) for a in (
+        ("low", 1), ("high", 5), ("mid", 3), ("low-later", 1), ("ready-after", 9, releasing))]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert order == ["ready-after", "high", "mid", "low", "low-later"]
+    assert slots.free == 1
+
+
+def test_stage_priority_puts_the_longest_chain_first():
+    """The demo's plan: what the most work waits for starts first (BadCLIP's trigger, the
+    victims, ABD's UAP candidates and choice, then the fine-tuning runs, the scans last); a
+    stage nothing waits for keeps its own cost; the first attack's ablations wait behind its
+    defenses."""
+    from abd_fast.cli.pipeline import DEFAULT_DEFENSES, UAP_CANDIDATES, plan_stages, \
+        stage_priority
+    cfg = dict(quick=False, pretrained=None, attacks=["badnet", "blended", "badclip"],
+               defenses=list(DEFAULT_DEFENSES), ablations=False, stage_flags={},
+               uap_candidates=UAP_CANDIDATES)
+    plan = plan_stages(cfg)
+    p = stage_priority(cfg, plan)
+    assert set(p) == set(plan)
+    chain = ["badclip-trigger", "poison-badclip", "uap-badclip-random-differential-steer",
+             "uap-badclip-corner-paper", "uap-badclip", "badclip-abd", "badclip-ft",
+             "scan-badclip", "scan-data-badclip", "floor-badclip"]
+    assert [p[n] for n in chain] == sorted((p[n] for n in chain), reverse=True)
+    assert p["poison-badclip"] == p["poison-badnet"] > p["uap-badnet"] > p["badnet-abd"]
+    assert p["badclip-abd"] >= p["badclip-cleanclip"] > p["badclip-ft"]
+    for leaf in ("badnet-ft", "badnet-cleanclip", "badnet-abd", "floor-badnet", "report"):
+        assert p[leaf] == plan[leaf]
+    assert p["uap-badnet"] == plan["uap-badnet"] + plan["badnet-abd"]
+    full = dict(cfg, ablations=True)
+    p = stage_priority(full, plan_stages(full))
+    assert p["badnet-abd"] > p["blended-abd"] and p["badnet-ft"] > p["blended-ft"]
 
 @pytest.mark.parametrize("case", ["pipeline", "table2+3 alone", "table3 alone"])
 def test_ablation_rows_side_by_side_after_the_uap_files_they_share(tmp_path, case):

@@ -417,35 +417,74 @@ def run(args, parser, run_command) -> int:
     return 0
 
 
+# A stage's cost over its victim's poisoning's (the full-size demo at --jobs 2,
+# bench/results/demo_trimmed.json: a defense takes the poisoning's steps; CleanCLIP and ABD
+# encode two views): the ETA's weights and the order of stages run side by side.
+RELATIVE_COST = {"ft": 0.6, "cleanclip": 1.05, "abd": 1.05, "roclip": 1.4, "ablation": 1.05,
+                 "uap": 0.18, "uap-steer": 0.38, "uap-select": 0.06, "scan": 0.2,
+                 "scan-data": 0.15, "floor": 0.01, "badclip-trigger": 0.2}
+
+
 def plan_stages(cfg) -> dict:
     """Stage names in run order with a rough relative cost (pretrain epoch = 1)."""
-    from abd_fast.defenses.ablation import planned_rows
+    from abd_fast.defenses.ablation import UAP_DIRS, planned_rows
     q = cfg["quick"]
+    poisoning = 1 if q else poison.DEFAULTS["epochs"]
+
+    def cost(kind):
+        return RELATIVE_COST[kind] * poisoning
     plan = {"clean": 0.2 if cfg["pretrained"] else (2 if q else pretrain.DEFAULTS["epochs"])}
     if "badclip" in cfg["attacks"]:
-        plan["badclip-trigger"] = 1
+        plan["badclip-trigger"] = cost("badclip-trigger")
     for a in cfg["attacks"]:
-        plan[f"poison-{a}"] = 1 if q else poison.DEFAULTS["epochs"]
+        plan[f"poison-{a}"] = poisoning
     for a in cfg["attacks"]:
-        plan[f"floor-{a}"] = 0.1
-    plan["scan-clean"] = 0.5
+        plan[f"floor-{a}"] = cost("floor")
+    plan["scan-clean"] = cost("scan")
     for a in cfg["attacks"]:
-        plan[f"scan-{a}"], plan[f"scan-data-{a}"] = 0.5, 0.3
+        plan[f"scan-{a}"], plan[f"scan-data-{a}"] = cost("scan"), cost("scan-data")
     for a in cfg["attacks"]:
         if "abd" in cfg["defenses"]:
             candidates = _uap_candidates(cfg)
             if len(candidates) > 1:
-                plan |= {f"uap-{a}-{name}": 2 for name in candidates}
-            plan[f"uap-{a}"] = 0.3 if len(candidates) > 1 else 2
+                plan |= {f"uap-{a}-{name}": cost("uap-steer" if "--steer" in flags else "uap")
+                         for name, flags in candidates.items()}
+            plan[f"uap-{a}"] = cost("uap-select" if len(candidates) > 1 else "uap")
         for d in cfg["defenses"]:
-            plan[f"{a}-{d}"] = 2
+            plan[f"{a}-{d}"] = cost(d)
     if cfg["ablations"]:
         a = cfg["attacks"][0]
         for name in planned_rows(known=_known_rows(cfg, a),
                                  uap_bd_given="abd" in cfg["defenses"]):
-            plan[f"ablation-{a}-{name}"] = 2
+            plan[f"ablation-{a}-{name}"] = cost(
+                "uap" if name in UAP_DIRS.values() else "ablation")
     plan["report"] = 1
     return plan
+
+
+def stage_priority(cfg, plan: dict) -> dict:
+    """{stage: its cost plus the costliest chain of planned stages waiting for it}: with
+    --jobs, a free slot goes to the waiting stage with the most work behind it (the victim
+    BadCLIP's trigger waits for before a scan, ABD's UAP candidates before a baseline)."""
+    after = {"badclip-trigger": ["poison-badclip"]}
+    ablations = [n for n in plan if n.startswith("ablation-")]
+    for a in cfg["attacks"]:
+        candidates = [n for n in plan if n.startswith(f"uap-{a}-")]
+        defenses = [f"{a}-{d}" for d in cfg["defenses"]]
+        after[f"poison-{a}"] = [f"floor-{a}", f"scan-{a}", *candidates, f"uap-{a}", *defenses]
+        after[f"scan-{a}"] = [f"scan-data-{a}"]
+        after |= dict.fromkeys(candidates, [f"uap-{a}"])
+        after[f"uap-{a}"] = [f"{a}-abd"]
+        if a == cfg["attacks"][0]:  # its ablations start after its defenses
+            after |= {n: after.get(n, []) + ablations for n in (f"uap-{a}", *defenses)}
+    out = {}
+
+    def level(name):
+        if name not in out:
+            out[name] = plan.get(name, 0) + max(
+                (level(n) for n in after.get(name, ()) if n in plan), default=0)
+        return out[name]
+    return {name: level(name) for name in plan}
 
 
 def _uap_candidates(cfg) -> dict:
@@ -510,7 +549,8 @@ def stage_threads(jobs: int) -> int:
 def _stages(cfg, root: Path, plan: dict, run_command) -> Stages:
     """The stage runner: --jobs stages at once, in --jobs workers of stage_threads."""
     spawn = WorkerPool(stage_threads(cfg["jobs"]), cfg["jobs"]) if cfg["jobs"] > 1 else None
-    return Stages(root, plan, run_command, jobs=cfg["jobs"], spawn=spawn)
+    return Stages(root, plan, run_command, jobs=cfg["jobs"], spawn=spawn,
+                  priority=stage_priority(cfg, plan))
 
 
 def run_pipeline(cfg: dict, data: dict, run_command) -> dict:
@@ -737,14 +777,19 @@ def _abd_uap(st: Stages, cfg, flags: _StageFlags, clean: str, a: str, victim: st
     candidates = _uap_candidates(cfg)
 
     def uap(name, extra):
+        steered = "--steer" in extra  # its scan of the val images, for uap-select's criterion
         return st.run(name, ["uap", *flags.victim, "--checkpoint", victim, "--reference-model",
-                             clean, *flags.of("uap"), *extra], outputs=("uap.pt", "eval.json"))
+                             clean, *flags.of("uap"), *extra],
+                      outputs=("uap.pt", "eval.json", *([scan.VAL_SCAN_FILE] if steered else [])))
     if len(candidates) == 1:
         return str(uap(f"uap-{a}", *candidates.values()) / "uap.pt")
     dirs = st.parallel(lambda item: str(uap(f"uap-{a}-{item[0]}", item[1])), candidates.items())
+    scanned = [Path(d) / scan.VAL_SCAN_FILE for d, extra in zip(dirs, candidates.values())
+               if "--steer" in extra and UAP_CRITERION == "scan"]
     d = st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val, "--checkpoint", victim,
                             "--reference-model", clean, "--candidates", ",".join(dirs),
-                            "--criterion", UAP_CRITERION],
+                            "--criterion", UAP_CRITERION,
+                            *(["--val-scan", scanned[0]] if scanned else [])],
                outputs=("uap.pt", "selection.json", "eval.json"))
     return str(d / "uap.pt")
 

@@ -90,11 +90,14 @@ def load_reference(run: Run, path):
         raise UsageError(str(e).replace("--pretrained", "--reference-model", 1)) from e
 
 
-def scan_val(run: Run, reference, purpose: str) -> tuple[dict, object, list]:
+def scan_val(run: Run, reference, purpose: str, saved=None) -> tuple[dict, object, list]:
     """The scan (this command's settings and the run's --seed) on the run's validation images,
     against the reference when given: how `uap --steer scan` and `uap-select --criterion scan`
     infer the target without knowing it. Returns (scan.json's fields, the val source, the
-    class names)."""
+    class names). saved: the VAL_SCAN_FILE of an earlier run of this search (save_val_scan),
+    read instead of searching again when it had the same inputs (val_scan_inputs)."""
+    if saved is not None:
+        return _load_val_scan(saved, run)
     from abd_fast.scan.model import scan_model
     source, images, classnames = run.val_images(DEFAULTS["scan_images"], purpose)
     result, _ = scan_model(run.model, images, classnames, tokenizer=run.tokenizer,
@@ -103,6 +106,45 @@ def scan_val(run: Run, reference, purpose: str) -> tuple[dict, object, list]:
                            lr=DEFAULTS["lr"], seed=run.cfg["seed"],
                            restarts=DEFAULTS["restarts"])
     return result, source, classnames
+
+
+VAL_SCAN_FILE = "val_scan.json"  # a scan_val result, beside the output of the run that made it
+
+
+def val_scan_inputs(run: Run) -> dict:
+    """What scan_val's result depends on besides the code: the judged and reference weights,
+    the validation data, the model's settings, the seed and the scan's."""
+    c = run.cfg
+
+    def path(key):
+        return str(Path(c[key]).resolve()) if c.get(key) else None
+    return {"checkpoint": path("checkpoint"), "reference_model": path("reference_model"),
+            "val_data": str(c["val_data"]), "model": c["model"], "image_size": c.get("image_size"),
+            "precision": c.get("precision"), "seed": c["seed"],
+            **{k: DEFAULTS[k] for k in ("scan_images", "steps", "batch_size", "lr", "restarts")}}
+
+
+def save_val_scan(path: Path, run: Run, result: dict, source, classnames: list):
+    from abd_fast.engine import atomic_write_text
+    atomic_write_text(json.dumps({"inputs": val_scan_inputs(run), "result": result,
+                                  "val_source": str(source), "classnames": classnames},
+                                 indent=1) + "\n", path)
+
+
+def _load_val_scan(path, run: Run) -> tuple[dict, str, list]:
+    try:
+        saved = json.loads(Path(path).read_text())
+        inputs, result = saved["inputs"], saved["result"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--val-scan {path}: not a {VAL_SCAN_FILE} written by `uap --steer "
+                         f"scan` ({e})") from e
+    ours = val_scan_inputs(run)
+    differ = [k for k in ours if inputs.get(k) != ours[k]]
+    if differ:
+        raise UsageError(f"--val-scan {path}: made with other {', '.join(differ)} than this run "
+                         f"({', '.join(f'{inputs.get(k)!r} vs {ours[k]!r}' for k in differ)}); "
+                         "drop the flag to run the scan here")
+    return result, saved["val_source"], saved["classnames"]
 
 
 def geometries(cfg):

@@ -12,10 +12,13 @@ up to N stages run at once, each in one of N worker processes (WorkerPool; outpu
 ROOT/<name>/log.txt) with `threads` torch threads. A stage's thread count is fixed by the
 flags, not by what else runs, so a run is reproducible with the same --jobs on the same
 machine. Stages run with `alone=True` (the clean model, which every other stage waits for)
-stay in-process with every thread.
+stay in-process with every thread. A free job slot goes to the waiting stage of the highest
+`priority` (the pipeline's: the longest chain of work still waiting for it), not to the
+first that asked.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import queue
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # Training stages checkpoint this often unless their flags say otherwise (≈ 22 s of the demo's
@@ -34,12 +38,54 @@ STAGE_CHECKPOINT_STEPS = 100
 TRAINING_COMMANDS = ("pretrain", "poison", "uap", "defend")
 
 
+def stage_log(argv) -> Path:
+    """Where the output of a stage command run by a worker goes: <--output>/log.txt."""
+    argv = [str(a) for a in argv]
+    return Path(argv[argv.index("--output") + 1]) / "log.txt"
+
+
 class StageError(RuntimeError):
     """A stage's command failed; the message names the stage and its directory."""
 
 
 class StageCancelled(StageError):
     """A stage not started because another stage of a parallel run failed first."""
+
+
+class Slots:
+    """Up to n holders at once. A freed slot goes to the waiter of the highest priority (the
+    earliest among equals), after `settle` seconds: the stages a finished stage makes ready
+    reach the gate within milliseconds, and they compete for the slot it freed."""
+
+    def __init__(self, n: int, settle: float = 0.25):
+        self.free, self.settle = int(n), settle
+        self._cond, self._waiting, self._asked = threading.Condition(), [], 0
+        self._freed_at = -float("inf")
+
+    @contextmanager
+    def hold(self, priority: float = 0.0):
+        with self._cond:
+            self._asked += 1
+            me = (-priority, self._asked)
+            heapq.heappush(self._waiting, me)
+            try:
+                while True:
+                    wait = self._freed_at + self.settle - time.monotonic()
+                    if self.free and self._waiting[0] == me and wait <= 0:
+                        break
+                    self._cond.wait(timeout=wait if wait > 0 else None)
+            finally:  # taken, or interrupted while waiting: out of the queue either way, and
+                self._waiting.remove(me)  # the next waiter may take another free slot
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()
+            self.free -= 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += 1
+                self._freed_at = time.monotonic()
+                self._cond.notify_all()
 
 
 class WorkerPool:
@@ -77,7 +123,7 @@ class WorkerPool:
             if reply:
                 return int(reply)
             code = worker.wait()  # it died (killed, out of memory)
-            with open(Path(cmd[cmd.index("--output") + 1]) / "log.txt", "a") as f:
+            with open(stage_log(cmd), "a") as f:
                 f.write(f"\nthe stage's worker process died (exit status {code})\n")
             return code or 1
         finally:
@@ -105,15 +151,18 @@ class Stages:
     plan: {stage name: estimated cost} (any unit) for the progress line's ETA, which scales
     the measured seconds per cost unit of the stages run so far.
     jobs, spawn: up to `jobs` stages at once, each through spawn(argv) -> exit status
-    (a WorkerPool) instead of run_command; see the module's docstring."""
+    (a WorkerPool) instead of run_command; see the module's docstring.
+    priority: {stage name: number}; a free slot goes to the waiting stage with the largest
+    (0 when not given)."""
 
     def __init__(self, root: Path, plan: dict, run_command, log=print, jobs: int = 1,
-                 spawn=None):
+                 spawn=None, priority: dict | None = None):
         self.root, self.plan, self.run_command, self.log = Path(root), dict(plan), run_command, log
-        self.jobs, self.spawn = int(jobs), spawn
+        self.jobs, self.spawn, self.priority = int(jobs), spawn, dict(priority or {})
         if self.jobs > 1 and spawn is None:
             raise ValueError("jobs > 1 needs spawn, the command runner of parallel stages")
-        self._slots, self._lock = threading.Semaphore(self.jobs), threading.RLock()
+        self._slots = Slots(self.jobs, settle=0.25 if self.jobs > 1 else 0.0)
+        self._lock = threading.RLock()
         self.failed = False
         self.k, self.t0 = 0, time.perf_counter()
         self.work_s = self.work_cost = 0.0
@@ -203,7 +252,7 @@ class Stages:
             self.index[name] = self.k
             if not force and self.done(name, argv, outputs):
                 return self._skip(name)
-        with self._slots:
+        with self._slots.hold(self.priority.get(name, 0)):
             if self.failed:
                 raise StageCancelled(f"stage {name} not started: another stage failed")
             self._line(name, "running")

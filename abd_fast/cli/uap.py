@@ -1,8 +1,10 @@
 """`uap`: train ABD's universal adversarial perturbation against a poisoned model (AdvCLIP's
-GAN + the backdoor loss; abd_fast.defenses.stages.uap_stage); writes uap.pt and eval.json."""
+GAN + the backdoor loss; abd_fast.defenses.stages.uap_stage); writes uap.pt and eval.json
+(with --steer scan also val_scan.json, the scan's result, which `uap-select --val-scan` reads)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from abd_fast.defenses.uap import MODES, PLACES
 
@@ -121,10 +123,13 @@ def scan_target(cfg: dict, run: Run, reference) -> tuple:
     class, notes for eval.json)."""
     from abd_fast.evaluate import zero_shot_classifier
 
-    from .scan import scan_val
+    from .scan import VAL_SCAN_FILE, save_val_scan, scan_val
     device = run.info.device
     result, source, classnames = scan_val(
         run, None if reference is None else reference.to(device), "--steer scan's target search")
+    if run.info.is_main:  # for `uap-select --val-scan`, which makes the same search
+        Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
+        save_val_scan(Path(cfg["output"]) / VAL_SCAN_FILE, run, result, source, classnames)
     cls = result["most_anomalous_class"]
     notes = {k: result[k] for k in ("backdoored", "score", "threshold", "mode", "geometry")}
     notes.update(toward=cls, val_data=str(source), lambda_steer=cfg["lambda_steer"])

@@ -6,7 +6,9 @@ model than on the clean reference; the candidate with the largest such gain wins
 validation images flags it, the gain is read on the class the scan suspects. Writes
 OUTPUT/uap.pt (a copy of the chosen UAP, what `defend --uap` takes) and
 OUTPUT/selection.json (every candidate's score, top class and per-class capture), and
-OUTPUT/eval.json: the chosen candidate's own `uap` evaluation when it sits beside its file."""
+OUTPUT/eval.json: the chosen candidate's own `uap` evaluation when it sits beside its file.
+--val-scan reads the scan's result that a steered candidate (`uap --steer scan`, the same
+search on the same images) recorded instead of running the scan again."""
 from __future__ import annotations
 
 import json
@@ -21,7 +23,7 @@ from .scan import UNKNOWN_TO_THE_SCAN, architecture, load_reference
 NAME = "uap-select"
 SELECTION_FILE = "selection.json"
 DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, candidates=None,
-                criterion="gain", val_images=1000, output="runs/uap-select")
+                criterion="gain", val_scan=None, val_images=1000, output="runs/uap-select")
 CRITERIA = {"gain": "largest per-class capture gain (points) of the poisoned model over the "
                     "reference on the validation images; no labels, no target",
             "scan": "capture gain (points) of the poisoned model over the reference on the "
@@ -40,6 +42,10 @@ def _flags(p):
                    help="gain: the largest capture gain on any class; scan: the gain on the "
                         "class `scan` suspects on the validation images, when it flags the "
                         "model (ours: docs/METHOD.md)")
+    p.add_argument("--val-scan", metavar="FILE",
+                   help="--criterion scan: the val_scan.json of a `uap --steer scan` run on the "
+                        "same --checkpoint, --reference-model, --val-data and --seed (the "
+                        "same search), read instead of scanning again")
     p.add_argument("--val-images", type=int, metavar="N",
                    help="validation images used (evenly spaced over the listing)")
 
@@ -110,10 +116,14 @@ def check(cfg: dict):
             raise UsageError(f"--{key.replace('_', '-')} is needed: {what}'s weights")
         check_path(cfg, key, "file")
     check_path(cfg, "val_data", "data")
+    check_path(cfg, "val_scan", "file")
     require_val_data(cfg, "the choice among the candidates")
     check_int(cfg, "val_images", 4)
     if cfg["criterion"] not in CRITERIA:
         raise UsageError(f"--criterion {cfg['criterion']!r}: one of {', '.join(CRITERIA)}")
+    if cfg["val_scan"] is not None and cfg["criterion"] != "scan":
+        raise UsageError("--val-scan is the scan's result for --criterion scan; give that "
+                         "criterion or drop the flag")
     cfg["candidates"] = [str(p) for p in candidate_files(cfg.get("candidates")).values()]
     cfg.update(architecture(cfg["checkpoint"], cfg))
 
@@ -138,7 +148,8 @@ def run(cfg: dict) -> int:
     scan, focus = None, None
     if cfg["criterion"] == "scan":
         from .scan import scan_val
-        found, _, scan_classes = scan_val(run, reference, "--criterion scan's target search")
+        found, _, scan_classes = scan_val(run, reference, "--criterion scan's target search",
+                                          saved=cfg["val_scan"])
         if scan_classes != classnames:
             raise UsageError(f"--val-data {source}: its class names changed between reads")
         scan = {k: found[k] for k in ("backdoored", "score", "threshold", "suspected_target",

@@ -1,7 +1,7 @@
 """A stage worker of `pipeline --jobs N` (abd_fast.cli.stages.WorkerPool): runs
 `abd_fast.train` commands one after another in one long-lived process, so a stage does not
-pay for a new interpreter and its imports (about 5 s per stage here: a fifth of a UAP
-candidate of the demo).
+pay for a new interpreter and its imports (about 3 s per stage here, bench/stage_startup.py:
+a sixth of a UAP candidate of the demo).
 
 Protocol: one JSON list (a command's argv, which names --output) per line on stdin; for each,
 one line on the original stdout with the command's exit status. While a command runs, the
@@ -50,10 +50,11 @@ def run_logged(main, argv: list[str], log: Path) -> int:
 
 
 def serve(commands, replies):
+    from abd_fast.cli.stages import stage_log
     from abd_fast.train import main
     for line in commands:
         argv = json.loads(line)
-        code = run_logged(main, argv, Path(argv[argv.index("--output") + 1]) / "log.txt")
+        code = run_logged(main, argv, stage_log(argv))
         replies.write(f"{code}\n")
         replies.flush()
 
