@@ -464,8 +464,8 @@ def plan_stages(cfg) -> dict:
 
 def stage_priority(cfg, plan: dict) -> dict:
     """{stage: its cost plus the costliest chain of planned stages waiting for it}: with
-    --jobs, a free slot goes to the waiting stage with the most work behind it (the victim
-    BadCLIP's trigger waits for before a scan, ABD's UAP candidates before a baseline)."""
+    --jobs, a free slot goes to the waiting stage with the most work behind it (BadCLIP's
+    victim, once its trigger exists, before any scan; ABD's UAP candidates before a baseline)."""
     after = {"badclip-trigger": ["poison-badclip"]}
     ablations = [n for n in plan if n.startswith("ablation-")]
     for a in cfg["attacks"]:

@@ -119,7 +119,7 @@ def val_scan_inputs(run: Run) -> dict:
     def path(key):
         return str(Path(c[key]).resolve()) if c.get(key) else None
     return {"checkpoint": path("checkpoint"), "reference_model": path("reference_model"),
-            "val_data": str(c["val_data"]), "model": c["model"], "image_size": c.get("image_size"),
+            "val_data": str(c["val_data"]), "model": c["model"], "image_size": run.spec.size,
             "precision": c.get("precision"), "seed": c["seed"],
             **{k: DEFAULTS[k] for k in ("scan_images", "steps", "batch_size", "lr", "restarts")}}
 
