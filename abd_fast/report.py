@@ -73,6 +73,9 @@ FLOOR_ROWS = {"clean": "clean model (floor)", "uap": "UAP alone"}  # report["flo
 # twice chance has barely learned the classes; a victim under this ASR was not backdoored.
 WEAK_CA_TIMES_CHANCE = 2.0
 WEAK_VICTIM_ASR = 50.0
+# A victim this many CA points under its clean model was damaged by the poisoning fine-tune
+# (the paper's victims lose about 1 point; the demo's gain up to 1).
+VICTIM_CA_DROP = 10.0
 
 
 class ReportError(ValueError):
@@ -493,8 +496,9 @@ def machine_info() -> dict:
 def weak_model_warnings(report: dict) -> list[str]:
     """Warnings for numbers that mean little: the clean model's zero-shot CA top-1 under
     twice chance (100 / n_classes; needs the clean result's n_classes), a victim's ASR under
-    50%, a defense whose CA fell under twice chance from a victim above it (collapsed). Each
-    says what it means and what to try."""
+    50%, a victim more than VICTIM_CA_DROP CA points under the clean model (damaged), a
+    defense whose CA fell under twice chance from a victim above it (collapsed). Each says
+    what it means and what to try."""
     out = []
     clean = report.get("clean") or {}
     n_classes = clean.get("n_classes")
@@ -517,6 +521,16 @@ def weak_model_warnings(report: dict) -> list[str]:
                 "--poison-count), more poisoning epochs, or a stronger clean model "
                 "(--pretrained, more epochs, more data).")
         victim_ca = (models.get("victim") or {}).get("ca_top1")
+        clean_ca = clean.get("ca_top1")
+        if victim_ca is not None and clean_ca is not None and \
+                clean_ca - victim_ca > VICTIM_CA_DROP:
+            out.append(
+                f"The {attack} victim's CA top-1 is {victim_ca:.2f}%, "
+                f"{clean_ca - victim_ca:.1f} points under the clean model's {clean_ca:.2f}%: "
+                "the poisoning fine-tune damaged the model besides planting the backdoor, and "
+                "every defense starts from that damage. Poison with a smaller lr or fewer "
+                "epochs (stage-flags `poison: {lr: ...}`); from pretrained CLIP weights, the "
+                "paper poisons at lr 1e-6, batch 128 (configs/paper/pipeline.yaml).")
         if weak_ca is None or victim_ca is None or victim_ca < weak_ca:
             continue  # a defense can only collapse from a victim that knew the classes
         for name, r in models.items():

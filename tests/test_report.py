@@ -185,6 +185,7 @@ def test_weak_models_are_warned_about(tmp_path, n_classes, clean_ca, victim_asr,
         rep["clean"]["n_classes"] = n_classes
     for attack, models in rep["attacks"].items():   # only badnet's victim may be weak
         models["victim"]["asr"] = victim_asr if attack == "badnet" else 97.0
+        models["victim"]["ca_top1"] = clean_ca  # not damaged (the next test)
     paths = rp.write_report(rep, tmp_path)
     warnings = json.loads(paths["json"].read_text())["warnings"]
     assert len(warnings) == len(expected)
@@ -202,6 +203,20 @@ def test_weak_models_are_warned_about(tmp_path, n_classes, clean_ca, victim_asr,
     assert shown == [f"> **Warning:** {w}" for w in warnings]
     if warnings:   # report.md opens with them, right under its title
         assert md[2] == shown[0]
+
+
+def test_a_victim_damaged_by_its_poisoning_is_warned_about(tmp_path):
+    """A victim more than 10 CA points under the clean model (a pretrained CLIP poisoned at
+    the demo's lr) gets a warning with both numbers and the paper's lr; 10 points does not."""
+    rep = synthetic_report(4)
+    rep["clean"]["ca_top1"] = 59.6
+    for attack, ca in zip(rep["attacks"], (12.25, 49.6, 61.0)):
+        rep["attacks"][attack]["victim"]["ca_top1"] = ca
+    warnings = json.loads(rp.write_report(rep, tmp_path)["json"].read_text())["warnings"]
+    damaged = [w for w in warnings if "damaged" in w]
+    assert damaged == [w for w in warnings if w.startswith("The badnet victim's CA top-1")]
+    assert len(damaged) == 1 and "12.25%, 47.4 points under the clean model's 59.60%" in \
+        damaged[0] and "lr 1e-6" in damaged[0]
 
 
 def test_a_collapsed_defense_is_warned_about(tmp_path):
