@@ -60,7 +60,6 @@ def test_stages_run_side_by_side_up_to_jobs(tmp_path):
         Stages(tmp_path, {}, main, jobs=2)
 
 
-
 def test_a_free_slot_goes_to_the_waiting_stage_of_the_highest_priority():
     """One slot: the waiters take it by priority, not by arrival; a stage that asks within
     `settle` of the slot's release (one a finished stage made ready) competes for it too."""
@@ -114,6 +113,7 @@ def test_stage_priority_puts_the_longest_chain_first():
     full = dict(cfg, ablations=True)
     p = stage_priority(full, plan_stages(full))
     assert p["badnet-abd"] > p["blended-abd"] and p["badnet-ft"] > p["blended-ft"]
+
 
 @pytest.mark.parametrize("case", ["pipeline", "table2+3 alone", "table3 alone"])
 def test_ablation_rows_side_by_side_after_the_uap_files_they_share(tmp_path, case):
