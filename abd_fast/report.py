@@ -461,6 +461,31 @@ def aggregate_seeds(reports: dict, *, clean=None, timing=None, settings=None,
                       "seed<k>/report.md.", *notes]}
 
 
+MAX_SIGN_FLIP_RUNS = 20  # exact enumeration of 2^n sign assignments
+
+
+def sign_flip_p(gaps) -> float:
+    """Exact two-sided sign-flip test of "mean paired gap = 0": the share of the 2^n ±
+    assignments of the gaps whose |sum| is at least the observed |sum|. No distribution is
+    assumed; with n gaps the smallest possible p is 2 / 2^n (0.25 for three seeds)."""
+    g = np.asarray(gaps, dtype=np.float64)
+    if not 1 <= g.size <= MAX_SIGN_FLIP_RUNS:
+        raise ValueError(f"sign_flip_p: {g.size} gaps; expected 1 to {MAX_SIGN_FLIP_RUNS}")
+    bits = (np.arange(2 ** g.size)[:, None] >> np.arange(g.size)) & 1
+    sums = np.abs((1 - 2 * bits) @ g)
+    return float(np.mean(sums >= abs(g.sum()) - 1e-9))
+
+
+def paired_gaps(gaps) -> dict:
+    """Summary of paired gaps (one per seed or run): n, mean, sample std (None for one),
+    how many are below / level with / above 0, and sign_flip_p."""
+    g = [float(x) for x in gaps]
+    return {"n": len(g), "mean": float(np.mean(g)),
+            "std": float(np.std(g, ddof=1)) if len(g) > 1 else None,
+            "below": sum(x < 0 for x in g), "level": sum(x == 0 for x in g),
+            "above": sum(x > 0 for x in g), "p_sign_flip": sign_flip_p(g), "gaps": g}
+
+
 def _cell(v) -> str:
     s = v if isinstance(v, str) else json.dumps(v)
     return s.replace("|", "\\|").replace("\n", " ")
@@ -570,6 +595,7 @@ def render_markdown(report: dict, plots: dict | None = None) -> str:
         _run_section(report, paper),
         _clean_section(report["clean"]),
         _table1_section(report["attacks"], paper, report.get("floors") or {}),
+        _paired_section(report["attacks"]),
         *(_ablation_section(key, report["ablations"][key], paper) for key in ABLATION_TITLES),
         _similarity_section(report["similarity"], paper),
         _scan_section(report.get("scan")),
@@ -668,6 +694,33 @@ def _table1_section(attacks: dict, paper: bool, floors: dict) -> list[str]:
         out += [f"Paper numbers (RN50 CLIP, CC3M subsets, ImageNet-1K val; comparable only at "
                 f"the recipe's full scale): {ref['source']}.", ""]
     return out
+
+
+def _paired_section(attacks: dict, method: str = "abd") -> list[str]:
+    """With several seeds: ABD's ASR against each other defense's, paired by seed (the same
+    victim and evaluation images), as paired_gaps."""
+    rows = []
+    for attack, models in attacks.items():
+        mine = (models.get(method) or {}).get("asr_seeds")
+        for m in _model_order(models):
+            theirs = (models.get(m) or {}).get("asr_seeds")
+            if m in ("victim", method) or not mine or not theirs or len(mine) < 2:
+                continue
+            s = paired_gaps(np.subtract(mine, theirs))
+            rows.append([attack, f"{MODEL_LABELS.get(method, method)} − "
+                                 f"{MODEL_LABELS.get(m, m)}",
+                         " ; ".join(f"{x:+.2f}" for x in s["gaps"]), f"{s['mean']:+.2f}",
+                         f"{s['below']} / {s['level']} / {s['above']}",
+                         f"{s['p_sign_flip']:.3f}"])
+    if not rows:
+        return []
+    n = len(rows[0][2].split(" ; "))
+    return ["## ABD against each baseline, paired by seed", "",
+            "ASR gap per seed in points (negative: ABD lower), its mean, how many seeds are "
+            "below / level / above, and the exact two-sided sign-flip p of \"mean gap = 0\" "
+            f"(with {n} seeds the smallest possible p is {2 / 2 ** n:.3g}).", ""] + \
+        markdown_table(["attack", "ASR gap", "per seed", "mean", "below / level / above",
+                        "p (sign flip)"], rows)
 
 
 def _budget_cells(b: dict | None, victim: bool) -> list[str]:

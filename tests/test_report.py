@@ -438,6 +438,27 @@ def test_aggregate_seeds_mean_and_std(tmp_path):
     assert rp.aggregate_seeds(reps)["attacks"]["badnet"]["ft"] is None
 
 
+def test_multi_seed_report_pairs_abd_with_each_baseline_by_seed(tmp_path):
+    """report.md of several seeds: ABD − baseline ASR per seed from the same seeds' rows, its
+    mean and sign counts, the exact sign-flip p; a one-seed report has no such section."""
+    reps = {k: synthetic_report(40 + k) for k in (0, 1, 2)}
+    agg = rp.aggregate_seeds(reps)
+    md = rp.write_report(agg, tmp_path)["md"].read_text()
+    assert "## ABD against each baseline, paired by seed" in md
+    gaps = [reps[k]["attacks"]["blended"]["abd"]["asr"] -
+            reps[k]["attacks"]["blended"]["cleanclip"]["asr"] for k in reps]
+    row = next(line for line in md.splitlines() if line.startswith("| blended | ABD − CleanCLIP"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == " ; ".join(f"{x:+.2f}" for x in gaps)
+    assert cells[3] == f"{np.mean(gaps):+.2f}"
+    assert cells[4] == f"{sum(x < 0 for x in gaps)} / 0 / {sum(x > 0 for x in gaps)}"
+    assert cells[5] == f"{rp.sign_flip_p(gaps):.3f}"
+    assert "smallest possible p is 0.25" in md
+    assert "paired by seed" not in rp.render_markdown(reps[0])
+    with pytest.raises(ValueError, match="21 gaps"):
+        rp.sign_flip_p(np.ones(21))
+
+
 def test_seed_tables_aggregates_report_files(tmp_path):
     """bench/seed_tables.py: per-seed report.json files of separate runs -> the same mean ± std
     as aggregate_seeds; a seed given twice is refused, naming the file."""
@@ -462,3 +483,35 @@ def test_seed_tables_aggregates_report_files(tmp_path):
     done = subprocess.run([*cmd, str(files[0]), str(files[0]), "--output", str(tmp_path / "b")],
                           capture_output=True, text=True, cwd=root, timeout=300)
     assert done.returncode != 0 and f"{files[0]}: its settings.seed is 0" in done.stderr
+
+
+def test_paired_gaps_pairs_defenses_by_run(tmp_path, capsys):
+    """bench/paired_gaps.py: ABD − X per run from each report's own rows, the exact sign-flip
+    p-value, and a run (data, seed) given twice refused, naming the file."""
+    import re
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.paired_gaps import main
+    sign_flip_p = rp.sign_flip_p
+    assert sign_flip_p([-1.0, -2.0, -3.0]) == pytest.approx(2 / 8)   # only all-minus, all-plus
+    assert sign_flip_p([1.0, -1.0]) == 1.0
+    assert sign_flip_p([-3.0, -1.0]) == pytest.approx(2 / 4)          # |±3 ± 1| is 4 or 2
+    files = []
+    for k in (0, 1, 2):
+        rep = synthetic_report(30 + k)
+        rep["settings"]["seed"] = k
+        files.append(tmp_path / f"seed{k}.json")
+        files[-1].write_text(json.dumps(rep))
+    main([*map(str, files), "--out", str(tmp_path / "gaps.json")])
+    out = json.loads((tmp_path / "gaps.json").read_text())
+    row = out["gaps"]["badclip"]["cleanclip"]
+    reps = [json.loads(f.read_text())["attacks"]["badclip"] for f in files]
+    gaps = [r["abd"]["asr"] - r["cleanclip"]["asr"] for r in reps]
+    assert [g["asr"] for g in row["runs"].values()] == pytest.approx(gaps, abs=1e-4)
+    assert row["asr"]["mean"] == pytest.approx(np.mean(gaps), abs=1e-4)
+    assert (row["asr"]["below"], row["asr"]["above"]) == (sum(g < 0 for g in gaps),
+                                                         sum(g > 0 for g in gaps))
+    assert row["asr"]["p_sign_flip"] == pytest.approx(sign_flip_p(gaps), abs=1e-6)
+    assert "badclip" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=re.escape(f"{files[0]}: a|b.csv seed 0 was given")):
+        main([str(files[0]), str(files[0])])

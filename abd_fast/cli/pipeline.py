@@ -447,7 +447,8 @@ def plan_stages(cfg) -> dict:
         if "abd" in cfg["defenses"]:
             candidates = _uap_candidates(cfg)
             if len(candidates) > 1:
-                plan |= {f"uap-{a}-{name}": cost("uap-steer" if "--steer" in flags else "uap")
+                plan |= {f"uap-{a}-{name}":
+                         cost("uap-steer" if uap_select.steered(flags) else "uap")
                          for name, flags in candidates.items()}
             plan[f"uap-{a}"] = cost("uap-select" if len(candidates) > 1 else "uap")
         for d in cfg["defenses"]:
@@ -777,15 +778,15 @@ def _abd_uap(st: Stages, cfg, flags: _StageFlags, clean: str, a: str, victim: st
     candidates = _uap_candidates(cfg)
 
     def uap(name, extra):
-        steered = "--steer" in extra  # its scan of the val images, for uap-select's criterion
+        val_scan = [scan.VAL_SCAN_FILE] if uap_select.steered(extra) else []
         return st.run(name, ["uap", *flags.victim, "--checkpoint", victim, "--reference-model",
                              clean, *flags.of("uap"), *extra],
-                      outputs=("uap.pt", "eval.json", *([scan.VAL_SCAN_FILE] if steered else [])))
+                      outputs=("uap.pt", "eval.json", *val_scan))
     if len(candidates) == 1:
         return str(uap(f"uap-{a}", *candidates.values()) / "uap.pt")
     dirs = st.parallel(lambda item: str(uap(f"uap-{a}-{item[0]}", item[1])), candidates.items())
     scanned = [Path(d) / scan.VAL_SCAN_FILE for d, extra in zip(dirs, candidates.values())
-               if "--steer" in extra and UAP_CRITERION == "scan"]
+               if uap_select.steered(extra) and UAP_CRITERION == "scan"]
     d = st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val, "--checkpoint", victim,
                             "--reference-model", clean, "--candidates", ",".join(dirs),
                             "--criterion", UAP_CRITERION,

@@ -81,6 +81,12 @@ def candidate_specs(text) -> dict:
     return out
 
 
+def steered(flags) -> bool:
+    """Whether a candidate's `uap` flags (candidate_specs' values) steer it toward the scan's
+    class: it then also writes its scan of the val images (cli.scan.VAL_SCAN_FILE)."""
+    return "--steer" in flags
+
+
 def add_parser(subparsers):
     return stage_parser(subparsers, NAME, DEFAULTS, _flags,
                         help="choose among candidate UAPs on the validation split, without "

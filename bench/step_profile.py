@@ -1,0 +1,108 @@
+"""Where one fine-tuning step of the demo model spends its time, by kind of operator: the
+model forward + backward of a CLIP loss and the fused AdamW step, as a demo stage runs them
+(abd-tiny-rn, 32 px, batch 64 = the paper-shaped defense batch, --precision auto's bf16 on a
+CPU with native bf16 (else fp32), channels-last, math attention, one torch thread as in the
+demo's two slots). Random images and 16-token captions; no loader, views or EDA.
+
+    flock /tmp/abd_cpu.lock .venv/bin/python bench/step_profile.py     # -> bench/results/step_profile.json
+
+Reported: median step ms over --repeats timings of --steps steps, torch.profiler's self CPU
+time over --steps profiled steps grouped into KINDS (share of the total), and the model's
+parameters by part (the token embedding, the image tower's attention pool, the rest):
+AdamW and the embedding's dense gradient scale with them, not with the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, machine, write_json  # noqa: E402
+
+# operator name -> kind; the rest is "other"
+KINDS = {"convolution": ("aten::mkldnn_convolution", "aten::convolution_backward"),
+         "matrix products": ("aten::mm", "aten::addmm", "aten::bmm"),
+         "AdamW (fused)": ("aten::_fused_adamw_",),
+         "zero fills (mostly the 49408-row embedding's dense gradient)": ("aten::fill_",
+                                                                         "aten::zero_"),
+         "batch norm": ("aten::native_batch_norm", "aten::native_batch_norm_backward"),
+         "casts and copies": ("aten::copy_", "aten::_to_copy")}
+
+
+def make_step(batch: int, precision: str):
+    from abd_fast import models
+    from abd_fast import precision as prec
+    from abd_fast.engine import make_optimizer
+    torch.manual_seed(0)
+    model = models.create_model("abd-tiny-rn").to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, 1e-4)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    tokens = torch.randint(1, 49000, (batch, 16))
+    tokens[:, 12], tokens[:, 13:] = 49407, 0
+    labels = torch.arange(batch)
+
+    def step():
+        with prec.autocast("cpu", precision):
+            i = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+            t = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+            logits = model.logit_scale.exp() * i @ t.T
+            loss = (torch.nn.functional.cross_entropy(logits, labels)
+                    + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/step_profile.json"))
+    args = ap.parse_args(argv)
+    from torch.profiler import ProfilerActivity, profile
+
+    from abd_fast.precision import resolve_precision
+    torch.set_num_threads(args.threads)
+    precision = resolve_precision("auto", "cpu")
+    model, step = make_step(args.batch, precision)
+    for _ in range(5):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        times.append((time.perf_counter() - t0) / args.steps * 1e3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    by_op = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(by_op.values())
+    kinds = {kind: sum(by_op.get(op, 0.0) for op in ops) for kind, ops in KINDS.items()}
+    kinds["other"] = total - sum(kinds.values())
+    params = {"token embedding": model.token_embedding.weight.numel(),
+              "image attention pool": sum(p.numel() for p in model.visual.attnpool.parameters())}
+    params["rest"] = sum(p.numel() for p in model.parameters()) - sum(params.values())
+    print(f"step {statistics.median(times):.1f} ms (median of {args.repeats} x {args.steps}; "
+          f"{precision}, batch {args.batch}, {args.threads} thread(s))")
+    for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {100 * us / total:5.1f}%  {kind}")
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items()))
+    write_json(Path(args.out), {
+        "machine": machine(), "precision": precision, "batch": args.batch,
+        "threads": args.threads, "step_ms": times,
+        "share": {k: us / total for k, us in kinds.items()}, "parameters": params})
+
+
+if __name__ == "__main__":
+    main()
