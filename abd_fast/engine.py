@@ -20,11 +20,13 @@ misses 0); tests/test_engine.py checks every step against the formula.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,6 +407,7 @@ class Trainer:
         self.step = self.epoch = self.batch = 0
         self.checkpoint_path = self.output_dir / "checkpoint.pt"
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._writer, self._write_error = None, None  # save_in_background's thread, failure
         if resume is not None:
             self._restore(load_checkpoint(resume))
         wrapped = self.model
@@ -435,18 +438,55 @@ class Trainer:
                 "extra": {k: v.state_dict() for k, v in self.extra.items()}}
 
     def save(self):
+        """Writes the checkpoint now (atomically; CheckpointWriteError if it cannot)."""
+        self.wait_for_checkpoint()
         state = self.state()
         if self.info.is_main:
             try:
                 atomic_save(state, self.checkpoint_path)
             except OSError as e:
-                previous = (f"the previous checkpoint {self.checkpoint_path} (step "
-                            f"{self._saved_step()}) is intact"
-                            if self.checkpoint_path.exists() else "no earlier checkpoint exists")
-                raise CheckpointWriteError(
-                    f"could not write the checkpoint of step {self.step} to "
-                    f"{self.checkpoint_path}: {e.strerror or e}; {previous}. Free space (or fix "
-                    "the output directory) and rerun with --resume.") from e
+                raise self._write_failed(self.step, e) from e
+
+    def save_in_background(self):
+        """A periodic checkpoint that does not stall training: the state is serialized here (a
+        snapshot: the steps that follow do not change it) and a thread writes, fsyncs and
+        renames it (as atomic_save) while training goes on. On the demo's 2 cores the write
+        blocked a stage for 0.1-0.8 s, 7 times per 780 steps. The previous background write is
+        waited for first and its failure raised (CheckpointWriteError); until a write has
+        finished, the previous checkpoint is the one on disk."""
+        self.wait_for_checkpoint()
+        state = self.state()
+        if not self.info.is_main:
+            return
+        buf, step = io.BytesIO(), self.step
+        torch.save(state, buf)
+
+        def write():
+            try:
+                _atomic_write(self.checkpoint_path, lambda f: f.write(buf.getbuffer()))
+            except OSError as e:
+                self._write_error = (step, e)
+        self._writer = threading.Thread(target=write, name="checkpoint-writer")
+        self._writer.start()
+
+    def wait_for_checkpoint(self, raise_error: bool = True):
+        """Waits for a background checkpoint write; raises its failure unless raise_error is
+        False (then it is dropped: another error is on its way)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        failed, self._write_error = self._write_error, None
+        if failed is not None and raise_error:
+            raise self._write_failed(*failed) from failed[1]
+
+    def _write_failed(self, step: int, e: OSError) -> CheckpointWriteError:
+        previous = (f"the previous checkpoint {self.checkpoint_path} (step "
+                    f"{self._saved_step()}) is intact"
+                    if self.checkpoint_path.exists() else "no earlier checkpoint exists")
+        return CheckpointWriteError(
+            f"could not write the checkpoint of step {step} to {self.checkpoint_path}: "
+            f"{e.strerror or e}; {previous}. Free space (or fix the output directory) and "
+            "rerun with --resume.")
 
     def _restore(self, ckpt: dict):
         mine = {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
@@ -511,6 +551,7 @@ class Trainer:
                         loss = self.loss_fn(self.wrapped, batch, epoch)
                     value = _mean_over_ranks(loss.detach().float(), self.info).item()
                     if not math.isfinite(value):
+                        self.wait_for_checkpoint(raise_error=False)
                         raise NonFiniteLossError(
                             f"the loss is {value} at step {self.step} (epoch {epoch}, batch "
                             f"{self.batch}); stopped before applying it. Last good checkpoint: "
@@ -539,7 +580,7 @@ class Trainer:
                         self.epoch, self.batch = epoch + 1, 0
                     if (self.checkpoint_every and self.step % self.checkpoint_every == 0
                             and self.step < self.total_steps):
-                        self.save()
+                        self.save_in_background()
                 if self.batch != 0:
                     raise RuntimeError(f"the loader yielded {self.batch} of "
                                        f"{self.steps_per_epoch} batches in epoch {epoch}")
@@ -557,6 +598,7 @@ class Trainer:
                 self._log({"step": self.step, **record})
             self.save()
         finally:
+            self.wait_for_checkpoint(raise_error=False)  # on an error: finish, do not mask it
             bar.close()
             if self.device.type == "cpu":
                 torch.set_flush_denormal(False)  # leave the process's FP state as found

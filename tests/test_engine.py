@@ -178,6 +178,26 @@ def test_checkpoint_contents_and_safe_loading(small_data, tmp_path):
                      resume=tmp_path / "checkpoint.pt")
 
 
+def test_background_checkpoint_is_a_snapshot_of_its_step(small_data, tmp_path):
+    """save_in_background serializes before returning: training on (here: every weight
+    changed at once) does not reach the file, which equals a synchronous save's."""
+    trainer = make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=1)
+    trainer.fit()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.save_in_background()
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    trainer.wait_for_checkpoint()
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert all(torch.equal(saved["model"][k], v) for k, v in before.items())
+    trainer.model.load_state_dict(before)
+    trainer.save()
+    again = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(again) == set(saved) and again["step"] == saved["step"]
+    assert all(torch.equal(again["model"][k], v) for k, v in saved["model"].items())
+
+
 @pytest.mark.parametrize("every,crash_at", [(3, 6), (4, 10)])  # mid-epoch; epoch boundary
 def test_resume_mid_run_is_exact(small_data, tmp_path, every, crash_at):
     full = make_trainer(small_data, tmp_path / "full", noisy_mmcl())

@@ -69,3 +69,29 @@ def test_injected_write_failure(small_data, tmp_path, monkeypatch):
     trainer.step += 1
     _check_failed_save(trainer, tmp_path, first)
     monkeypatch.setattr(torch, "save", real_save)
+
+
+def test_background_write_failure_is_raised_when_waited_for(small_data, tmp_path, monkeypatch):
+    """A periodic checkpoint written by save_in_background's thread that cannot be written:
+    the failure (its step) is raised at the next wait or save, the previous checkpoint stays
+    valid, no temporary is left, and the next save writes."""
+    trainer = make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=1)
+    trainer.fit()
+    first = trainer.step
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full_disk)
+    trainer.step += 1
+    trainer.save_in_background()
+    with pytest.raises(CheckpointWriteError) as err:
+        trainer.wait_for_checkpoint()
+    monkeypatch.undo()
+    msg = str(err.value)
+    assert f"could not write the checkpoint of step {first + 1}" in msg
+    assert f"(step {first}) is intact" in msg and "rerun with --resume" in msg
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    trainer.wait_for_checkpoint()              # reported once
+    trainer.save()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == first + 1

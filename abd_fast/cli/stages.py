@@ -30,9 +30,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-# Training stages checkpoint this often unless their flags say otherwise (≈ 22 s of the demo's
-# stages on 2 CPU cores; 0.3 s per checkpoint of the tiny model with its optimizer state,
-# 145 MB; 48 MB once the stage has finished and its checkpoint is stripped). Not part of a
+# Training stages checkpoint this often unless their flags say otherwise (the tiny model with its
+# optimizer state: 145 MB, 48 MB once the stage has finished and its checkpoint is stripped;
+# written by a thread while training goes on, Trainer.save_in_background). Not part of a
 # stage's identity: a resumed run is bit-identical.
 STAGE_CHECKPOINT_STEPS = 100
 TRAINING_COMMANDS = ("pretrain", "poison", "uap", "defend")
