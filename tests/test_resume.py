@@ -41,9 +41,11 @@ def _steps_logged(out_dir: Path) -> int:
 
 
 def _kill_at(args, out_dir: Path, step: int):
-    """Starts the stage and SIGKILLs it once `step` optimizer steps are logged."""
+    """Starts the stage and SIGKILLs it once `step` optimizer steps are logged and a checkpoint
+    is on disk (a periodic one is written by a background thread: until that write ends, the
+    run has no checkpoint newer than the one before)."""
     p = _cli(args)
-    while _steps_logged(out_dir) < step:
+    while _steps_logged(out_dir) < step or not (out_dir / "checkpoint.pt").exists():
         if p.poll() is not None:
             pytest.fail(f"the run ended before step {step}: {p.stdout.read()}")
         time.sleep(0.005)
