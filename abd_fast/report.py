@@ -699,14 +699,14 @@ def _table1_section(attacks: dict, paper: bool, floors: dict) -> list[str]:
 def _paired_section(attacks: dict, method: str = "abd") -> list[str]:
     """With several seeds: ABD's ASR against each other defense's, paired by seed (the same
     victim and evaluation images), as paired_gaps."""
-    rows = []
+    rows, n = [], 0
     for attack, models in attacks.items():
         mine = (models.get(method) or {}).get("asr_seeds")
         for m in _model_order(models):
             theirs = (models.get(m) or {}).get("asr_seeds")
             if m in ("victim", method) or not mine or not theirs or len(mine) < 2:
                 continue
-            s = paired_gaps(np.subtract(mine, theirs))
+            s, n = paired_gaps(np.subtract(mine, theirs)), len(mine)
             rows.append([attack, f"{MODEL_LABELS.get(method, method)} − "
                                  f"{MODEL_LABELS.get(m, m)}",
                          " ; ".join(f"{x:+.2f}" for x in s["gaps"]), f"{s['mean']:+.2f}",
@@ -714,7 +714,6 @@ def _paired_section(attacks: dict, method: str = "abd") -> list[str]:
                          f"{s['p_sign_flip']:.3f}"])
     if not rows:
         return []
-    n = len(rows[0][2].split(" ; "))
     return ["## ABD against each baseline, paired by seed", "",
             "ASR gap per seed in points (negative: ABD lower), its mean, how many seeds are "
             "below / level / above, and the exact two-sided sign-flip p of \"mean gap = 0\" "

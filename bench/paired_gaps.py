@@ -7,7 +7,8 @@ abd_fast.report.paired_gaps, which a multi-seed report.md also shows per seed).
 
     .venv/bin/python bench/paired_gaps.py bench/results/seeds_jobs2/seed*.json \
         bench/results/data_draw1.json bench/results/data_draw1_seeds/seed*.json \
-        bench/results/data_draw2.json --out bench/results/paired_gaps.json
+        bench/results/data_draw2.json bench/results/data_draw2_seeds/seed*.json \
+        --out bench/results/paired_gaps.json
 
 Two reports of the same data and seed are refused (the same run counted twice); a report
 without the attack or a defense is left out of that row. CA gaps are given beside the ASR's.
