@@ -3,7 +3,8 @@
 abd_fast._C       schemas of every op (TORCH_LIBRARY) and the CPU kernels; always built.
 abd_fast._C_cuda  CUDA kernels for the same ops; built when nvcc, a CUDA build of torch and
                   a GPU are present. ABD_FAST_BUILD_CUDA=1 builds it without a GPU (and
-                  fails if nvcc is missing), =0 never builds it.
+                  fails if nvcc is missing), =only builds it without _C (whose build is
+                  already installed: tests/test_cuda_build.py), =0 never builds it.
 The Triton kernels live in kernels/ and install as abd_fast.kernels.
 """
 import glob
@@ -64,9 +65,9 @@ def _cuda_wanted():
         os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
     if flag == "0":
         return False
-    if flag == "1":
+    if flag in ("1", "only"):
         if not have:
-            raise RuntimeError("ABD_FAST_BUILD_CUDA=1 but nvcc or a CUDA build of torch is missing "
+            raise RuntimeError(f"ABD_FAST_BUILD_CUDA={flag} but nvcc or a CUDA build of torch is missing "
                                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
         return True
     if have and not torch.cuda.is_available():
@@ -86,7 +87,8 @@ def _nvidia_include_dirs():
 
 
 def extensions():
-    exts = [CppExtension(
+    only_cuda = os.environ.get("ABD_FAST_BUILD_CUDA") == "only"
+    exts = [] if only_cuda else [CppExtension(
         "abd_fast._C",
         sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
         include_dirs=[os.path.join(ROOT, "csrc")],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -154,9 +155,17 @@ def get_tokenizer(name: str, trim: bool = False):
     """open_clip's tokenizer of the architecture `name`, remembering its captions' tokens
     (CachedTokenizer); trim: its batches cut after their longest caption (trim_tokens; for a
     model with short_text only)."""
+    return CachedTokenizer(_open_clip_tokenizer(name), trim=trim)
+
+
+@functools.cache
+def _open_clip_tokenizer(name: str):
+    """open_clip.get_tokenizer(name), built once per process: building the BPE tables takes
+    ~0.4 s, paid by every stage a pipeline runs in one process. Its state is a memo of BPE
+    merges, so sharing it changes no output."""
     import open_clip
     _register_configs()
-    return CachedTokenizer(open_clip.get_tokenizer(name), trim=trim)
+    return open_clip.get_tokenizer(name)
 
 
 class CachedTokenizer:

@@ -2,6 +2,7 @@
 uap (patch and L-inf, with and without the backdoor loss) and defend with every method,
 each writing its outputs and an eval.json with the attack's ASR; validation errors."""
 import json
+import re
 import shutil
 
 import pytest
@@ -79,12 +80,13 @@ def test_uap_geometries_with_the_differential_loss(victim, tmp_path, capsys, mod
 
 def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa: F811
     """--steer scan (our extension): the scan's target-free search on the validation images
-    picks a class; eval.json records it; the run never needs the target."""
+    picks a class; eval.json records it; the run never needs the target. --scan-steps 5
+    (both commands) keeps the search short."""
     out, common = victim
     val = str(small_data.val_dir)
     code, err = run_main(["uap", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
                           "--reference-model", out / "clean" / "checkpoint.pt",
-                          "--steer", "scan", "--val-data", val,
+                          "--steer", "scan", "--val-data", val, "--scan-steps", "5",
                           "--output", tmp_path / "uap"], capsys)
     assert code == 0, err
     steer = json.loads((tmp_path / "uap" / "eval.json").read_text())["steer"]
@@ -95,7 +97,7 @@ def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa:
     saved = tmp_path / "uap" / "val_scan.json"
     select = ["uap-select", *common, "--checkpoint", out / "poisoned" / "checkpoint.pt",
               "--reference-model", out / "clean" / "checkpoint.pt", "--val-data", val,
-              "--candidates", tmp_path / "uap", "--criterion", "scan"]
+              "--candidates", tmp_path / "uap", "--criterion", "scan", "--scan-steps", "5"]
     selections = []
     for extra in ([], ["--val-scan", saved]):
         code, err = run_main([*select, *extra, "--output", tmp_path / f"sel{len(extra)}"], capsys)
@@ -103,11 +105,17 @@ def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa:
         sel = json.loads((tmp_path / f"sel{len(extra)}" / "selection.json").read_text())
         selections.append({k: sel[k] for k in ("scan", "chosen", "score", "candidates")})
     assert selections[0] == selections[1] and selections[0]["scan"]["score"] == steer["score"]
-    # another seed's search is not this one; --val-scan belongs to --criterion scan
-    for extra, says in ((["--seed", "3", "--val-scan", saved], "other seed"),
-                        (["--criterion", "gain", "--val-scan", saved], "--criterion scan")):
+    # another seed's or step count's search is not this one; --val-scan and --scan-steps
+    # belong to --criterion scan
+    for extra, says in ((["--seed", "3", "--val-scan", saved], "--val-scan .* other seed"),
+                        (["--scan-steps", "6", "--val-scan", saved],
+                         "--val-scan .* other steps than this run \\(5 vs 6\\)"),
+                        (["--criterion", "gain", "--val-scan", saved],
+                         "--val-scan is the scan's result for --criterion scan"),
+                        (["--criterion", "gain"], "--scan-steps sets the target search's "
+                                                  "steps, which only --criterion scan runs")):
         code, err = run_main([*select, *extra, "--output", tmp_path / "o"], capsys)
-        assert code == 2 and "--val-scan" in err and says in err, err
+        assert code == 2 and re.search(says, err), err
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -193,6 +201,9 @@ def test_paper_budget_needs_a_poisoning_record_and_enough_pairs(victim, tmp_path
     (["uap", "--bd-loss", "differential"], "--bd-loss differential compares the poisoned"),
     (["uap", "--patch-place", "middle"], "argument --patch-place: invalid choice: 'middle'"),
     (["uap", "--steer", "scan", "--train-data", "{tmp}"], "--val-data is needed"),
+    (["uap", "--scan-steps", "0"], "--scan-steps must be an integer >= 1, got 0"),
+    (["uap", "--scan-steps", "3"], "--scan-steps sets the target search's steps, which only "
+                                   "--steer scan runs"),
     (["defend", "--method", "abd"], "--method abd needs --uap FILE"),
     (["defend", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
     (["defend", "--method", "roclip", "--break-epoch", "0"], "--break-epoch must be an integer"),

@@ -26,7 +26,8 @@ def test_seeds_flag_is_checked(tmp_path, capsys, argv, message):
 def test_quick_pipeline_two_seeds(cache, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     text = _run(["--quick", "--seeds", "0,1", "--attacks", "badnet,blended", "--defenses",
-                 "ft,abd", "--ablations", "--output", out], capsys)
+                 "ft,abd", "--ablations", "--uap-candidates", "corner,linf:differential",
+                 "--output", out], capsys)
     assert text.count("pretrain") >= 1 and (out / "clean" / "checkpoint.pt").exists()
     assert not (out / "seed0" / "clean").exists() and not (out / "seed1" / "clean").exists()
     per_seed = {k: json.loads((out / f"seed{k}" / "report.json").read_text()) for k in (0, 1)}

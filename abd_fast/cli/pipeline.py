@@ -83,6 +83,7 @@ QUICK_OVERRIDES = {
     "badclip-trigger": {"steps": 5, "target-images": 16},
     "similarity_batches": 1,
     "scan": {"steps": 3, "scan-images": 60},
+    "target-search": {"scan-steps": 3},  # the scan of `uap --steer scan`, `uap-select`
 }
 BADCLIP_STEPS = 200          # badclip-trigger's own default
 SIMILARITY_BATCHES = 4       # x 250 caption pairs for the similarity analysis
@@ -777,10 +778,12 @@ def _abd_uap(st: Stages, cfg, flags: _StageFlags, clean: str, a: str, victim: st
     the candidates (trained side by side with --jobs). Returns its uap.pt."""
     candidates = _uap_candidates(cfg)
 
+    search = _flags(QUICK_OVERRIDES["target-search"]) if flags.quick else []
+
     def uap(name, extra):
         val_scan = [scan.VAL_SCAN_FILE] if uap_select.steered(extra) else []
         return st.run(name, ["uap", *flags.victim, "--checkpoint", victim, "--reference-model",
-                             clean, *flags.of("uap"), *extra],
+                             clean, *flags.of("uap"), *extra, *(search if val_scan else [])],
                       outputs=("uap.pt", "eval.json", *val_scan))
     if len(candidates) == 1:
         return str(uap(f"uap-{a}", *candidates.values()) / "uap.pt")
@@ -790,6 +793,7 @@ def _abd_uap(st: Stages, cfg, flags: _StageFlags, clean: str, a: str, victim: st
     d = st.run(f"uap-{a}", ["uap-select", *flags.common, *flags.val, "--checkpoint", victim,
                             "--reference-model", clean, "--candidates", ",".join(dirs),
                             "--criterion", UAP_CRITERION,
+                            *(search if UAP_CRITERION == "scan" else []),
                             *(["--val-scan", scanned[0]] if scanned else [])],
                outputs=("uap.pt", "selection.json", "eval.json"))
     return str(d / "uap.pt")

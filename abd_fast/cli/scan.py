@@ -99,13 +99,35 @@ def scan_val(run: Run, reference, purpose: str, saved=None) -> tuple[dict, objec
     if saved is not None:
         return _load_val_scan(saved, run)
     from abd_fast.scan.model import scan_model
-    source, images, classnames = run.val_images(DEFAULTS["scan_images"], purpose)
+    s = _val_scan_settings(run.cfg)
+    source, images, classnames = run.val_images(s["scan_images"], purpose)
     result, _ = scan_model(run.model, images, classnames, tokenizer=run.tokenizer,
                            mean=run.mean, std=run.std, reference=reference,
-                           steps=DEFAULTS["steps"], batch_size=DEFAULTS["batch_size"],
-                           lr=DEFAULTS["lr"], seed=run.cfg["seed"],
-                           restarts=DEFAULTS["restarts"])
+                           steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"],
+                           seed=run.cfg["seed"], restarts=s["restarts"])
     return result, source, classnames
+
+
+def _val_scan_settings(cfg: dict) -> dict:
+    """The search's settings: this command's defaults, with the steps of --scan-steps (a flag
+    of `uap` and `uap-select`) when given."""
+    s = {k: DEFAULTS[k] for k in ("scan_images", "steps", "batch_size", "lr", "restarts")}
+    return s | ({"steps": cfg["scan_steps"]} if cfg.get("scan_steps") else {})
+
+
+def scan_steps_flag(p, used_by: str):
+    """--scan-steps of a command that runs scan_val (for `used_by`)."""
+    p.add_argument("--scan-steps", type=int, metavar="N",
+                   help=f"Adam steps per class, geometry and restart of the target search "
+                        f"({used_by}; default: the scan command's {DEFAULTS['steps']})")
+
+
+def check_scan_steps(cfg: dict, scans: bool, needs: str):
+    """--scan-steps is an integer >= 1, given only when the command scans (else: `needs`)."""
+    check_int(cfg, "scan_steps")
+    if cfg.get("scan_steps") is not None and not scans:
+        raise UsageError(f"--scan-steps sets the target search's steps, which only {needs} "
+                         "runs; give that or drop the flag")
 
 
 VAL_SCAN_FILE = "val_scan.json"  # a scan_val result, beside the output of the run that made it
@@ -120,8 +142,7 @@ def val_scan_inputs(run: Run) -> dict:
         return str(Path(c[key]).resolve()) if c.get(key) else None
     return {"checkpoint": path("checkpoint"), "reference_model": path("reference_model"),
             "val_data": str(c["val_data"]), "model": c["model"], "image_size": run.spec.size,
-            "precision": c.get("precision"), "seed": c["seed"],
-            **{k: DEFAULTS[k] for k in ("scan_images", "steps", "batch_size", "lr", "restarts")}}
+            "precision": c.get("precision"), "seed": c["seed"], **_val_scan_settings(c)}
 
 
 def save_val_scan(path: Path, run: Run, result: dict, source, classnames: list):

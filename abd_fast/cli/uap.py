@@ -11,6 +11,7 @@ from abd_fast.defenses.uap import MODES, PLACES
 from .common import (Run, UsageError, attack_flags, check_defense_inputs, check_number,
                      check_path, print_training, require_val_data, stage_parser,
                      training_defaults)
+from .scan import check_scan_steps, scan_steps_flag
 
 NAME = "uap"
 # The attack flags of uap/defend only drive the evaluation (ASR); by default they come from
@@ -26,7 +27,8 @@ DEFAULTS = training_defaults(NAME, output="runs/uap", checkpoint=None, reference
                              mode="patch", patch_place="corner", patch_area=0.03, eps=0.03,
                              no_backdoor_loss=False, bd_loss="paper", backdoor_loss_sign=None,
                              backdoor_loss_pairing="reference-query", lambda_bd=None,
-                             steer="none", lambda_steer=1.0, brightness=1.2,
+                             steer="none", lambda_steer=1.0, scan_steps=None,
+                             brightness=1.2,
                              attack=None, trigger_file=None, trigger_option=None, epochs=1,
                              batch_size=64, lr=2e-4, warmup=0)
 
@@ -68,6 +70,7 @@ def _flags(p):
                         "term steering the UAP toward it (docs/METHOD.md)")
     p.add_argument("--lambda-steer", type=float, metavar="W",
                    help="weight of the steering term (--steer scan)")
+    scan_steps_flag(p, "--steer scan")
     attack_flags(p, required=False)
 
 
@@ -94,6 +97,7 @@ def check(cfg: dict):
     check_path(cfg, "val_data", "data")
     if cfg["steer"] == "scan":
         require_val_data(cfg, "--steer scan's target search")
+    check_scan_steps(cfg, cfg["steer"] == "scan", "--steer scan")
     check_number(cfg, "brightness", 0, 10)
     if cfg["mode"] == "patch" and cfg["patch_area"] >= 1:
         raise UsageError("--patch-area must be below 1 (0.03: 3% of the image)")

@@ -18,12 +18,14 @@ from pathlib import Path
 
 from .common import (COMMON_DEFAULTS, Run, UsageError, check_int, check_path,
                      require_val_data, stage_parser)
-from .scan import UNKNOWN_TO_THE_SCAN, architecture, load_reference
+from .scan import (UNKNOWN_TO_THE_SCAN, architecture, check_scan_steps, load_reference,
+                   scan_steps_flag)
 
 NAME = "uap-select"
 SELECTION_FILE = "selection.json"
 DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, candidates=None,
-                criterion="gain", val_scan=None, val_images=1000, output="runs/uap-select")
+                criterion="gain", val_scan=None, scan_steps=None, val_images=1000,
+                output="runs/uap-select")
 CRITERIA = {"gain": "largest per-class capture gain (points) of the poisoned model over the "
                     "reference on the validation images; no labels, no target",
             "scan": "capture gain (points) of the poisoned model over the reference on the "
@@ -48,6 +50,7 @@ def _flags(p):
                         "same search), read instead of scanning again")
     p.add_argument("--val-images", type=int, metavar="N",
                    help="validation images used (evenly spaced over the listing)")
+    scan_steps_flag(p, "--criterion scan")
 
 
 # `pipeline --uap-candidates GEOM:LOSS[:steer],...`: each candidate's `uap` flags, the
@@ -130,6 +133,7 @@ def check(cfg: dict):
     if cfg["val_scan"] is not None and cfg["criterion"] != "scan":
         raise UsageError("--val-scan is the scan's result for --criterion scan; give that "
                          "criterion or drop the flag")
+    check_scan_steps(cfg, cfg["criterion"] == "scan", "--criterion scan")
     cfg["candidates"] = [str(p) for p in candidate_files(cfg.get("candidates")).values()]
     cfg.update(architecture(cfg["checkpoint"], cfg))
 
