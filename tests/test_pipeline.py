@@ -125,6 +125,8 @@ def test_pipeline_user_data_flags(small_data, tmp_path, capsys):  # noqa: F811
     ("stage-flags: {uap: {warp: 3}}", "stage-flags: uap: unknown key 'warp'"),
     ("stage-flags: {defend: {method: ft}}", "stage-flags: defend: method is set by the "
                                             "pipeline"),
+    ("stage-flags: {uap: {scan-steps: 5}}", "stage-flags: uap: scan-steps is set by the "
+                                             "pipeline"),
     ("stage-flags: [1, 2]", "stage-flags must map a command"),
 ])
 def test_pipeline_stage_flags_are_checked(tmp_path, capsys, yaml, message):

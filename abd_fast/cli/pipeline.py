@@ -329,7 +329,8 @@ VARIANTS = {"poison": ("badnet", "blended", "wanet", "sig", "label-consistent", 
             "defend": ("ft", "cleanclip", "roclip", "abd")}  # `defend:abd` etc. come last
 PIPELINE_OWNED = ("output", "config", "resume", "checkpoint", "pretrained", "reference-model",
                   "attack", "trigger-file", "method", "uap", "target-label", "model",
-                  "no-backdoor-loss", "no-adv", "no-eda")
+                  "no-backdoor-loss", "no-adv", "no-eda",
+                  "scan-steps")  # uap's and uap-select's target search: the same in both
 
 
 def parse_stage_flags(value, where: str) -> dict:
