@@ -19,6 +19,7 @@ Rates are percentages (0-100).
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -33,8 +34,15 @@ from abd_fast.ops import normalize_images
 def default_tokenizer(model):
     """open_clip's BPE tokenizer at the model's context length (what open_clip.get_tokenizer
     returns for the CLIP configs without a Hugging Face text tower)."""
+    return _simple_tokenizer(getattr(model, "context_length", 77))
+
+
+@functools.cache
+def _simple_tokenizer(context_length: int):
+    """Built once per process and context length (~0.4 s each; its only state is a BPE memo,
+    as for models._open_clip_tokenizer)."""
     from open_clip.tokenizer import SimpleTokenizer
-    return SimpleTokenizer(context_length=getattr(model, "context_length", 77))
+    return SimpleTokenizer(context_length=context_length)
 
 
 class _EvalMode:

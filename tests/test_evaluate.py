@@ -7,7 +7,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from abd_fast.attacks import make_trigger
 from abd_fast.data import Batch
-from abd_fast.evaluate import evaluate, summary_line, zero_shot_classifier
+from abd_fast.evaluate import default_tokenizer, evaluate, summary_line, zero_shot_classifier
 from abd_fast.models import create_model, get_tokenizer
 
 S, C, TARGET = 13, 7, 2
@@ -124,6 +124,7 @@ def test_zero_shot_template_ensemble(tiny):
     got = zero_shot_classifier(model, tokenizer, names, max_texts=100)  # one class per chunk
     # default chunking and default tokenizer (open_clip's at the model's context length)
     torch.testing.assert_close(zero_shot_classifier(model, None, names), got)
+    assert default_tokenizer(model) is default_tokenizer(model)   # built once per process
     with torch.no_grad():
         model.eval()
         for c, name in enumerate(names):
