@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from abd_fast.models import to_channels_last
 from abd_fast.precision import autocast, resolve_precision
 from abd_fast.precision import channels_last as use_channels_last
 
@@ -393,7 +394,7 @@ class Trainer:
         self.channels_last = (use_channels_last(precision) if channels_last is None
                               else channels_last)
         if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            to_channels_last(self.model)
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch < 1:
             raise ValueError("the training loader yields no batch (fewer samples than a batch)")

@@ -89,6 +89,41 @@ def create_model(name: str, *, pretrained: str | os.PathLike | None = None,
     return model.to(device)
 
 
+# ---- the channels-last layout, with 1x1 convolutions as matrix products on a CPU -----------
+
+class PointwiseConv2d(torch.nn.Conv2d):
+    """A 1x1, stride-1, unpadded, ungrouped nn.Conv2d (the same parameters and state_dict)
+    that on a CPU computes its output as the matrix product it is: the [N, H, W, C] view of
+    a channels-last input times the [C, O] weight (F.linear, which autocast runs in bf16 as
+    it does conv2d). oneDNN's convolutions are slow at the small spatial sizes of a ResNet
+    tower's last stages (the demo's: 4x4 to 1x1), most of all in the weight gradient:
+    forward + backward of a 512 -> 1024 one at 1x1, batch 64, bf16, one thread took 9.3 ms
+    as a convolution and 0.74 ms as a matrix product (docs/PERFORMANCE.md). The same
+    arithmetic, summed in another order: the result differs in the rounding. Elsewhere
+    (CUDA) it is nn.Conv2d. to_channels_last makes a model's 1x1 convolutions these."""
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return super().forward(x)
+        y = torch.nn.functional.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
+        return y.permute(0, 3, 1, 2)
+
+
+def to_channels_last(model, on: bool = True):
+    """model.to(memory_format=torch.channels_last), with its 1x1, stride-1 convolutions made
+    PointwiseConv2d: the layout in which convolution towers run but under an explicit
+    --precision fp32 (abd_fast.precision.channels_last), whose arithmetic stays the
+    convolutions' bit for bit. on=False undoes it (contiguous, nn.Conv2d). Returns the model."""
+    model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+    old, new = (torch.nn.Conv2d, PointwiseConv2d) if on else (PointwiseConv2d, torch.nn.Conv2d)
+    for m in model.modules():
+        if (type(m) is old and m.kernel_size == (1, 1) and m.stride == (1, 1)
+                and m.padding in ((0, 0), "valid") and m.groups == 1
+                and m.padding_mode == "zeros"):
+            m.__class__ = new
+    return model
+
+
 # ---- text batches cut after their longest caption -------------------------------------------
 
 def _accept_short_text(model):

@@ -29,12 +29,12 @@ CASES = [("abd-tiny-rn", 128, 16, 32), ("abd-tiny-rn", 128, 32, 32),
 
 
 def make_step(name, batch, tokens, side, precision):
-    from abd_fast.models import create_model
+    from abd_fast.models import create_model, to_channels_last
     torch.manual_seed(0)
     model = create_model(name)
     x = torch.randn(batch, 3, side, side)
     if precision == "bf16":  # the training loops' layout under bf16
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
         x = x.contiguous(memory_format=torch.channels_last)
     text = torch.randint(1, 49000, (batch, tokens))
     text[:, tokens - 2] = 49407  # end-of-text: the pooled position

@@ -260,13 +260,14 @@ class TrainPath:
                  precision="fp32", channels_last=False, trim_text=False, compile=False,
                  math_attention=None, optimizer=True):
         from abd_fast.engine import compile_module, make_optimizer
+        from abd_fast.models import to_channels_last
         self.name, self.loader, self.model = name, loader, model
         self.views, self.loss, self.tok, self.eda = views, loss, tokenizer, eda
         self.mean, self.std, self.uap = mean, std, uap
         self.precision, self.trim_text = precision, trim_text
         self.math_attention = math_attention
         if channels_last:
-            model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         self.forward = compile_module(model) if compile else model
         self.opt = make_optimizer(model, lr) if optimizer else None
 

@@ -40,7 +40,7 @@ def make_step(batch: int, precision: str):
     from abd_fast import precision as prec
     from abd_fast.engine import make_optimizer
     torch.manual_seed(0)
-    model = models.create_model("abd-tiny-rn").to(memory_format=torch.channels_last)
+    model = models.to_channels_last(models.create_model("abd-tiny-rn"))
     opt = make_optimizer(model, 1e-4)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     tokens = torch.randint(1, 49000, (batch, 16))

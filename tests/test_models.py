@@ -197,3 +197,77 @@ def test_only_text_towers_where_trimming_is_exact_take_short_batches():
     model.attn_mask = torch.zeros_like(model.attn_mask)
     _accept_short_text(model)
     assert not model.short_text and "encode_text" not in vars(model)
+
+
+def test_channels_last_computes_1x1_convolutions_as_matrix_products():
+    """to_channels_last makes exactly the 1x1, stride-1 convolutions PointwiseConv2d, keeps
+    the weights, and the tower's features and gradients are the convolutions' (fp32: up to
+    the order of the sums; bf16 autocast: up to bf16 rounding); on=False gives back the
+    convolutions bit for bit."""
+    import copy
+
+    from abd_fast.models import PointwiseConv2d, to_channels_last
+    torch.manual_seed(0)
+    conv_model = create_model("abd-tiny-rn").to(memory_format=torch.channels_last)
+    model = to_channels_last(copy.deepcopy(conv_model))
+    pointwise = [m for m in model.modules() if type(m) is PointwiseConv2d]
+    convs = [m for m in conv_model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(pointwise) == sum(m.kernel_size == (1, 1) and m.stride == (1, 1) for m in convs)
+    assert 0 < len(pointwise) < len(convs)
+    assert same_weights(model, conv_model)
+    img = torch.rand(5, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    params = [p for _, p in model.visual.named_parameters()]
+    ref_params = [p for _, p in conv_model.visual.named_parameters()]
+    got, ref = model.encode_image(img), conv_model.encode_image(img)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), params)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_params)
+    # through batch norms and a dozen layers the fp32 sums' order shows, and some gradients are
+    # 0 but for rounding: the whole gradient, relative to its norm
+    a, b = (torch.cat([g.flatten() for g in gs]) for gs in (grads, ref_grads))
+    assert float((a - b).norm() / b.norm()) < 1e-4
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-3 * float(b.abs().max()))
+    with torch.autocast("cpu", torch.bfloat16):
+        got, ref = model.encode_image(img), conv_model.encode_image(img)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0.05, atol=0.05)
+    back = to_channels_last(model, False)
+    assert not any(type(m) is PointwiseConv2d for m in back.modules())
+    plain = create_model("abd-tiny-rn")
+    plain.load_state_dict(back.state_dict())
+    x = img.contiguous()
+    assert torch.equal(back.encode_image(x), plain.encode_image(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv_matches_conv2d_on_odd_shapes(bias):
+    """PointwiseConv2d against F.conv2d on odd batch, channel and spatial sizes, with and
+    without bias: outputs and the gradients of input, weight and bias (fp32), the channels-last
+    layout of its output, torch.compile(fullgraph=True), and the convolution itself off the
+    CPU (the meta device stands in for CUDA)."""
+    import torch.nn.functional as F
+
+    from abd_fast.models import PointwiseConv2d, to_channels_last
+    torch.manual_seed(1)
+    for n, c, o, h, w in ((3, 5, 7, 1, 1), (2, 13, 6, 3, 5), (1, 1, 1, 2, 2)):
+        layer = to_channels_last(torch.nn.Sequential(torch.nn.Conv2d(c, o, 1, bias=bias)))[0]
+        assert type(layer) is PointwiseConv2d
+        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        y = layer(x)
+        ref = F.conv2d(x, layer.weight, layer.bias)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(ref)
+        inputs = [x, layer.weight] + ([layer.bias] if bias else [])
+        for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+    meta = layer.to("meta")
+    assert meta(torch.empty(2, c, 4, 4, device="meta")).shape == (2, o, 4, 4)
+    # not a 1x1 stride-1 convolution: left alone
+    strided = to_channels_last(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, stride=2),
+                                                   torch.nn.Conv2d(3, 4, 3)))
+    assert all(type(m) is torch.nn.Conv2d for m in strided)

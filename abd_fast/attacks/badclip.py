@@ -28,7 +28,7 @@ from torch import Tensor
 
 from abd_fast.engine import compile_module
 from abd_fast.evaluate import default_tokenizer
-from abd_fast.models import frozen, image_features, text_features
+from abd_fast.models import frozen, image_features, text_features, to_channels_last
 from abd_fast.ops import apply_trigger, normalize_images
 from abd_fast.precision import (autocast, channels_last, full_precision, image_dtype,
                                 resolve_precision)
@@ -112,14 +112,14 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
     S = int(target_images.shape[-1])
     p = cfg.patch_size or patch_side(S)
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
-    layout = torch.channels_last if channels_last(precision) else None
+    layout = channels_last(precision)
     precision = resolve_precision(precision, device)
     encode = functools.partial(image_features, model)
     if compile:
         encode = compile_module(encode)
     with frozen(model):
-        if layout is not None:
-            model.to(memory_format=layout)
+        if layout:
+            to_channels_last(model)
         try:
             with torch.no_grad(), autocast(device, precision):
                 t = F.normalize(_encode_texts(model, tokenizer, list(target_captions), device)
@@ -155,6 +155,6 @@ def optimize_patch(model, batches, *, target_captions: list[str], target_images:
                 if log is not None:
                     log(step, record)
         finally:
-            if layout is not None:
-                model.to(memory_format=torch.contiguous_format)
+            if layout:
+                to_channels_last(model, False)
     return patch.detach().cpu(), history

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from abd_fast.engine import compile_module
-from abd_fast.models import image_features, text_features
+from abd_fast.models import image_features, text_features, to_channels_last
 from abd_fast.ops import normalize_images
 from abd_fast.precision import channels_last, image_dtype
 
@@ -72,7 +72,7 @@ def uap_stage(run, reference=None, steer=None) -> dict:
     if channels_last(cfg.get("precision")):
         for m in (poisoned, reference, disc):  # the Trainer lays out only the generator
             if m is not None:
-                m.to(memory_format=torch.channels_last)
+                to_channels_last(m)
     betas = (0.5, 0.999)
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg["lr"], betas=betas)
     # The work is in the frozen image towers and the discriminator, not the generator (one
