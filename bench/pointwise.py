@@ -29,7 +29,7 @@ from bench.common import ROOT, machine, table, timeit_interleaved, write_json  #
 def pointwise_shapes(name: str, size: int, batch: int) -> list[tuple[int, int, int, int]]:
     """(batch, in, out, side) of each 1x1, stride-1 convolution of `name`'s image tower."""
     from abd_fast.models import create_model
-    model = create_model(name, image_size=size if name == "RN50" else None)
+    model = create_model(name, image_size=size if name == "RN50" else None).eval()
     shapes = []
 
     def hook(m, args, _):
