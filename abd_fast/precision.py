@@ -17,8 +17,9 @@ native layout: bf16 with NCHW inputs was once measured ~5x slower than fp32 unde
 AMX Xeon, and in fp32 the demo's defend step ran 1.19x faster channels-last on the AVX2 EPYC
 (bench/step.py, docs/PERFORMANCE.md). On a CPU the 1x1 convolutions then run as the matrix
 products they are (abd_fast.models.to_channels_last, PointwiseConv2d: oneDNN's convolutions
-are slow at a ResNet tower's small last stages). Explicit "fp32" keeps NCHW: a different layout picks
-different kernels, whose rounding differs, and "fp32" promises today's results bit for bit.
+are slow at a ResNet tower's small last stages). Explicit "fp32" keeps NCHW: a different
+layout picks different kernels, whose rounding differs, and "fp32" promises today's results
+bit for bit.
 For the same reason it keeps the text batches at their full context (trim_text).
 """
 from __future__ import annotations

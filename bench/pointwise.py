@@ -67,8 +67,8 @@ def step_times(reps: int, steps: int) -> dict:
     """The demo step with the tower's 1x1 convolutions as PointwiseConv2d and as nn.Conv2d
     (the same model and weights, the classes switched between rounds)."""
     from abd_fast.models import PointwiseConv2d
-    from bench.step_profile import make_step
     from abd_fast.precision import resolve_precision
+    from bench.step_profile import make_step
     model, step = make_step(64, resolve_precision("auto", "cpu"))
     pointwise = [m for m in model.modules() if type(m) is PointwiseConv2d]
 
