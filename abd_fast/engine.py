@@ -39,6 +39,7 @@ import torch.distributed as dist
 from abd_fast.models import to_channels_last
 from abd_fast.precision import autocast, resolve_precision
 from abd_fast.precision import channels_last as use_channels_last
+from abd_fast.precision import sparse_rows as use_sparse_rows
 
 
 def effective_warmup(warmup: int, total: int) -> int:
@@ -74,14 +75,106 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.1,
-                   betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+                   betas=(0.9, 0.999), eps: float = 1e-8,
+                   sparse_rows: bool = False) -> torch.optim.AdamW:
     """AdamW over param_groups. The fused kernel (CPU and CUDA) updates all tensors in one
     pass: on CPU 7x faster than foreach, which matters because the 49408 x 128 token
-    embedding, updated densely, is most of a tiny CLIP's parameters (bench/train_step.py)."""
+    embedding, updated densely, is most of a tiny CLIP's parameters (bench/train_step.py).
+    sparse_rows: a SparseRowAdamW, which updates that embedding's moments only on the rows
+    that have had a gradient (abd_fast.precision.sparse_rows says when), where the model has
+    a trainable, weight-decayed `token_embedding` of a width SparseRowAdamW takes (else the
+    plain AdamW)."""
     groups = param_groups(model, weight_decay)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for g in groups for p in g["params"])
+    table = getattr(getattr(model, "token_embedding", None), "weight", None)
+    if (sparse_rows and fused and any(p is table for p in groups[1]["params"])
+            and table.shape[1] % SparseRowAdamW.WIDTH == 0):
+        return SparseRowAdamW(groups, table, lr=lr, betas=betas, eps=eps, fused=fused or None)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+class SparseRowAdamW(torch.optim.AdamW):
+    """AdamW whose update of one embedding table (`table`, a parameter of its groups) costs
+    what the rows that have had a gradient cost, not the whole table: a CLIP's text batches
+    look up a few hundred of its 49408 rows (the demo's captions: about a hundred), yet the
+    dense update reads and writes the table, its gradient and both moments at every step
+    (with the gradient's zero fill, a sixth of the demo model's CPU step; docs/PERFORMANCE.md).
+
+    The table's gradient may be sparse (nn.Embedding(sparse=True): the rows looked up) or
+    dense. Every parameter takes AdamW's fused kernel; the table's `rows`, the rows that have
+    ever had a gradient, take it on their own after the decoupled decay p *= 1 - lr * wd of
+    the whole table (one pass), which is the kernel's own first operation. A row outside them
+    has both moments zero and a zero gradient, where the kernel's step is exactly that decay:
+    so the result is the fused AdamW's to the bit (tests/test_engine.py), and whether a row
+    with zero moments is in `rows` changes nothing, which makes a resumed run exact when it
+    recomputes `rows` from the moments. Once `rows` is half the table, the kernel runs on the
+    whole table instead (the same result, without gathering rows). This needs the kernel to
+    compute an element the same way wherever it sits: it does where whole rows are whole CPU
+    vectors (its scalar tail rounds differently), hence a row width that is a multiple of
+    WIDTH floats (512 bits: every CLIP text width is). The state (step, exp_avg, exp_avg_sq
+    of the whole table) is AdamW's: checkpoints load into either optimizer."""
+
+    WIDTH = 16
+
+    def __init__(self, params, table: torch.nn.Parameter, **kw):
+        super().__init__(params, **kw)
+        if not self.defaults["fused"] or self.defaults["amsgrad"] or self.defaults["maximize"]:
+            raise ValueError("SparseRowAdamW: fused=True, without amsgrad or maximize")
+        if table.ndim != 2 or table.shape[1] % self.WIDTH:
+            raise ValueError(f"SparseRowAdamW: the table's rows must be a multiple of "
+                             f"{self.WIDTH} wide, not {tuple(table.shape)}")
+        self.table = table
+        self.rows = None  # sorted ids of the rows with a gradient so far (None: from the state)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.rows = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        table, grad = self.table, self.table.grad
+        if grad is None:  # AdamW skips a parameter without a gradient
+            return super().step(closure)
+        table.grad = None
+        try:
+            loss = super().step(closure)
+        finally:
+            table.grad = grad
+        state = self.state[table]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=table.device)
+            state["exp_avg"] = torch.zeros_like(table, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(table, memory_format=torch.preserve_format)
+        m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
+        if self.rows is None:
+            self.rows = (m_all.ne(0) | v_all.ne(0)).any(1).nonzero().squeeze(1)
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            ids, values = grad.indices()[0], grad.values()
+        else:
+            ids = grad.ne(0).any(1).nonzero().squeeze(1)
+            values = grad[ids]
+        rows = self.rows = torch.cat([self.rows, ids]).unique()
+        # looked up each step: load_state_dict replaces the group dicts
+        group = next(pg for pg in self.param_groups if any(p is table for p in pg["params"]))
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                     amsgrad=False, maximize=False)
+        state["step"] += 1
+        if 2 * len(rows) >= len(table):
+            g = grad if not grad.is_sparse else torch.zeros_like(table).index_copy_(0, ids, values)
+            torch._fused_adamw_([table], [g], [m_all], [v_all], [], [state["step"]],
+                                weight_decay=group["weight_decay"], **hyper)
+            return loss
+        table.mul_(1 - group["lr"] * group["weight_decay"])
+        g = values.new_zeros(len(rows), table.shape[1])
+        g.index_copy_(0, torch.searchsorted(rows, ids), values)
+        p, m, v = (t.index_select(0, rows) for t in (table, m_all, v_all))
+        torch._fused_adamw_([p], [g], [m], [v], [], [state["step"]], weight_decay=0.0, **hyper)
+        for full, part in ((table, p), (m_all, m), (v_all, v)):
+            full.index_copy_(0, rows, part)
+        return loss
 
 
 def clamp_logit_scale(model, max_log: float = math.log(100.0)):
@@ -362,7 +455,8 @@ class Trainer:
     outputs) channels-last; default: abd_fast.precision.channels_last(precision). compile:
     torch.compile the model (compile_module: fixed shapes, the abd_fast inductor cache).
     optimizer: a factory model -> torch optimizer (default: AdamW with make_optimizer's
-    groups); schedule: "cosine" (warmup + cosine to 0, lr_at) or "constant".
+    groups; a SparseRowAdamW where abd_fast.precision.sparse_rows says so, without compile
+    or DDP: the token embedding then gives sparse gradients during fit); schedule: "cosine" (warmup + cosine to 0, lr_at) or "constant".
 
     Files in output_dir (rank 0 only): checkpoint.pt (atomic; model, optimizer, scaler, step,
     epoch, batch position in the epoch, RNG states of every rank, config, extra) and
@@ -402,8 +496,10 @@ class Trainer:
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
         self.schedule = schedule
-        self.optimizer = (make_optimizer(self.model, lr, weight_decay) if optimizer is None
-                          else optimizer(self.model))
+        sparse_rows = (use_sparse_rows(precision, self.device) and not compile
+                       and self.info.world_size == 1)
+        self.optimizer = (make_optimizer(self.model, lr, weight_decay, sparse_rows=sparse_rows)
+                          if optimizer is None else optimizer(self.model))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = self.epoch = self.batch = 0
         self.checkpoint_path = self.output_dir / "checkpoint.pt"
@@ -538,6 +634,10 @@ class Trainer:
         rate = 0.0
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # Adam states decaying into denormals: 10x slower math
+        table = (_unwrap(self.model).token_embedding
+                 if isinstance(self.optimizer, SparseRowAdamW) else None)
+        if table is not None:
+            was_sparse, table.sparse = table.sparse, True  # its gradient: the rows looked up
         try:
             while self.step < self.total_steps:
                 epoch, t_epoch, epoch_losses = self.epoch, time.perf_counter(), []
@@ -601,6 +701,8 @@ class Trainer:
         finally:
             self.wait_for_checkpoint(raise_error=False)  # on an error: finish, do not mask it
             bar.close()
+            if table is not None:
+                table.sparse = was_sparse
             if self.device.type == "cpu":
                 torch.set_flush_denormal(False)  # leave the process's FP state as found
         seconds = time.perf_counter() - t_start

@@ -20,7 +20,8 @@ products they are (abd_fast.models.to_channels_last, PointwiseConv2d: oneDNN's c
 are slow at a ResNet tower's small last stages). Explicit "fp32" keeps NCHW: a different
 layout picks different kernels, whose rounding differs, and "fp32" promises today's results
 bit for bit.
-For the same reason it keeps the text batches at their full context (trim_text).
+For the same reason it keeps the text batches at their full context (trim_text) and updates
+the token embedding densely (sparse_rows).
 """
 from __future__ import annotations
 
@@ -92,6 +93,17 @@ def trim_text(requested: str | None) -> bool:
     captions (11 tokens median of a 32-token context) it skips about a third of the text
     tower's work (docs/PERFORMANCE.md)."""
     return channels_last(requested)
+
+
+def sparse_rows(requested: str | None, device) -> bool:
+    """Whether training on `device` takes the token embedding's gradient as the rows looked up
+    (sparse) and updates AdamW's moments on the rows that ever had a gradient
+    (abd_fast.engine.SparseRowAdamW): on a CPU, under every --precision `requested` but an
+    explicit "fp32", like channels-last. The same AdamW in exact arithmetic; the rounding is
+    that of torch's single-tensor AdamW instead of the fused kernel's, and "fp32" promises
+    today's results bit for bit. Not on a GPU, where the dense update costs little and
+    finding the rows would wait for the device."""
+    return channels_last(requested) and torch.device(device).type == "cpu"
 
 
 def autocast(device, precision: str, math_attention: bool | None = None):

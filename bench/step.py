@@ -239,9 +239,9 @@ class MemoryLoader:
 
 def path_options(spec: dict) -> dict:
     """A PATHS entry with its defaults resolved: precision, channels_last, trim_text,
-    compile."""
+    compile, and sparse_rows as the Trainer chooses it (the token embedding's rows)."""
     from abd_fast.engine import default_compile
-    from abd_fast.precision import channels_last, resolve_precision, trim_text
+    from abd_fast.precision import channels_last, resolve_precision, sparse_rows, trim_text
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(spec["precision"], device)
 
@@ -252,13 +252,14 @@ def path_options(spec: dict) -> dict:
     return {"precision": precision, "channels_last": choice("channels_last", channels_last),
             "trim_text": choice("trim_text", lambda p: trim_text(p) and not compile),
             "compile": compile,   # math attention: None = autocast's own default
-            "math_attention": spec["math_attention"]}
+            "math_attention": spec["math_attention"],
+            "sparse_rows": sparse_rows(spec["precision"], device) and not compile}
 
 
 class TrainPath:
     def __init__(self, name, loader, model, views, loss, tokenizer, eda, mean, std, uap, lr,
                  precision="fp32", channels_last=False, trim_text=False, compile=False,
-                 math_attention=None, optimizer=True):
+                 math_attention=None, optimizer=True, sparse_rows=False):
         from abd_fast.engine import compile_module, make_optimizer
         from abd_fast.models import to_channels_last
         self.name, self.loader, self.model = name, loader, model
@@ -269,7 +270,8 @@ class TrainPath:
         if channels_last:
             to_channels_last(model)
         self.forward = compile_module(model) if compile else model
-        self.opt = make_optimizer(model, lr) if optimizer else None
+        self.opt = make_optimizer(model, lr, sparse_rows=sparse_rows) if optimizer else None
+        model.token_embedding.sparse = sparse_rows and optimizer  # as Trainer.fit
 
     def first_step(self) -> float:
         """Seconds of the very first step (a compiled path compiles its graphs in it)."""

@@ -43,6 +43,102 @@ def test_param_groups_exclude_norms_biases_and_logit_scale():
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
 
 
+def _table_and_head(sparse: bool, width: int = 16):
+    torch.manual_seed(0)
+    return torch.nn.Embedding(50, width, sparse=sparse), torch.nn.Linear(width, 3)
+
+
+def _adamw(cls, emb, head, **kw):
+    groups = [{"params": [head.bias], "weight_decay": 0.0},
+              {"params": [head.weight, emb.weight], "weight_decay": 0.1}]
+    return cls(groups, lr=1e-2, fused=True, **kw)
+
+
+def _backward(opt, emb, head, ids, t, dense=False):
+    """Step t's gradient: rows below min(6 + 2t, 50) looked up; before step 12 row 49 too, with
+    a zero gradient; at step 5 none (the table gets no gradient). The lr changes every step."""
+    for g in opt.param_groups:
+        g["lr"] = 1e-2 * (t + 1) / 24
+    opt.zero_grad(set_to_none=True)
+    if t == 5:
+        head.weight.sum().backward()
+        return
+    x = emb(torch.cat([ids, torch.full((len(ids), 1), 49)], 1) if t < 12 else ids)
+    if t < 12:
+        x = torch.cat([x[:, :-1], 0 * x[:, -1:]], 1)
+    head(x).square().sum().backward()
+    if dense and emb.weight.grad.is_sparse:
+        emb.weight.grad = emb.weight.grad.coalesce().to_dense()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_sparse_row_adamw_is_fused_adamw_to_the_bit(sparse):
+    """SparseRowAdamW gives torch's fused AdamW's parameters and moments exactly (the same
+    gradients): while few rows have had a gradient (its kernel call on them after the whole
+    table's decay), once half have (the whole table), on a step without a gradient for the
+    table, from a sparse or a dense gradient. Resumed from its state at step 9 (its rows then
+    recomputed from the moments, without row 49, looked up with a zero gradient), it and a
+    plain fused AdamW go on to the same end."""
+    import copy
+
+    from abd_fast.engine import SparseRowAdamW
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, min(6 + 2 * t, 50), (5, 3), generator=gen) for t in range(24)]
+    emb, head = _table_and_head(sparse)
+    opt = _adamw(SparseRowAdamW, emb, head, table=emb.weight)
+    ref_emb, ref_head = copy.deepcopy(emb), copy.deepcopy(head)
+    ref = _adamw(torch.optim.AdamW, ref_emb, ref_head)
+    ours, theirs = [head.bias, head.weight, emb.weight], [ref_head.bias, ref_head.weight,
+                                                         ref_emb.weight]
+    for t, ids in enumerate(batches):
+        _backward(opt, emb, head, ids, t)
+        for g in ref.param_groups:
+            g["lr"] = 1e-2 * (t + 1) / 24
+        for p, q in zip(ours, theirs):
+            q.grad = None if p.grad is None else (
+                p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad.clone())
+        assert (emb.weight.grad is None) == (t == 5)
+        assert t == 5 or emb.weight.grad.is_sparse == sparse
+        opt.step()
+        ref.step()
+        assert all(torch.equal(p, q) for p, q in zip(ours, theirs)), t
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[emb.weight][k], ref.state[ref_emb.weight][k]), (t, k)
+        if t == 8:
+            # gathered rows; a sparse gradient brings row 49, a dense one does not
+            assert (49 in opt.rows.tolist()) == sparse and len(opt.rows) < 25
+            saved = (copy.deepcopy(emb), copy.deepcopy(head), copy.deepcopy(opt.state_dict()))
+    assert len(opt.rows) >= 25  # the last steps: the whole table
+    for cls in (SparseRowAdamW, torch.optim.AdamW):
+        e, h, state = copy.deepcopy(saved)
+        o = _adamw(cls, e, h, **({"table": e.weight} if cls is SparseRowAdamW else {}))
+        o.load_state_dict(state)
+        assert not o.state[e.weight]["exp_avg_sq"][49].any()  # so not in the recomputed rows
+        for t in range(9, 24):
+            _backward(o, e, h, batches[t], t, dense=cls is not SparseRowAdamW)
+            o.step()
+        assert torch.equal(e.weight, emb.weight) and torch.equal(h.weight, head.weight), cls
+
+
+def test_sparse_rows_where_and_when():
+    """make_optimizer takes SparseRowAdamW where asked for and the table's rows are whole
+    vectors for the kernel; abd_fast.precision.sparse_rows: on a CPU, but for an explicit
+    fp32 (a Trainer's choice: test_trainer_learns_and_logs)."""
+    from abd_fast.engine import SparseRowAdamW
+    from abd_fast.models import create_model
+    from abd_fast.precision import sparse_rows
+    model = create_model("abd-tiny-vit")
+    assert type(make_optimizer(model, 1e-3)) is torch.optim.AdamW
+    assert type(make_optimizer(model, 1e-3, sparse_rows=True)) is SparseRowAdamW
+    model.token_embedding = torch.nn.Embedding(49408, 120)
+    assert type(make_optimizer(model, 1e-3, sparse_rows=True)) is torch.optim.AdamW
+    emb, head = _table_and_head(True, width=20)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _adamw(SparseRowAdamW, emb, head, table=emb.weight)
+    assert sparse_rows("auto", "cpu") and sparse_rows("bf16", "cpu") and sparse_rows(None, "cpu")
+    assert not sparse_rows("fp32", "cpu") and not sparse_rows("auto", "cuda")
+
+
 def test_logit_scale_clamp():
     from abd_fast.models import create_model
     model = create_model("abd-tiny-vit")
@@ -142,6 +238,11 @@ def test_trainer_learns_and_logs(small_data, tmp_path):
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
     assert "token_embedding.weight" in changed and "visual.conv1.weight" in changed
     assert trainer.model.logit_scale.item() <= math.log(100)
+    # --precision auto on a CPU: the token embedding's rows (sparse during fit only)
+    from abd_fast.engine import SparseRowAdamW
+    assert type(trainer.optimizer) is SparseRowAdamW and not trainer.model.token_embedding.sparse
+    fp32 = make_trainer(small_data, tmp_path / "fp32", noisy_mmcl(), precision="fp32")
+    assert type(fp32.optimizer) is torch.optim.AdamW
 
 
 def test_checkpoint_contents_and_safe_loading(small_data, tmp_path):

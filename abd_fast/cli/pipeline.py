@@ -98,9 +98,10 @@ FULL_DEFENSES = ("ft", "cleanclip", "roclip", "abd")
 # model leaves a core idle: the demo ran 1.25x faster, docs/PERFORMANCE.md), else 1. Not in
 # --quick, whose tests run stages in-process.
 AUTO_JOBS = 2
-CACHE_VERSION = 4            # bump when pretrain's meaning or arithmetic changes: old cached models
+CACHE_VERSION = 5            # bump when pretrain's meaning or arithmetic changes: old cached models
                              # are ignored (3: math attention under bf16 on a CPU; 4: 1x1
-                             # convolutions as matrix products on a CPU, models.PointwiseConv2d)
+                             # convolutions as matrix products on a CPU, models.PointwiseConv2d;
+                             # 5: the token embedding's sparse gradient, engine.SparseRowAdamW)
 
 
 def _flags(d: dict) -> list[str]:
