@@ -80,9 +80,9 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.1,
     """AdamW over param_groups. The fused kernel (CPU and CUDA) updates all tensors in one
     pass: on CPU 7x faster than foreach, which matters because the 49408 x 128 token
     embedding, updated densely, is most of a tiny CLIP's parameters (bench/train_step.py).
-    sparse_rows: a SparseRowAdamW, which updates that embedding's moments only on the rows
-    that have had a gradient (abd_fast.precision.sparse_rows says when), where the model has
-    a trainable, weight-decayed `token_embedding` of a width SparseRowAdamW takes (else the
+    sparse_rows: a SparseRowAdamW, which runs the kernel on that embedding's rows that have
+    had a gradient (abd_fast.precision.sparse_rows says when), where the model has a
+    trainable, weight-decayed `token_embedding` of a width SparseRowAdamW takes (else the
     plain AdamW)."""
     groups = param_groups(model, weight_decay)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
@@ -90,7 +90,7 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.1,
     table = getattr(getattr(model, "token_embedding", None), "weight", None)
     if (sparse_rows and fused and any(p is table for p in groups[1]["params"])
             and table.shape[1] % SparseRowAdamW.WIDTH == 0):
-        return SparseRowAdamW(groups, table, lr=lr, betas=betas, eps=eps, fused=fused or None)
+        return SparseRowAdamW(groups, table, lr=lr, betas=betas, eps=eps, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
@@ -102,9 +102,10 @@ class SparseRowAdamW(torch.optim.AdamW):
     (with the gradient's zero fill, a sixth of the demo model's CPU step; docs/PERFORMANCE.md).
 
     The table's gradient may be sparse (nn.Embedding(sparse=True): the rows looked up) or
-    dense. Every parameter takes AdamW's fused kernel; the table's `rows`, the rows that have
-    ever had a gradient, take it on their own after the decoupled decay p *= 1 - lr * wd of
-    the whole table (one pass), which is the kernel's own first operation. A row outside them
+    dense. Every parameter takes AdamW's fused kernel (torch._fused_adamw_, the op
+    torch.optim.AdamW(fused=True) calls); the table's `rows`, the rows that have ever had a
+    gradient, take it on their own after the decoupled decay p *= 1 - lr * wd of the whole
+    table (one pass), which is the kernel's own first operation. A row outside them
     has both moments zero and a zero gradient, where the kernel's step is exactly that decay:
     so the result is the fused AdamW's to the bit (tests/test_engine.py), and whether a row
     with zero moments is in `rows` changes nothing, which makes a resumed run exact when it
@@ -456,7 +457,8 @@ class Trainer:
     torch.compile the model (compile_module: fixed shapes, the abd_fast inductor cache).
     optimizer: a factory model -> torch optimizer (default: AdamW with make_optimizer's
     groups; a SparseRowAdamW where abd_fast.precision.sparse_rows says so, without compile
-    or DDP: the token embedding then gives sparse gradients during fit); schedule: "cosine" (warmup + cosine to 0, lr_at) or "constant".
+    or DDP: the token embedding then gives sparse gradients during fit); schedule: "cosine"
+    (warmup + cosine to 0, lr_at) or "constant".
 
     Files in output_dir (rank 0 only): checkpoint.pt (atomic; model, optimizer, scaler, step,
     epoch, batch position in the epoch, RNG states of every rank, config, extra) and

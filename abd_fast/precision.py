@@ -97,12 +97,12 @@ def trim_text(requested: str | None) -> bool:
 
 def sparse_rows(requested: str | None, device) -> bool:
     """Whether training on `device` takes the token embedding's gradient as the rows looked up
-    (sparse) and updates AdamW's moments on the rows that ever had a gradient
+    (sparse) and runs AdamW's kernel on the rows that have had a gradient
     (abd_fast.engine.SparseRowAdamW): on a CPU, under every --precision `requested` but an
-    explicit "fp32", like channels-last. The same AdamW in exact arithmetic; the rounding is
-    that of torch's single-tensor AdamW instead of the fused kernel's, and "fp32" promises
-    today's results bit for bit. Not on a GPU, where the dense update costs little and
-    finding the rows would wait for the device."""
+    explicit "fp32", like channels-last. The optimizer's result is the fused AdamW's to the
+    bit for the same gradient, but a token repeated in a batch has its gradient rows summed
+    in another order, and "fp32" promises today's results bit for bit. Not on a GPU, where
+    the dense update costs little and finding the rows would wait for the device."""
     return channels_last(requested) and torch.device(device).type == "cpu"
 
 
