@@ -4,9 +4,10 @@ align) run several ways on the same model, batch, optimizer and data, in one pro
   fp32-eager  today's step before --precision/--compile: fused image views and losses, fp32,
               NCHW, eager -- the baseline every ratio is against
   default     what `defend` runs now by default: --precision auto (abd_fast.precision: bf16
-              on a CPU with AMX/AVX512-BF16 or a GPU, fp32 elsewhere), its channels-last
-              and trimmed-text choices (abd_fast.precision), and torch.compile where the
-              defend loop compiles by default (abd_fast.engine.default_compile)
+              on a CPU with AMX/AVX512-BF16 or a GPU, fp32 elsewhere), its channels-last,
+              trimmed-text and embedding-by-rows choices (abd_fast.precision), and
+              torch.compile where the defend loop compiles by default
+              (abd_fast.engine.default_compile)
   bf16-cl     bf16 autocast + channels-last (+ the default compile), whatever the CPU: the
               ratio an AMX machine would get; on a CPU without native bf16 it is emulated
               (slow), which is why auto does not pick it there
