@@ -2,8 +2,8 @@
 gradient) against the dense one (the fused AdamW over the whole 49408 x 128 table and its
 dense gradient), on the demo's fine-tuning step (bench/step_profile.py's: abd-tiny-rn, 32 px,
 batch 64, forward + backward of a CLIP loss and the optimizer step, --precision auto's
-arithmetic), two models with the same weights timed in alternation in one process
-(bench.common.timeit_interleaved):
+arithmetic): one model, its step with either optimizer (the embedding's gradient switched with
+it) timed in alternation in one process (bench.common.timeit_interleaved):
 
 - demo: the same batch of ~800 distinct tokens at every step (the demo's captions use about
   a hundred rows, EDA's synonyms a few more);

@@ -261,7 +261,7 @@ class TrainPath:
     def __init__(self, name, loader, model, views, loss, tokenizer, eda, mean, std, uap, lr,
                  precision="fp32", channels_last=False, trim_text=False, compile=False,
                  math_attention=None, optimizer=True, sparse_rows=False):
-        from abd_fast.engine import compile_module, make_optimizer
+        from abd_fast.engine import SparseRowAdamW, compile_module, make_optimizer
         from abd_fast.models import to_channels_last
         self.name, self.loader, self.model = name, loader, model
         self.views, self.loss, self.tok, self.eda = views, loss, tokenizer, eda
@@ -272,7 +272,8 @@ class TrainPath:
             to_channels_last(model)
         self.forward = compile_module(model) if compile else model
         self.opt = make_optimizer(model, lr, sparse_rows=sparse_rows) if optimizer else None
-        model.token_embedding.sparse = sparse_rows and optimizer  # as Trainer.fit
+        # as Trainer.fit: sparse where make_optimizer took SparseRowAdamW (it may not)
+        model.token_embedding.sparse = isinstance(self.opt, SparseRowAdamW)
 
     def first_step(self) -> float:
         """Seconds of the very first step (a compiled path compiles its graphs in it)."""
