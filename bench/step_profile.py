@@ -9,7 +9,11 @@ demo's two slots). Random images and 16-token captions; no loader, views or EDA.
 Reported: median step ms over --repeats timings of --steps steps, torch.profiler's self CPU
 time over --steps profiled steps grouped into KINDS (share of the total), and the model's
 parameters by part (the token embedding, the image tower's attention pool, the rest):
-AdamW and the embedding's dense gradient scale with them, not with the batch. The step is a
+AdamW and the embedding's dense gradient scale with them, not with the batch. Also the
+arithmetic: the step's FLOPs by kind (torch.utils.flop_counter: convolutions and matrix
+products, forward and backward), each kind's GFLOP/s (its FLOPs over its share of the median
+step), and, as this CPU's rate on large shapes, a 1024 x 1024 x 1024 matrix product in the
+step's precision on the same threads, timed in the same process. The step is a
 demo stage's: on a CPU without an explicit fp32, the embedding's gradient is sparse and
 SparseRowAdamW updates its rows (abd_fast.precision.sparse_rows).
 """
@@ -71,6 +75,35 @@ def make_step(batch: int, precision: str, sparse_rows: bool = False,
     return model, step
 
 
+FLOP_KINDS = {"convolution": ("aten.convolution", "aten.convolution_backward"),
+              "matrix products": ("aten.mm", "aten.addmm", "aten.bmm")}
+
+
+def step_flops(step) -> dict:
+    """FLOPs of one call of `step` per FLOP_KINDS kind (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    out = {kind: sum(counts.get(op, 0) for op in ops) for kind, ops in FLOP_KINDS.items()}
+    out["other"] = sum(counts.values()) - sum(out.values())
+    return out
+
+
+def matmul_gflops(precision: str, n: int = 1024, repeats: int = 20) -> float:
+    """GFLOP/s of an n x n x n matrix product in `precision` (median of `repeats`)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,10 +142,19 @@ def main(argv=None):
     for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {100 * us / total:5.1f}%  {kind}")
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items()))
+    step_ms = statistics.median(times)
+    flops = step_flops(step)
+    rates = {kind: flops[kind] / (step_ms * kinds[kind] / total) / 1e6 for kind in FLOP_KINDS}
+    rates["whole step"] = sum(flops.values()) / step_ms / 1e6
+    peak = matmul_gflops(precision)
+    print(f"arithmetic: {sum(flops.values()) / 1e9:.2f} GFLOP per step; GFLOP/s: " + ", ".join(
+        f"{k} {v:.0f}" for k, v in rates.items()) + f"; a 1024^3 {precision} matrix product "
+        f"{peak:.0f}")
     write_json(Path(args.out), {
         "machine": machine(), "precision": precision, "batch": args.batch,
         "threads": args.threads, "step_ms": times,
-        "share": {k: us / total for k, us in kinds.items()}, "parameters": params})
+        "share": {k: us / total for k, us in kinds.items()}, "parameters": params,
+        "flops": flops, "gflops_per_s": rates, "matmul_1024_gflops_per_s": peak})
 
 
 if __name__ == "__main__":

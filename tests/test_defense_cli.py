@@ -105,6 +105,19 @@ def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa:
         sel = json.loads((tmp_path / f"sel{len(extra)}" / "selection.json").read_text())
         selections.append({k: sel[k] for k in ("scan", "chosen", "score", "candidates")})
     assert selections[0] == selections[1] and selections[0]["scan"]["score"] == steer["score"]
+    # --scan-threshold: the saved scan's verdict at another threshold (its score and most
+    # anomalous class unchanged); flagged, the score is the gain on that class
+    for threshold, flagged in ((-1.0, True), (1e6, False)):
+        code, err = run_main([*select, "--val-scan", saved, "--scan-threshold", threshold,
+                              "--output", tmp_path / f"t{flagged}"], capsys)
+        assert code == 0, err
+        sel = json.loads((tmp_path / f"t{flagged}" / "selection.json").read_text())
+        assert sel["scan"]["threshold"] == threshold and sel["scan"]["backdoored"] is flagged
+        assert sel["scan"]["score"] == steer["score"]
+        anomalous = sel["scan"]["most_anomalous_class"]
+        assert sel["scan"]["suspected_target"] == (anomalous if flagged else None)
+        gain = sel["candidates"][0]["gain"]
+        assert sel["score"] == (gain[anomalous] if flagged else max(gain.values()))
     # another seed's or step count's search is not this one; --val-scan and --scan-steps
     # belong to --criterion scan
     for extra, says in ((["--seed", "3", "--val-scan", saved], "--val-scan .* other seed"),
@@ -112,6 +125,9 @@ def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa:
                          "--val-scan .* other steps than this run \\(5 vs 6\\)"),
                         (["--criterion", "gain", "--val-scan", saved],
                          "--val-scan is the scan's result for --criterion scan"),
+                        (["--criterion", "gain", "--scan-threshold", "3"],
+                         "--scan-threshold is the scan's threshold for --criterion scan"),
+                        (["--scan-threshold", "inf"], "--scan-threshold must be in"),
                         (["--criterion", "gain"], "--scan-steps sets the target search's "
                                                   "steps, which only --criterion scan runs")):
         code, err = run_main([*select, *extra, "--output", tmp_path / "o"], capsys)

@@ -52,6 +52,7 @@ def _user_flags(data):
     (["--uap-candidates", "corner:paper,middle"], "--uap-candidates 'middle': expected "
                                                  "GEOMETRY[:LOSS[:steer]]"),
     (["--uap-candidates", "linf:loud"], "--uap-candidates 'linf:loud': expected"),
+    (["--scan-threshold", "nan"], "--scan-threshold must be in (-inf, inf], got nan"),
 ])
 def test_pipeline_flags_stop_before_any_work(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -458,17 +459,25 @@ def test_pipeline_chooses_the_uap_on_the_val_split(cache, tmp_path, capsys):
                     "the `data` branch's val split)")
     out = tmp_path / "run"
     _run(["--quick", "--attacks", "badnet", "--defenses", "abd", "--no-ablations",
-          "--uap-candidates", "corner,linf:differential", "--output", out], capsys)
+          "--uap-candidates", "corner,linf:differential", "--scan-threshold", "40",
+          "--output", out], capsys)
     sel = json.loads((out / "uap-badnet" / "selection.json").read_text())
     assert {c["name"] for c in sel["candidates"]} == {"uap-badnet-corner-paper",
                                                        "uap-badnet-linf-differential"}
     argv = json.loads((out / "uap-badnet" / "stage.json").read_text())["argv"]
     assert argv[0] == "uap-select" and "--target-label" not in argv and "--val-data" in argv
     assert argv[argv.index("--criterion") + 1] == "scan" and "scan" in sel
+    # --scan-threshold reaches the choice's val scan and the victim's scan (reference mode),
+    # not the clean model's (self mode); 40 is above any score here: nothing is flagged
+    assert argv[argv.index("--scan-threshold") + 1] == "40.0"
+    assert sel["scan"]["threshold"] == 40.0 and sel["scan"]["backdoored"] is False
+    report = json.loads((out / "report.json").read_text())
+    assert report["scan"]["badnet"]["model"]["threshold"] == 40.0
+    assert report["scan"]["clean"]["threshold"] != 40.0
+    assert report["settings"]["scan_threshold"] == 40.0
     assert (out / "uap-badnet" / "uap.pt").read_bytes() == \
         (Path(sel["chosen_file"])).read_bytes()
     # The report names the chosen candidate in the UAP-alone floor row.
     chosen = sel["chosen"].removeprefix("uap-badnet-")
-    report = json.loads((out / "report.json").read_text())
     assert report["floors"]["badnet"]["uap"]["chosen"]["name"] == chosen
     assert f"| badnet | UAP alone ({chosen}) |" in (out / "report.md").read_text()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -39,9 +40,9 @@ import time
 from pathlib import Path
 
 from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap, uap_select
-from .common import (UsageError, caption_data_flags, check_flag_values, check_output, check_path,
-                     check_val_apart, loader_options, own_settings, require_val_data,
-                     source_options, speed_flags)
+from .common import (UsageError, caption_data_flags, check_flag_values, check_number,
+                     check_output, check_path, check_val_apart, loader_options, own_settings,
+                     require_val_data, source_options, speed_flags)
 from .stages import Stages, StageError, WorkerPool, clock
 
 NAME = "pipeline"
@@ -186,6 +187,12 @@ def add_parser(subparsers):
                         "scan suspects) by `uap-select --criterion scan` on the validation "
                         "split, without the target; one candidate: that UAP alone (default "
                         f"{UAP_CANDIDATES})")
+    p.add_argument("--scan-threshold", type=float, metavar="Z",
+                   help="the reference-mode scan threshold: the victims' scans and the "
+                        "validation scan behind ABD's UAP choice flag a model whose score "
+                        "exceeds it (default: 2.7, calibrated on the embedded data's models; "
+                        "on your own data calibrate it on clean fine-tunes of your clean "
+                        "model: docs/SCAN.md)")
     p.add_argument("--ablations", action="store_true",
                    help="also run ABD's Table II and III (on the first attack)")
     p.add_argument("--no-ablations", action="store_true",
@@ -226,7 +233,8 @@ def add_parser(subparsers):
 PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
-    defenses=None, uap_candidates=UAP_CANDIDATES, ablations=False, no_ablations=False,
+    defenses=None, uap_candidates=UAP_CANDIDATES, scan_threshold=None, ablations=False,
+    no_ablations=False,
     full=False, quick=False, seed=0, seeds=None, jobs=None, loader=None, workers=None,
     precision=None, compile=None, recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
@@ -266,6 +274,8 @@ def _settings(args, parser) -> dict:
     if "abd" in cfg["defenses"] and len(candidates) > 1:
         require_val_data(cfg, "the choice of ABD's UAP among --uap-candidates (or give "
                               "--uap-candidates corner:paper: the paper's UAP alone)")
+    if cfg["scan_threshold"] is not None:
+        check_number(cfg, "scan_threshold", -math.inf, math.inf)
     for key in ("image_size", "workers"):
         v = cfg.get(key)
         if v is not None and (not isinstance(v, int) or v < (1 if key == "image_size" else 0)):
@@ -532,6 +542,11 @@ class _StageFlags:
         # The validation data goes to the stages that make recipe choices only (VAL_COMMANDS),
         # so the other stages' flags (and the clean-model cache key) stay as they were.
         self.val = ["--val-data", data["val"]] if data["val"] else []
+        # --scan-threshold: the reference-mode scans' (given only when set, so that the stages
+        # of a run without it keep their flags)
+        t = cfg["scan_threshold"]
+        self.threshold = {"scan": [] if t is None else ["--threshold", t],
+                          "uap-select": [] if t is None else ["--scan-threshold", t]}
 
     def extra(self, key) -> list:
         """The config's stage-flags of a command or a `command:variant`."""
@@ -766,7 +781,8 @@ def _scan(st: Stages, flags: _StageFlags, name: str, checkpoint: str, *extra) ->
 def _scan_victim(st: Stages, flags: _StageFlags, clean: str, a: str, victim: str) -> dict:
     """The victim scanned with the clean model as reference, and its training pairs as it
     was poisoned, measured against its poisoned ids: {"model", "data"}."""
-    model = _scan(st, flags, f"scan-{a}", victim, "--reference-model", clean)
+    model = _scan(st, flags, f"scan-{a}", victim, "--reference-model", clean,
+                  *flags.threshold["scan"])
     d = st.run(f"scan-data-{a}", ["scan-data", *flags.common, "--checkpoint", victim,
                                   "--reference-model", clean, "--poisoned-by", victim,
                                   *flags.extra("scan-data")],
@@ -797,7 +813,8 @@ def _abd_uap(st: Stages, cfg, flags: _StageFlags, clean: str, a: str, victim: st
                             "--reference-model", clean, "--candidates", ",".join(dirs),
                             "--criterion", UAP_CRITERION,
                             *(search if UAP_CRITERION == "scan" else []),
-                            *(["--val-scan", scanned[0]] if scanned else [])],
+                            *(["--val-scan", scanned[0]] if scanned else []),
+                            *(flags.threshold["uap-select"] if UAP_CRITERION == "scan" else [])],
                outputs=("uap.pt", "selection.json", "eval.json"))
     return str(d / "uap.pt")
 
@@ -978,7 +995,8 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
                      "defenses": cfg["defenses"], "seed": cfg["seed"], "quick": quick,
                      "pretrained": cfg["pretrained"], "poison": POISON,
                      "demo_overrides": demo, "pipeline_flags": PIPELINE_FLAGS,
-                     "stage_flags": cfg["stage_flags"], **_speed_settings(cfg),
+                     "stage_flags": cfg["stage_flags"], "scan_threshold": cfg["scan_threshold"],
+                     **_speed_settings(cfg),
                      "jobs": cfg["jobs"],
                      "stage_threads": stage_threads(cfg["jobs"]) if cfg["jobs"] > 1 else None,
                      **({"quick_overrides": QUICK_OVERRIDES} if quick else {})},

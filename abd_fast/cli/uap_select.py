@@ -8,15 +8,18 @@ OUTPUT/uap.pt (a copy of the chosen UAP, what `defend --uap` takes) and
 OUTPUT/selection.json (every candidate's score, top class and per-class capture), and
 OUTPUT/eval.json: the chosen candidate's own `uap` evaluation when it sits beside its file.
 --val-scan reads the scan's result that a steered candidate (`uap --steer scan`, the same
-search on the same images) recorded instead of running the scan again."""
+search on the same images) recorded instead of running the scan again. --scan-threshold
+sets the score above which that scan flags the model (default: the scan's calibrated one for
+its mode; a threshold calibrated on your own clean fine-tunes: docs/SCAN.md)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
-from .common import (COMMON_DEFAULTS, Run, UsageError, check_int, check_path,
+from .common import (COMMON_DEFAULTS, Run, UsageError, check_int, check_number, check_path,
                      require_val_data, stage_parser)
 from .scan import (UNKNOWN_TO_THE_SCAN, architecture, check_scan_steps, load_reference,
                    scan_steps_flag)
@@ -24,8 +27,8 @@ from .scan import (UNKNOWN_TO_THE_SCAN, architecture, check_scan_steps, load_ref
 NAME = "uap-select"
 SELECTION_FILE = "selection.json"
 DEFAULTS = dict(COMMON_DEFAULTS, checkpoint=None, reference_model=None, candidates=None,
-                criterion="gain", val_scan=None, scan_steps=None, val_images=1000,
-                output="runs/uap-select")
+                criterion="gain", val_scan=None, scan_steps=None, scan_threshold=None,
+                val_images=1000, output="runs/uap-select")
 CRITERIA = {"gain": "largest per-class capture gain (points) of the poisoned model over the "
                     "reference on the validation images; no labels, no target",
             "scan": "capture gain (points) of the poisoned model over the reference on the "
@@ -51,6 +54,9 @@ def _flags(p):
     p.add_argument("--val-images", type=int, metavar="N",
                    help="validation images used (evenly spaced over the listing)")
     scan_steps_flag(p, "--criterion scan")
+    p.add_argument("--scan-threshold", type=float, metavar="Z",
+                   help="--criterion scan: the score above which the scan flags the model "
+                        "(default: the scan's calibrated threshold for its mode, docs/SCAN.md)")
 
 
 # `pipeline --uap-candidates GEOM:LOSS[:steer],...`: each candidate's `uap` flags, the
@@ -116,6 +122,14 @@ def candidate_files(text) -> dict:
     return out
 
 
+def flagged_at(found: dict, threshold: float) -> dict:
+    """A scan's result (scan.json's fields) with its verdict at another threshold: the score
+    and the most anomalous class do not depend on it (abd_fast.scan.model.verdict)."""
+    backdoored = found["score"] > threshold
+    return dict(found, threshold=threshold, backdoored=backdoored,
+                suspected_target=found["most_anomalous_class"] if backdoored else None)
+
+
 def check(cfg: dict):
     for key in UNKNOWN_TO_THE_SCAN:  # the choice never reads a target or a trigger
         cfg[key] = None
@@ -133,6 +147,11 @@ def check(cfg: dict):
     if cfg["val_scan"] is not None and cfg["criterion"] != "scan":
         raise UsageError("--val-scan is the scan's result for --criterion scan; give that "
                          "criterion or drop the flag")
+    if cfg.get("scan_threshold") is not None:
+        if cfg["criterion"] != "scan":
+            raise UsageError("--scan-threshold is the scan's threshold for --criterion scan; "
+                             "give that criterion or drop the flag")
+        check_number(cfg, "scan_threshold", -math.inf, math.inf)
     check_scan_steps(cfg, cfg["criterion"] == "scan", "--criterion scan")
     cfg["candidates"] = [str(p) for p in candidate_files(cfg.get("candidates")).values()]
     cfg.update(architecture(cfg["checkpoint"], cfg))
@@ -162,6 +181,8 @@ def run(cfg: dict) -> int:
                                           saved=cfg["val_scan"])
         if scan_classes != classnames:
             raise UsageError(f"--val-data {source}: its class names changed between reads")
+        if cfg["scan_threshold"] is not None:
+            found = flagged_at(found, cfg["scan_threshold"])
         scan = {k: found[k] for k in ("backdoored", "score", "threshold", "suspected_target",
                                       "most_anomalous_class", "mode", "geometry")}
         focus = found["suspected_target"] if found["backdoored"] else None
