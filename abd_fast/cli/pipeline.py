@@ -234,8 +234,8 @@ PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
     defenses=None, uap_candidates=UAP_CANDIDATES, scan_threshold=None, ablations=False,
-    no_ablations=False,
-    full=False, quick=False, seed=0, seeds=None, jobs=None, loader=None, workers=None,
+    no_ablations=False, full=False, quick=False, seed=0, seeds=None, jobs=None, loader=None,
+    workers=None,
     precision=None, compile=None, recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
