@@ -235,8 +235,7 @@ PIPELINE_DEFAULTS = dict(
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
     defenses=None, uap_candidates=UAP_CANDIDATES, scan_threshold=None, ablations=False,
     no_ablations=False, full=False, quick=False, seed=0, seeds=None, jobs=None, loader=None,
-    workers=None,
-    precision=None, compile=None, recipe=None, output=None, config=None,
+    workers=None, precision=None, compile=None, recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
     non_rgb=None)
 CAPTION_DATA_FLAGS = ("csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
