@@ -129,3 +129,29 @@ def test_uap_select_command_writes_the_chosen_uap_and_every_score(tmp_path, caps
     code, err = run_main(["uap-select", "--checkpoint", ckpt, "--candidates", tmp_path / "a",
                           "--output", tmp_path / "o"], capsys)
     assert code == 2 and "--reference-model is needed" in err
+
+
+def test_uap_reselect_recomputes_the_choice_at_other_thresholds(tmp_path, capsys):
+    """bench/uap_reselect.py: from a recorded selection.json, the choice uap-select
+    --scan-threshold makes: the gain on the scan's class while the score exceeds the
+    threshold, else the largest gain on any class."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.uap_reselect import choice_at, main
+    sel = {"chosen": "steered", "scan": {"score": 3.1, "threshold": 2.7, "backdoored": True,
+                                         "suspected_target": "star",
+                                         "most_anomalous_class": "star"},
+           "candidates": [{"name": "corner", "gain": {"star": 1.0, "arrow": 14.1}},
+                          {"name": "steered", "gain": {"star": 10.3, "arrow": 0.5}}]}
+    assert choice_at(sel, 2.7) == "steered" and choice_at(sel, 3.09) == "steered"
+    assert choice_at(sel, 3.1) == "corner" and choice_at(sel, 50) == "corner"
+    (tmp_path / "run" / "uap-badclip").mkdir(parents=True)
+    (tmp_path / "run" / "uap-badclip" / "selection.json").write_text(json.dumps(sel))
+    rows = main([str(tmp_path / "run"), "--thresholds", "2.7,3.2", "--out",
+                 str(tmp_path / "out.json")])
+    assert rows[0]["at"] == {"2.7": "steered", "3.2": "corner"}
+    assert json.loads((tmp_path / "out.json").read_text())["rows"] == rows
+    assert "at 3.2: corner" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no uap-<attack>/selection.json"):
+        main([str(tmp_path)])
