@@ -412,6 +412,19 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> dict:
     return ckpt
 
 
+def is_abd_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint an abd_fast command wrote (not other weights: an OpenAI
+    or open_clip file, safetensors, TorchScript). Never raises."""
+    import warnings
+    try:
+        with warnings.catch_warnings():  # (torch.load warns about TorchScript archives)
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any file torch cannot read this way is not ours
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
+
+
 RESUME_ONLY = ("optimizer", "scaler", "rng", "extra")  # what strip_checkpoint drops
 
 

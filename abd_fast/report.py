@@ -543,7 +543,8 @@ def weak_model_warnings(report: dict) -> list[str]:
                 f"The {attack} victim's ASR is {asr:.2f}%, under {WEAK_VICTIM_ASR:g}%: the "
                 "backdoor did not take hold, so a defense's low ASR on it shows little about "
                 "removing a backdoor. Try more poisoned samples (--poison-rate / "
-                "--poison-count), more poisoning epochs, or a stronger clean model "
+                "--poison-count), more poisoning epochs or a higher poisoning lr "
+                "(stage-flags `poison: {epochs: ..., lr: ...}`), or a stronger clean model "
                 "(--pretrained, more epochs, more data).")
         victim_ca = (models.get("victim") or {}).get("ca_top1")
         clean_ca = clean.get("ca_top1")
@@ -554,8 +555,8 @@ def weak_model_warnings(report: dict) -> list[str]:
                 f"{clean_ca - victim_ca:.1f} points under the clean model's {clean_ca:.2f}%: "
                 "the poisoning fine-tune damaged the model besides planting the backdoor, and "
                 "every defense starts from that damage. Poison with a smaller lr or fewer "
-                "epochs (stage-flags `poison: {lr: ...}`); from pretrained CLIP weights, the "
-                "paper poisons at lr 1e-6, batch 128 (configs/paper/pipeline.yaml).")
+                "epochs (stage-flags `poison: {lr: ...}`); the paper poisons pretrained CLIP "
+                "at lr 1e-6, batch 128 (configs/paper/pipeline.yaml).")
         if weak_ca is None or victim_ca is None or victim_ca < weak_ca:
             continue  # a defense can only collapse from a victim that knew the classes
         for name, r in models.items():

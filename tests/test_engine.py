@@ -165,10 +165,11 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
 
 import json  # noqa: E402
 import random  # noqa: E402
+import warnings  # noqa: E402
 
 from abd_fast.engine import (CheckpointError, NonFiniteLossError, Trainer,  # noqa: E402
-                             contrastive_loss, load_checkpoint, seed_everything,
-                             strip_checkpoint)
+                             contrastive_loss, is_abd_checkpoint, load_checkpoint,
+                             seed_everything, strip_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +273,18 @@ def test_checkpoint_contents_and_safe_loading(small_data, tmp_path):
     assert stripped["config"] == ckpt["config"] and stripped["step"] == 8
     assert (tmp_path / "checkpoint.pt").stat().st_size < size / 2  # AdamW: 2 moments per weight
     load_weights(create_model("abd-tiny-vit"), tmp_path / "checkpoint.pt")
+    assert is_abd_checkpoint(tmp_path / "checkpoint.pt")  # ours, stripped or not
+    # Other weights (poison's default lr differs for them): a plain state dict, safetensors,
+    # a TorchScript archive (without torch.load's warning about it), any other file.
+    from safetensors.torch import save_file
+    torch.save(fresh.state_dict(), tmp_path / "plain.pt")
+    save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "scripted.pt")
+    (tmp_path / "text.pt").write_text("weights")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("plain.pt", "w.safetensors", "scripted.pt", "text.pt", "absent.pt"):
+            assert not is_abd_checkpoint(tmp_path / name), name
     with pytest.raises(CheckpointError, match="weights only .* nothing to resume; load it with "
                                               "--pretrained or --checkpoint"):
         make_trainer(small_data, tmp_path, noisy_mmcl(), epochs=1,

@@ -55,8 +55,8 @@ def toy():
 
 def _search(model, toy, **kw):
     _, _, classifier, images = toy
-    return class_search(model, images, classifier, mean=[0.5] * 3, std=[0.25] * 3,
-                        geometries=[Geometry("patch", size=0.25, place="random")], steps=25,
+    kw = {"geometries": [Geometry("patch", size=0.25, place="random")], **kw}
+    return class_search(model, images, classifier, mean=[0.5] * 3, std=[0.25] * 3, steps=25,
                         batch_size=8, lr=0.2, **kw)
 
 
@@ -99,6 +99,19 @@ def test_search_is_seeded_and_its_perturbations_are_in_range(toy):
                 places=(torch.tensor([12, 12]), torch.tensor([12, 12])))
     assert torch.allclose(x[:, :, 12:20, 12:20], delta.expand(2, -1, -1, -1))
     assert torch.allclose(x[:, :, :12], images[:2, :, :12].float() / 255)
+
+
+def test_search_in_chunks_matches_one_pass(toy):
+    """Many classes: the fit step's images go through the model `chunk` at a time, the gradient
+    of their mean accumulated: the same search up to the sums' rounding (restarts x classes x
+    batch images per step would otherwise all be in one pass)."""
+    _, victim, _, _ = toy
+    geometries = [Geometry.parse("patch-random-0.25"), Geometry("linf", eps=8 / 255)]
+    one, chunked = (_search(victim, toy, geometries=geometries, restarts=2, chunk=c)
+                    for c in (256, 20))  # 2 x 6 x 8 = 96 images per step: 1 pass, or 6 of 16
+    for a, b in zip(one.deltas, chunked.deltas):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert torch.equal(one.hits, chunked.hits) and torch.equal(one.counts, chunked.counts)
 
 
 @pytest.mark.parametrize("text, geometry", [

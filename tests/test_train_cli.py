@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from abd_fast.cli import poison
 from abd_fast.train import UsageError, build_parser, main, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,35 @@ def test_two_process_torchrun_matches_one_process(small_data, tmp_path):
     assert two.stdout.count("trained 20 steps") == 1  # rank 0 prints, rank 1 does not
 
 
+def _poisoning_lr(out: Path) -> float:
+    import torch
+    return torch.load(out / "checkpoint.pt", weights_only=True)["config"]["lr"]
+
+
+def test_poisoning_lr_from_other_weights_keeps_the_papers_steps_x_lr(small_data, tmp_path,
+                                                                      capsys):
+    """From weights abd_fast did not train (pretrained CLIP), poison's default lr spreads the
+    paper's steps x lr (1e-6 x 39,062 steps) over the run's steps; --lr still wins."""
+    import torch
+    from abd_fast.models import create_model
+    weights = tmp_path / "other.pt"
+    torch.save(create_model("abd-tiny-vit").state_dict(), weights)  # a plain state dict
+    common = ["poison", "--model", "abd-tiny-vit", "--train-data", small_data.csv, "--eval-data",
+              small_data.eval_dir, "--batch-size", "16", "--epochs", "2", "--warmup", "1",
+              "--workers", "0", "--loader", "torch", "--pretrained", weights, "--attack",
+              "badnet", "--target-label", "star", "--poison-count", "4"]
+    code, err = run_main([*common, "--output", tmp_path / "paper"], capsys)
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "paper" / "checkpoint.pt", weights_only=True)
+    steps = ckpt["step"]
+    assert steps == ckpt["total_steps"] == 2 * ckpt["steps_per_epoch"] > 0
+    assert _poisoning_lr(tmp_path / "paper") == pytest.approx(500_000 / 128 * 10 * 1e-6 / steps,
+                                                              rel=1e-12)
+    code, err = run_main([*common, "--lr", "1e-4", "--output", tmp_path / "given"], capsys)
+    assert code == 0, err
+    assert _poisoning_lr(tmp_path / "given") == 1e-4
+
+
 def test_pretrain_poison_eval_pipeline(small_data, tmp_path, capsys):
     """The three commands end to end on a tiny configuration (mechanics, not accuracy)."""
     common = ["--model", "abd-tiny-vit", "--train-data", small_data.csv, "--eval-data",
@@ -202,6 +232,7 @@ def test_pretrain_poison_eval_pipeline(small_data, tmp_path, capsys):
     poisoned = json.loads((tmp_path / "poisoned" / "eval.json").read_text())
     assert poisoned["attack"] == "blended" and poisoned["n_asr"] == 18  # 2 star images excluded
     assert poisoned["asr"] is not None and poisoned["embedding_distance"] > 0
+    assert _poisoning_lr(tmp_path / "poisoned") == poison.SCRATCH_LR  # weights abd_fast trained
     # eval takes the attack, target, seed and model from the checkpoint's run config.
     code, err = run_main(["eval", "--checkpoint", tmp_path / "poisoned" / "checkpoint.pt",
                           "--eval-data", small_data.eval_dir, "--workers", "0", "--loader",

@@ -435,8 +435,10 @@ def _check_training_numbers(cfg: dict):
     for key in ("warmup", "workers", "checkpoint_every"):
         check_int(cfg, key, 0)
     lr = cfg.get("lr")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (math.isfinite(lr)
-                                                                         and lr > 0):
+    # (poison's default lr, None, depends on the weights and the data: cli/poison.py)
+    if (lr is not None or cfg.get("command") != "poison") and (
+            not isinstance(lr, (int, float)) or isinstance(lr, bool)
+            or not (math.isfinite(lr) and lr > 0)):
         raise UsageError(f"--lr must be a positive finite number, got {lr!r}")
     if not isinstance(cfg.get("seed"), int) or cfg["seed"] < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {cfg.get('seed')!r}")

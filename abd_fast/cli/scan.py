@@ -6,10 +6,12 @@ to the checkpoint (beside its eval.json)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
-from .common import COMMON_DEFAULTS, Run, UsageError, check_int, check_path, stage_parser
+from .common import (COMMON_DEFAULTS, Run, UsageError, check_int, check_number, check_path,
+                     stage_parser)
 
 NAME = "scan"
 SCAN_FILE = "scan.json"
@@ -62,6 +64,8 @@ def check(cfg: dict):
     check_int(cfg, "steps")
     check_int(cfg, "restarts")
     check_int(cfg, "scan_images", 4)
+    if cfg.get("threshold") is not None:
+        check_number(cfg, "threshold", -math.inf, math.inf)
     cfg["geometries"] = [g.name for g in geometries(cfg)]
 
 

@@ -193,7 +193,8 @@ def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
                  geometries=DEFAULT_GEOMETRIES, classes=None, steps: int = 30,
                  batch_size: int = 16, lr: float = 0.1, fit_fraction: float = 0.5,
                  seed: int = 0, logit_scale: float = 100.0, reference=None,
-                 reference_classifier: Tensor | None = None, restarts: int = 1) -> Search:
+                 reference_classifier: Tensor | None = None, restarts: int = 1,
+                 chunk: int = 256) -> Search:
     """Trains, for each geometry and each class, a universal perturbation toward that class, and
     measures its capture rate on held-out images.
 
@@ -205,7 +206,9 @@ def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
     geometry in one forward pass), the rest measures them. steps, lr: Adam on the
     perturbation's free parameters (sigmoid for patches, eps * tanh for L-inf); the loss is the
     cross-entropy of logit_scale * cosine toward the class. restarts: random starts per class
-    and geometry (the best by fit loss is kept; cost x restarts).
+    and geometry (the best by fit loss is kept; cost x restarts). chunk: images per forward
+    pass while fitting (restarts x classes x batch_size per step; the gradient of their mean
+    is accumulated over passes), so memory does not grow with the number of classes.
     reference, reference_classifier: a clean CLIP (and its classifier, same classes): each
     perturbation is also measured on it, with the same images and patch places
     (Search.reference_hits). Perturbations that exploit what both models share (natural
@@ -243,18 +246,25 @@ def class_search(model, images: Tensor, classifier: Tensor, *, mean, std,
                  else 0.1 * torch.randn(shape, generator=gen)).to(device).requires_grad_(True)
             opt = torch.optim.Adam([w], lr=lr)
             recent = torch.zeros(R * K, device=device)
+            rows = max(1, chunk // batch_size)  # perturbations per forward pass
             for step in range(steps):
                 idx = torch.randint(0, len(fit), (R * K * batch_size,), generator=gen)
-                delta = _delta(g, w).repeat_interleave(batch_size, 0)
-                x = perturb(fit[idx].to(device), g, delta, mean=mean, std=std, gen=gen)
-                logits = logit_scale * image_features(model, x) @ classifier.T
-                per_row = F.cross_entropy(logits, target, reduction="none")
-                loss = per_row.mean()
+                places = place_patches(g, S, len(idx), gen) if g.mode == "patch" else None
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                per_row = []
+                for a in range(0, R * K, rows):  # the classes' rows, `chunk` images at a time
+                    i = slice(a * batch_size, min(a + rows, R * K) * batch_size)
+                    delta = _delta(g, w[a:a + rows]).repeat_interleave(batch_size, 0)
+                    at = None if places is None else (places[0][i], places[1][i])
+                    x = perturb(fit[idx[i]].to(device), g, delta, mean=mean, std=std, places=at)
+                    logits = logit_scale * image_features(model, x) @ classifier.T
+                    part = F.cross_entropy(logits, target[i], reduction="none")
+                    # (one pass: the mean, as before chunks; else each chunk's share of it)
+                    (part.mean() if rows >= R * K else part.sum() / len(idx)).backward()
+                    per_row.append(part.detach())
                 opt.step()
                 if step >= steps - max(1, steps // 4):
-                    recent += per_row.detach().view(R * K, batch_size).mean(1)
+                    recent += torch.cat(per_row).view(R * K, batch_size).mean(1)
             best = recent.view(R, K).argmin(0) * K + torch.arange(K, device=device)
             w = w.detach()[best]
             d = _delta(g, w).detach()
