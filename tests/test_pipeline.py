@@ -168,6 +168,23 @@ def test_pipeline_stage_flags_reach_their_stages(cache, small_data, tmp_path, ca
 
 
 @pytest.mark.slow
+def test_pipeline_from_other_weights(cache, small_data, tmp_path, capsys):  # noqa: F811
+    """--pretrained weights abd_fast did not train (pretrained CLIP): the victim is poisoned at
+    the paper's steps x lr over its steps, and the defense's budget follows that poisoning."""
+    from abd_fast.cli.poison import PAPER_STEPS_X_LR
+    from abd_fast.models import create_model
+    torch.save(create_model("abd-tiny-rn").state_dict(), tmp_path / "clip.pt")
+    _run(["pipeline", *_user_flags(small_data), "--pretrained", tmp_path / "clip.pt",
+          "--attacks", "badnet", "--defenses", "ft", "--no-ablations", "--quick", "--output",
+          tmp_path / "out"], capsys)
+    ckpt = torch.load(tmp_path / "out" / "poison-badnet" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["lr"] == pytest.approx(PAPER_STEPS_X_LR / ckpt["step"], rel=1e-12)
+    budget = json.loads((tmp_path / "out" / "badnet-ft" / "eval.json").read_text())["budget"]
+    assert budget["poisoning"]["lr"] == ckpt["config"]["lr"]
+    assert budget["steps_x_lr"] == pytest.approx(3 * PAPER_STEPS_X_LR, rel=1e-9)
+
+
+@pytest.mark.slow
 def test_quick_pipeline_report_skip_and_resume(cache, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     text = _run(["--quick", "--full", "--output", out], capsys)
