@@ -62,7 +62,8 @@ DEMO_OVERRIDES = {}
 # victims of the default demo (docs/METHOD.md; one recipe for every attack).
 PIPELINE_FLAGS = {"defend": {"budget": "paper"}, "defend:abd": {"adv-view": "autoaugment"}}
 # How the victims are poisoned: 1% of the pairs (the paper: 0.3%), with the poison command's
-# fine-tune (10 epochs, lr 1.5e-3) of the converged clean model. Measured on a validation
+# fine-tune (10 epochs, lr 1.5e-3; from weights abd_fast did not train, the paper's steps x lr)
+# of the converged clean model. Measured on a validation
 # split (docs/ATTACKS.md, seed 0): badnet 92.9%, blended 83.0%, badclip 98.3%. 5 epochs
 # (half of every defense's steps too) missed the bars at seed 1 on validation.
 POISON = {"poison-rate": 0.01}
@@ -174,7 +175,8 @@ def add_parser(subparsers):
     p.add_argument("--model", metavar="NAME", help="architecture (default abd-tiny-rn)")
     p.add_argument("--pretrained", metavar="FILE",
                    help="the clean model's weights; without it the clean model is trained on "
-                        "--train-data first (and cached)")
+                        "--train-data first (and cached). Weights abd_fast did not train "
+                        "(pretrained CLIP) are poisoned at the paper's steps x lr (poison --lr)")
     p.add_argument("--image-size", type=int, metavar="PX", help="image side (default: model's)")
     p.add_argument("--attacks", metavar="LIST",
                    help=f"comma list (default {','.join(DEFAULT_ATTACKS)})")
