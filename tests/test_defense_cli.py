@@ -127,7 +127,8 @@ def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa:
                          "--val-scan is the scan's result for --criterion scan"),
                         (["--criterion", "gain", "--scan-threshold", "3"],
                          "--scan-threshold is the scan's threshold for --criterion scan"),
-                        (["--scan-threshold", "inf"], "--scan-threshold must be in"),
+                        (["--scan-threshold", "inf"],
+                         "--scan-threshold must be a finite number, got inf"),
                         (["--criterion", "gain"], "--scan-steps sets the target search's "
                                                   "steps, which only --criterion scan runs")):
         code, err = run_main([*select, *extra, "--output", tmp_path / "o"], capsys)

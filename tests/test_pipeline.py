@@ -52,7 +52,7 @@ def _user_flags(data):
     (["--uap-candidates", "corner:paper,middle"], "--uap-candidates 'middle': expected "
                                                  "GEOMETRY[:LOSS[:steer]]"),
     (["--uap-candidates", "linf:loud"], "--uap-candidates 'linf:loud': expected"),
-    (["--scan-threshold", "nan"], "--scan-threshold must be in (-inf, inf], got nan"),
+    (["--scan-threshold", "nan"], "--scan-threshold must be a finite number, got nan"),
 ])
 def test_pipeline_flags_stop_before_any_work(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]

@@ -74,7 +74,7 @@ def test_scan_data_ranks_every_pair_and_drops_the_top(models, small_data,  # noq
     ("scan", [], "--checkpoint is needed"),
     ("scan", ["--geometries", "patch-left-0.25"], "--geometries: geometry 'patch-left-0.25'"),
     ("scan", ["--steps", "0"], "--steps must be an integer >= 1"),
-    ("scan", ["--threshold", "nan"], "--threshold must be in (-inf, inf], got nan"),
+    ("scan", ["--threshold", "nan"], "--threshold must be a finite number, got nan"),
     ("scan-data", ["--drop-top", "-1"], "--drop-top must be an integer >= 0"),
     ("scan-data", ["--reference-model", "{tmp}/none.pt"], "--reference-model {tmp}/none.pt: no "
                                                          "such file"),

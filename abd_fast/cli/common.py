@@ -373,8 +373,11 @@ def check_number(cfg, key, low, high, open_low=True):
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
         (v > low if open_low else v >= low) and v <= high
     if not ok:
-        raise UsageError(f"--{key.replace('_', '-')} must be in "
-                         f"{'(' if open_low else '['}{low}, {high}], got {v!r}")
+        flag = f"--{key.replace('_', '-')}"
+        if math.isinf(low) and math.isinf(high):
+            raise UsageError(f"{flag} must be a finite number, got {v!r}")
+        raise UsageError(f"{flag} must be in {'(' if open_low else '['}{low}, {high}], "
+                         f"got {v!r}")
 
 
 def validate(cfg: dict, command_checks=None):
