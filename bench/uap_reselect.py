@@ -21,16 +21,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from abd_fast.cli.uap_select import flagged_at  # noqa: E402
+from abd_fast.defenses.select import choose  # noqa: E402
 from bench.common import write_json  # noqa: E402
 
 
 def choice_at(selection: dict, threshold: float) -> str:
-    """The candidate uap-select --criterion scan chooses at `threshold`."""
+    """The candidate uap-select --criterion scan chooses at `threshold`: its score is the
+    recorded gain on the scan's class (defenses.select.score_uaps), chosen by select.choose."""
     focus = flagged_at(selection["scan"], threshold)["suspected_target"]
-
-    def score(c):
-        return c["gain"][focus] if focus is not None else max(c["gain"].values())
-    return max(selection["candidates"], key=score)["name"]
+    return choose([{**c, "score": c["gain"][focus] if focus is not None
+                    else max(c["gain"].values())} for c in selection["candidates"]])["name"]
 
 
 def main(argv=None):
