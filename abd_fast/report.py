@@ -599,7 +599,7 @@ def render_markdown(report: dict, plots: dict | None = None) -> str:
         _paired_section(report["attacks"]),
         *(_ablation_section(key, report["ablations"][key], paper) for key in ABLATION_TITLES),
         _similarity_section(report["similarity"], paper),
-        _scan_section(report.get("scan")),
+        _scan_section(report.get("scan"), report["settings"].get("scan_calibration")),
         _timing_section(report["timing"]),
         _plots_section(plots),
         _notes_section(report["notes"]),
@@ -769,12 +769,21 @@ def _similarity_section(sim: dict | None, paper: bool) -> list[str]:
     return out + markdown_table(header, rows)
 
 
-def _scan_section(scans: dict | None) -> list[str]:
+def _scan_section(scans: dict | None, calibration: dict | None = None) -> list[str]:
     """The backdoor scans (docs/SCAN.md): each model's verdict, score and suspected target;
-    how well the data scan found each victim's poisoned training pairs."""
+    how well the data scan found each victim's poisoned training pairs; the threshold's
+    calibration in the run (`pipeline --scan-threshold calibrate`), when made."""
     if not scans:
         return []
     out = ["## Backdoor scan (no target, no trigger given; docs/SCAN.md)", ""]
+    if calibration:
+        scores = ", ".join(f"{name} {format_number(v)}" for name, v in
+                           calibration["scores"].items())
+        out += [f"The victims' threshold, {format_number(calibration['threshold'])}, was "
+                f"calibrated in this run: the largest reference-mode score of clean fine-tunes "
+                f"of the clean model (the victims' poisoning without poisons), scanned on "
+                f"{calibration['split']} ({scores}), + {format_number(calibration['margin'])}.",
+                ""]
     rows = []
     for name, entry in scans.items():
         model = entry if name == "clean" else entry.get("model", {})

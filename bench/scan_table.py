@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-MARGIN = 1.0   # robust z units above the largest clean score (one robust standard deviation)
+from abd_fast.scan.model import CALIBRATION_MARGIN as MARGIN, calibrated_threshold
 
 
 def load(spec: str) -> tuple[str, dict, dict | None]:
@@ -50,12 +50,13 @@ def main():
     clean = [load(s) for s in args.clean]
     finetunes = [load(s) for s in args.clean_finetunes]
     judged = [load(s) for s in args.judge]
-    thresholds = {}
+    scores = {}
     for rows, used in ((clean, ("self",)), (finetunes, ("self", "reference"))):
         for _, scan, _ in rows:
             for mode, (score, _, _) in modes(scan).items():
                 if mode in used:
-                    thresholds[mode] = max(thresholds.get(mode, -1e9), score + MARGIN)
+                    scores.setdefault(mode, []).append(score)
+    thresholds = {mode: calibrated_threshold(v) for mode, v in scores.items()}
     print("calibrated thresholds (largest clean score + %.1f): %s" % (
         MARGIN, {m: round(t, 2) for m, t in thresholds.items()}))
     print()

@@ -53,6 +53,8 @@ def _user_flags(data):
                                                  "GEOMETRY[:LOSS[:steer]]"),
     (["--uap-candidates", "linf:loud"], "--uap-candidates 'linf:loud': expected"),
     (["--scan-threshold", "nan"], "--scan-threshold must be a finite number, got nan"),
+    (["--scan-threshold", "auto"], "argument --scan-threshold: expected a number or "
+                                   "'calibrate', got 'auto'"),
 ])
 def test_pipeline_flags_stop_before_any_work(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -110,6 +112,10 @@ def test_pipeline_user_data_flags(small_data, tmp_path, capsys):  # noqa: F811
     code, err = run_main(["pipeline", *out, *_user_flags(small_data)], capsys)
     assert code == 2 and "error: --val-data is needed: the choice of ABD's UAP among " \
         "--uap-candidates (or give --uap-candidates corner:paper" in err
+    # The scan threshold's calibration scans clean fine-tunes on validation images too.
+    code, err = run_main(["pipeline", *out, *_user_flags(small_data), "--uap-candidates",
+                          "corner:paper", "--scan-threshold", "calibrate"], capsys)
+    assert code == 2 and "error: --val-data is needed: --scan-threshold calibrate's scans" in err
     # Flags without a command are the pipeline's (the README's main command).
     code, err = run_main([*out, "--attacks", "nope"], capsys)
     assert code == 2 and "--attacks 'nope': unknown attack" in err
@@ -182,6 +188,75 @@ def test_pipeline_from_other_weights(cache, small_data, tmp_path, capsys):  # no
     budget = json.loads((tmp_path / "out" / "badnet-ft" / "eval.json").read_text())["budget"]
     assert budget["poisoning"]["lr"] == ckpt["config"]["lr"]
     assert budget["steps_x_lr"] == pytest.approx(3 * PAPER_STEPS_X_LR, rel=1e-9)
+
+
+def test_scan_threshold_waits_for_its_calibration():
+    """The stages given the scan threshold wait for --scan-threshold calibrate's, and stop
+    when the run failed before it was set."""
+    import threading
+    from types import SimpleNamespace
+    from abd_fast.cli.pipeline import _ScanThreshold
+    from abd_fast.cli.stages import StageCancelled
+    st = SimpleNamespace(failed=False)
+    assert _ScanThreshold(None).flags("scan", st) == []
+    assert _ScanThreshold(3.1).flags("uap-select", st) == ["--scan-threshold", 3.1]
+    calibrated = _ScanThreshold("calibrate")
+    threading.Timer(0.3, calibrated.set, (2.5,)).start()
+    assert calibrated.flags("scan", st) == ["--threshold", 2.5]
+    st.failed = True
+    with pytest.raises(StageCancelled, match="its calibration did not finish"):
+        _ScanThreshold("calibrate").flags("scan", st)
+
+
+@pytest.mark.slow
+def test_pipeline_calibrates_the_scan_threshold(cache, small_data, tmp_path, capsys):  # noqa: F811
+    """--scan-threshold calibrate: clean fine-tunes of the clean model (the victim's poisoning
+    recipe without poisons, seeds 1 and 2 over --seed 0) scanned against it on the validation
+    split; the victim's scan and uap-select wait for their largest score + 1 (two stages at a
+    time here), the report records it, and a re-run skips every stage."""
+    out = tmp_path / "out"
+    argv = ["pipeline", *_user_flags(small_data), "--val-data", small_data.val_dir,
+            "--attacks", "badnet", "--defenses", "abd", "--uap-candidates",
+            "corner:paper,random:differential:steer", "--no-ablations", "--quick",
+            "--scan-threshold", "calibrate", "--jobs", "2", "--output", out]
+    _run(argv, capsys)
+
+    def stage(name):
+        return json.loads((out / name / "stage.json").read_text())["argv"]
+
+    def last(argv, flag):
+        return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+    victim = torch.load(out / "poison-badnet" / "checkpoint.pt", weights_only=True)["config"]
+    scores = []
+    for k in (1, 2):
+        ft = stage(f"calib-ft{k}")
+        assert ft[0] == "pretrain" and "--attack" not in ft and "--target-label" not in ft
+        assert last(ft, "--pretrained") == str(out / "clean" / "checkpoint.pt")
+        assert ft.count("--seed") == 1 and last(ft, "--seed") == str(k)
+        for key in ("batch_size", "epochs", "lr", "warmup"):
+            assert last(ft, "--" + key.replace("_", "-")) == str(victim[key]), key
+        scan = stage(f"calib-scan{k}")
+        assert last(scan, "--checkpoint") == str(out / f"calib-ft{k}" / "checkpoint.pt")
+        assert last(scan, "--reference-model") == str(out / "clean" / "checkpoint.pt")
+        assert last(scan, "--eval-data") == str(small_data.val_dir)
+        scores.append(json.loads((out / f"calib-scan{k}" / "scan.json").read_text())["score"])
+    threshold = round(max(scores) + 1, 4)
+    assert last(stage("scan-badnet"), "--threshold") == str(threshold)
+    assert json.loads((out / "scan-badnet" / "scan.json").read_text())["threshold"] == threshold
+    assert last(stage("uap-badnet"), "--scan-threshold") == str(threshold)
+    selection = json.loads((out / "uap-badnet" / "selection.json").read_text())
+    assert selection["scan"]["threshold"] == threshold
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    calibration = report["settings"]["scan_calibration"]
+    assert calibration["threshold"] == threshold and calibration["margin"] == 1
+    assert calibration["scores"] == {"calib-ft1": scores[0], "calib-ft2": scores[1]}
+    assert calibration["split"] == str(small_data.val_dir)
+    assert f"The victims' threshold, {threshold:.2f}, was calibrated in this run" \
+        in (out / "report.md").read_text()
+    assert report["scan"]["badnet"]["model"]["threshold"] == threshold
+    text = _run(argv, capsys)
+    assert text.count("), skipped") == len(report["timing"]) - 1  # all but the report
 
 
 @pytest.mark.slow

@@ -113,6 +113,12 @@ def test_stage_priority_puts_the_longest_chain_first():
     full = dict(cfg, ablations=True)
     p = stage_priority(full, plan_stages(full))
     assert p["badnet-abd"] > p["blended-abd"] and p["badnet-ft"] > p["blended-ft"]
+    # --scan-threshold calibrate: its fine-tunes follow the first victim (whose recipe they
+    # take) and come before every scan and UAP choice that waits for the threshold.
+    calibrate = dict(cfg, scan_threshold="calibrate")
+    p = stage_priority(calibrate, plan_stages(calibrate))
+    assert p["poison-badnet"] > p["calib-ft1"] == p["calib-ft2"] > p["calib-scan1"] \
+        > max(p[f"{kind}-{a}"] for kind in ("scan", "uap") for a in cfg["attacks"])
 
 
 @pytest.mark.parametrize("case", ["pipeline", "table2+3 alone", "table3 alone"])

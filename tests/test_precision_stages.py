@@ -4,6 +4,8 @@ command line with --precision bf16 (abd-tiny-rn: convolutions, BatchNorm, channe
 Each stage's losses are finite, and its first step's loss, computed from the same weights
 on the same batch, is close to the fp32 run's."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +49,10 @@ def runs(tmp_path_factory):
             "defend", *victim, "--checkpoint", inputs / "poison" / "checkpoint.pt",
             "--method", method, *(["--uap", inputs / "uap" / "uap.pt"] if method == "abd" else []),
             *(["--epochs", "2"] if method == "roclip" else [])]))  # its nearest-text epoch
+    # Only the losses are kept: a stage's checkpoints go as soon as no later stage reads them
+    # (16 stage runs of ~100 MB each, optimizer state included, would otherwise stay on disk
+    # until the session ends).
+    inputs_read = {a for _, argv in stages for a in argv if isinstance(a, Path)}
     out = {}
     for precision in ("fp32", "bf16"):
         out[precision] = {}
@@ -55,6 +61,10 @@ def runs(tmp_path_factory):
             assert main([str(a) for a in [*argv, "--precision", precision, "--output", d]]) == 0
             out[precision][stage] = _losses(d / ("badclip_losses.jsonl" if stage ==
                                                  "badclip-trigger" else "metrics.jsonl"))
+            for f in d.glob("*.pt"):
+                if f not in inputs_read:
+                    f.unlink()
+    shutil.rmtree(root)
     return out
 
 

@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap, u
 from .common import (UsageError, caption_data_flags, check_flag_values, check_number,
                      check_output, check_path, check_val_apart, loader_options, own_settings,
                      require_val_data, source_options, speed_flags)
-from .stages import Stages, StageError, WorkerPool, clock
+from .stages import Stages, StageCancelled, StageError, WorkerPool, clock
 
 NAME = "pipeline"
 # The pipeline's departures from the uap/defend defaults (cli/uap.py, cli/defend.py: the
@@ -77,6 +78,12 @@ POISON = {"poison-rate": 0.01}
 UAP_CANDIDATES = ("corner:paper,random:differential,linf:differential,"
                   "patch+linf:differential,random:differential:steer")
 UAP_CRITERION = "scan"
+# --scan-threshold calibrate (docs/SCAN.md, "Calibration"): the reference-mode threshold from
+# clean fine-tunes of the clean model, the victims' poisoning recipe without poisons, at these
+# seeds over --seed, each scanned against the clean model on the validation split.
+CALIBRATE = "calibrate"
+CALIBRATION_SEEDS = (1, 2)
+CALIBRATION_RECIPE = ("batch_size", "epochs", "lr", "warmup", "max_samples")
 # --quick: a CI smoke run on a small synthetic set; checks the mechanics, not the numbers.
 QUICK_DATA = dict(n_train=512, n_eval_per_class=10, per_shard=256)
 QUICK_OVERRIDES = {
@@ -189,12 +196,14 @@ def add_parser(subparsers):
                         "scan suspects) by `uap-select --criterion scan` on the validation "
                         "split, without the target; one candidate: that UAP alone (default "
                         f"{UAP_CANDIDATES})")
-    p.add_argument("--scan-threshold", type=float, metavar="Z",
+    p.add_argument("--scan-threshold", type=_threshold, metavar="Z|calibrate",
                    help="the reference-mode scan threshold: the victims' scans and the "
                         "validation scan behind ABD's UAP choice flag a model whose score "
-                        "exceeds it (default: 2.7, calibrated on the embedded data's models; "
-                        "on your own data calibrate it on clean fine-tunes of your clean "
-                        "model: docs/SCAN.md)")
+                        "exceeds it (default: 2.7, calibrated on the embedded data's models). "
+                        f"'{CALIBRATE}': calibrate it in the run, on your data: "
+                        f"{len(CALIBRATION_SEEDS)} clean fine-tunes of the clean model (the "
+                        "victims' poisoning without poisons) scanned on the validation split, "
+                        "their largest score + 1 (docs/SCAN.md)")
     p.add_argument("--ablations", action="store_true",
                    help="also run ABD's Table II and III (on the first attack)")
     p.add_argument("--no-ablations", action="store_true",
@@ -243,6 +252,17 @@ PIPELINE_DEFAULTS = dict(
 CAPTION_DATA_FLAGS = ("csv_img_key", "csv_caption_key", "csv_separator", "non_rgb")
 
 
+def _threshold(value: str):
+    """--scan-threshold's value: a number or 'calibrate'."""
+    if value == CALIBRATE:
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or '{CALIBRATE}', got "
+                                         f"{value!r}") from None
+
+
 def _settings(args, parser) -> dict:
     """Flags given > --config > defaults, validated before any work (UsageError names the
     flag)."""
@@ -275,7 +295,9 @@ def _settings(args, parser) -> dict:
     if "abd" in cfg["defenses"] and len(candidates) > 1:
         require_val_data(cfg, "the choice of ABD's UAP among --uap-candidates (or give "
                               "--uap-candidates corner:paper: the paper's UAP alone)")
-    if cfg["scan_threshold"] is not None:
+    if cfg["scan_threshold"] == CALIBRATE:
+        require_val_data(cfg, "--scan-threshold calibrate's scans of clean fine-tunes")
+    elif cfg["scan_threshold"] is not None:
         check_number(cfg, "scan_threshold", -math.inf, math.inf)
     for key in ("image_size", "workers"):
         v = cfg.get(key)
@@ -456,6 +478,9 @@ def plan_stages(cfg) -> dict:
     for a in cfg["attacks"]:
         plan[f"floor-{a}"] = cost("floor")
     plan["scan-clean"] = cost("scan")
+    if cfg.get("scan_threshold") == CALIBRATE:
+        for k in CALIBRATION_SEEDS:
+            plan[f"calib-ft{k}"], plan[f"calib-scan{k}"] = poisoning, cost("scan")
     for a in cfg["attacks"]:
         plan[f"scan-{a}"], plan[f"scan-data-{a}"] = cost("scan"), cost("scan-data")
     for a in cfg["attacks"]:
@@ -493,6 +518,10 @@ def stage_priority(cfg, plan: dict) -> dict:
         after[f"uap-{a}"] = [f"{a}-abd"]
         if a == cfg["attacks"][0]:  # its ablations start after its defenses
             after |= {n: after.get(n, []) + ablations for n in (f"uap-{a}", *defenses)}
+    for k in CALIBRATION_SEEDS if cfg.get("scan_threshold") == CALIBRATE else ():
+        after[f"poison-{cfg['attacks'][0]}"].append(f"calib-ft{k}")  # its victim's recipe
+        after[f"calib-ft{k}"] = [f"calib-scan{k}"]
+        after[f"calib-scan{k}"] = [n for a in cfg["attacks"] for n in (f"scan-{a}", f"uap-{a}")]
     out = {}
 
     def level(name):
@@ -543,11 +572,7 @@ class _StageFlags:
         # The validation data goes to the stages that make recipe choices only (VAL_COMMANDS),
         # so the other stages' flags (and the clean-model cache key) stay as they were.
         self.val = ["--val-data", data["val"]] if data["val"] else []
-        # --scan-threshold: the reference-mode scans' (given only when set, so that the stages
-        # of a run without it keep their flags)
-        t = cfg["scan_threshold"]
-        self.threshold = {"scan": [] if t is None else ["--threshold", t],
-                          "uap-select": [] if t is None else ["--scan-threshold", t]}
+        self.threshold = _ScanThreshold(cfg["scan_threshold"])
 
     def extra(self, key) -> list:
         """The config's stage-flags of a command or a `command:variant`."""
@@ -559,6 +584,28 @@ class _StageFlags:
                for f in _flags({**self.demo.get(k, {}), **PIPELINE_FLAGS.get(k, {})})]
         val = self.val if keys[0].partition(":")[0] in VAL_COMMANDS else []
         return val + own + self.q + [f for k in keys for f in self.extra(k)]
+
+
+class _ScanThreshold:
+    """The reference-mode threshold given to the victims' scans and uap-select: none (the
+    scan's own, so that a run without --scan-threshold keeps its stages' flags), its number,
+    or with `calibrate` the one _calibrate_scan sets; until then those stages wait."""
+    FLAG = {"scan": "--threshold", "uap-select": "--scan-threshold"}
+
+    def __init__(self, value):
+        self.value, self.ready = value, threading.Event()
+        if value != CALIBRATE:
+            self.ready.set()
+
+    def set(self, value: float):
+        self.value = value
+        self.ready.set()
+
+    def flags(self, command: str, st: Stages) -> list:
+        while not self.ready.wait(0.5):
+            if st.failed:
+                raise StageCancelled("no scan threshold: its calibration did not finish")
+        return [] if self.value is None else [self.FLAG[command], self.value]
 
 
 def stage_threads(jobs: int) -> int:
@@ -648,6 +695,7 @@ def _after_clean(st: Stages, cfg, data, flags: _StageFlags, clean: str, clean_di
     results = {"clean": read_eval(clean_dir), "attacks": dict.fromkeys(cfg["attacks"])}
     scans = {"clean": None, **dict.fromkeys(cfg["attacks"])}
     victims, uaps, tables = {}, {}, {"table2": None, "table3": None}
+    calibration = {}
 
     def scan_clean():
         scans["clean"] = _scan(st, flags, "scan-clean", clean)
@@ -665,8 +713,11 @@ def _after_clean(st: Stages, cfg, data, flags: _StageFlags, clean: str, clean_di
             if m == "abd":
                 uaps[a] = _abd_uap(st, cfg, flags, clean, a, victims[a])
             results["attacks"][a][m] = _defend(st, flags, a, m, victims[a], uaps.get(a))
+        calibrate = [lambda: calibration.update(_calibrate_scan(st, cfg, data, flags, clean,
+                                                                victims[a]))] \
+            if a == cfg["attacks"][0] and cfg["scan_threshold"] == CALIBRATE else []
         st.parallel(lambda work: work(), [
-            lambda: _floor(st, data, flags, clean, a, victims[a]), scan_victim,
+            *calibrate, lambda: _floor(st, data, flags, clean, a, victims[a]), scan_victim,
             *(lambda m=m: defense(m) for m in _uap_first(cfg["defenses"]))])
         if a == cfg["attacks"][0]:
             tables.update(_ablations(st, cfg, flags, clean, victims, uaps, results))
@@ -678,6 +729,8 @@ def _after_clean(st: Stages, cfg, data, flags: _StageFlags, clean: str, clean_di
     report = _report(cfg, data, st, results, tables, analysis.get("similarity"), uaps, notes,
                      wall=wall, demo=flags.demo)
     report["scan"] = scans
+    if calibration:
+        report["settings"]["scan_calibration"] = calibration
     from abd_fast.report import weak_model_warnings, write_report
     paths = write_report(report, out, embeddings=analysis.get("embeddings"))
     print(f"report: {paths['md']} and {paths['json']}; plots: "
@@ -779,11 +832,39 @@ def _scan(st: Stages, flags: _StageFlags, name: str, checkpoint: str, *extra) ->
     return json.loads((d / scan.SCAN_FILE).read_text())
 
 
+def _calibrate_scan(st: Stages, cfg, data, flags: _StageFlags, clean: str, victim: str) -> dict:
+    """--scan-threshold calibrate (docs/SCAN.md, "Calibration"): clean fine-tunes of the clean
+    model with the victim's poisoning recipe and no poisons (CALIBRATION_SEEDS over --seed),
+    each scanned against the clean model on the validation split; the victims' scans and
+    uap-select get their largest score + CALIBRATION_MARGIN. Returns what the report records."""
+    from abd_fast.engine import load_checkpoint
+    from abd_fast.scan.model import CALIBRATION_MARGIN, calibrated_threshold
+    poisoning = load_checkpoint(victim, "--checkpoint")["config"]
+    recipe = {k.replace("_", "-"): poisoning[k] for k in CALIBRATION_RECIPE
+              if poisoning.get(k) is not None}
+
+    def finetune_and_scan(k):
+        common = list(flags.common)
+        common[common.index("--seed") + 1] = cfg["seed"] + k
+        d = st.run(f"calib-ft{k}", ["pretrain", *common, "--pretrained", clean, *_flags(recipe)])
+        return _scan(st, flags, f"calib-scan{k}", str(d / "checkpoint.pt"), "--reference-model",
+                     clean, "--eval-data", data["val"])["score"]
+    scores = dict(zip((f"calib-ft{k}" for k in CALIBRATION_SEEDS),
+                      st.parallel(finetune_and_scan, CALIBRATION_SEEDS)))
+    threshold = round(calibrated_threshold(scores.values()), 4)
+    flags.threshold.set(threshold)
+    print(f"  scan threshold calibrated: {threshold} (clean fine-tunes' reference scores on "
+          f"the validation split {', '.join(f'{v:.2f}' for v in scores.values())} + "
+          f"{CALIBRATION_MARGIN:g})", flush=True)
+    return {"threshold": threshold, "margin": CALIBRATION_MARGIN, "scores": scores,
+            "recipe": recipe, "split": data["val"]}
+
+
 def _scan_victim(st: Stages, flags: _StageFlags, clean: str, a: str, victim: str) -> dict:
     """The victim scanned with the clean model as reference, and its training pairs as it
     was poisoned, measured against its poisoned ids: {"model", "data"}."""
     model = _scan(st, flags, f"scan-{a}", victim, "--reference-model", clean,
-                  *flags.threshold["scan"])
+                  *flags.threshold.flags("scan", st))
     d = st.run(f"scan-data-{a}", ["scan-data", *flags.common, "--checkpoint", victim,
                                   "--reference-model", clean, "--poisoned-by", victim,
                                   *flags.extra("scan-data")],
@@ -815,7 +896,8 @@ def _abd_uap(st: Stages, cfg, flags: _StageFlags, clean: str, a: str, victim: st
                             "--criterion", UAP_CRITERION,
                             *(search if UAP_CRITERION == "scan" else []),
                             *(["--val-scan", scanned[0]] if scanned else []),
-                            *(flags.threshold["uap-select"] if UAP_CRITERION == "scan" else [])],
+                            *(flags.threshold.flags("uap-select", st)
+                              if UAP_CRITERION == "scan" else [])],
                outputs=("uap.pt", "selection.json", "eval.json"))
     return str(d / "uap.pt")
 
@@ -968,6 +1050,12 @@ def _report(cfg, data, st: Stages, results, tables, similarity, uaps, notes, *, 
     if data["val"] is None:
         notes.append("No validation data (--val-data): the uap/defend stages could make no "
                      "recipe choice on held-out data; give --val-data for them.")
+    if cfg["train_data"] is not None and cfg["scan_threshold"] is None:
+        from abd_fast.scan.model import THRESHOLDS
+        notes.append(f"The scans' reference-mode threshold ({THRESHOLDS['reference']}) was "
+                     "calibrated on the embedded data's tiny models; on your data, "
+                     "--scan-threshold calibrate calibrates it on clean fine-tunes of your "
+                     "clean model (docs/SCAN.md).")
     if cfg["stage_flags"]:
         notes.append(f"Per-stage flags of the config (last, so they override the above): "
                      f"{cfg['stage_flags']}.")

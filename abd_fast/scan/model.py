@@ -39,8 +39,15 @@ PLACES = ("random", "center", "corner")
 # largest score of the clean models plus 1. self: clean models of seeds 0, 1, 2 (largest 6.13,
 # the natural attractor "ring"); reference: clean fine-tunes of the reference (1.69, 1.68).
 THRESHOLDS = {"self": 7.1, "reference": 2.7}
+CALIBRATION_MARGIN = 1.0  # robust z units above the largest clean score (one robust std)
 FLOOR = 0.1   # arcsine scale (asin sqrt p, 0..pi/2): the smallest spread over classes a z-score
               # divides by (~ the spread of rates 5%..15%)
+
+
+def calibrated_threshold(clean_scores) -> float:
+    """A mode's threshold from the scores of clean models scanned in that mode (THRESHOLDS'
+    rule; `pipeline --scan-threshold calibrate` applies it to the user's own clean models)."""
+    return max(clean_scores) + CALIBRATION_MARGIN
 
 
 @dataclass(frozen=True)
