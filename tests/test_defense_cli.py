@@ -118,6 +118,36 @@ def test_uap_steered_by_the_scan(victim, small_data, tmp_path, capsys):  # noqa:
         assert sel["scan"]["suspected_target"] == (anomalous if flagged else None)
         gain = sel["candidates"][0]["gain"]
         assert sel["score"] == (gain[anomalous] if flagged else max(gain.values()))
+    # The weights are recognized by content: the same files elsewhere (a run directory moved
+    # or copied) reuse the saved scan; another file does not, and neither does a file changed
+    # in place. A val_scan.json from before contents were recorded is compared by path.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("poisoned", "clean"):
+        shutil.copy(out / name / "checkpoint.pt", moved / f"{name}.pt")
+    code, err = run_main([*select, "--checkpoint", moved / "poisoned.pt", "--reference-model",
+                          moved / "clean.pt", "--val-scan", saved, "--output", tmp_path / "mv"],
+                         capsys)
+    assert code == 0, err
+    sel = json.loads((tmp_path / "mv" / "selection.json").read_text())
+    assert {k: sel[k] for k in ("scan", "chosen", "score")} == \
+        {k: selections[0][k] for k in ("scan", "chosen", "score")}
+    legacy = json.loads(saved.read_text())
+    for key in ("checkpoint", "reference_model"):
+        del legacy["inputs"][f"{key}_sha256"]
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    assert run_main([*select, "--val-scan", tmp_path / "legacy.json", "--output",
+                     tmp_path / "lg"], capsys)[0] == 0
+    code, err = run_main([*select, "--checkpoint", moved / "poisoned.pt", "--val-scan",
+                          tmp_path / "legacy.json", "--output", tmp_path / "lg2"], capsys)
+    assert code == 2 and "other checkpoint than this run" in err, err
+    with open(moved / "poisoned.pt", "ab") as f:
+        f.write(b"\0")
+    code, err = run_main([*select, "--checkpoint", moved / "poisoned.pt", "--reference-model",
+                          moved / "clean.pt", "--val-scan", saved, "--output", tmp_path / "mv2"],
+                         capsys)
+    assert code == 2 and re.search(r"--val-scan .* other checkpoint than this run \(.*"
+                                   r"poisoned.pt', contents differ\)", err), err
     # another seed's or step count's search is not this one; --val-scan and --scan-steps
     # belong to --criterion scan
     for extra, says in ((["--seed", "3", "--val-scan", saved], "--val-scan .* other seed"),

@@ -55,6 +55,10 @@ def _user_flags(data):
     (["--scan-threshold", "nan"], "--scan-threshold must be a finite number, got nan"),
     (["--scan-threshold", "auto"], "argument --scan-threshold: expected a number or "
                                    "'calibrate', got 'auto'"),
+    (["--calibration-finetunes", "3"], "--calibration-finetunes is the number of clean "
+                                       "fine-tunes of --scan-threshold calibrate"),
+    (["--scan-threshold", "calibrate", "--calibration-finetunes", "0"],
+     "--calibration-finetunes must be an integer >= 1, got 0"),
 ])
 def test_pipeline_flags_stop_before_any_work(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]

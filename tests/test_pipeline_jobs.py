@@ -115,9 +115,12 @@ def test_stage_priority_puts_the_longest_chain_first():
     assert p["badnet-abd"] > p["blended-abd"] and p["badnet-ft"] > p["blended-ft"]
     # --scan-threshold calibrate: its fine-tunes follow the first victim (whose recipe they
     # take) and come before every scan and UAP choice that waits for the threshold.
-    calibrate = dict(cfg, scan_threshold="calibrate")
-    p = stage_priority(calibrate, plan_stages(calibrate))
-    assert p["poison-badnet"] > p["calib-ft1"] == p["calib-ft2"] > p["calib-scan1"] \
+    calibrate = dict(cfg, scan_threshold="calibrate", calibration_finetunes=3)
+    plan = plan_stages(calibrate)
+    assert [n for n in plan if n.startswith("calib-")] == [
+        "calib-ft1", "calib-scan1", "calib-ft2", "calib-scan2", "calib-ft3", "calib-scan3"]
+    p = stage_priority(calibrate, plan)
+    assert p["poison-badnet"] > p["calib-ft1"] == p["calib-ft3"] > p["calib-scan1"] \
         > max(p[f"{kind}-{a}"] for kind in ("scan", "uap") for a in cfg["attacks"])
 
 

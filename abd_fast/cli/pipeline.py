@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 
 from . import badclip_trigger, defend, poison, pretrain, scan, scan_data, uap, uap_select
-from .common import (UsageError, caption_data_flags, check_flag_values, check_number,
-                     check_output, check_path, check_val_apart, loader_options, own_settings,
-                     require_val_data, source_options, speed_flags)
+from .common import (UsageError, caption_data_flags, check_flag_values, check_int,
+                     check_number, check_output, check_path, check_val_apart, loader_options,
+                     own_settings, require_val_data, source_options, speed_flags)
 from .stages import Stages, StageCancelled, StageError, WorkerPool, clock
 
 NAME = "pipeline"
@@ -79,10 +79,11 @@ UAP_CANDIDATES = ("corner:paper,random:differential,linf:differential,"
                   "patch+linf:differential,random:differential:steer")
 UAP_CRITERION = "scan"
 # --scan-threshold calibrate (docs/SCAN.md, "Calibration"): the reference-mode threshold from
-# clean fine-tunes of the clean model, the victims' poisoning recipe without poisons, at these
-# seeds over --seed, each scanned against the clean model on the validation split.
+# clean fine-tunes of the clean model (--calibration-finetunes of them, at seeds --seed + 1,
+# + 2, ...), the victims' poisoning recipe without poisons, each scanned against the clean
+# model on the validation split.
 CALIBRATE = "calibrate"
-CALIBRATION_SEEDS = (1, 2)
+CALIBRATION_FINETUNES = 2
 CALIBRATION_RECIPE = ("batch_size", "epochs", "lr", "warmup", "max_samples")
 # --quick: a CI smoke run on a small synthetic set; checks the mechanics, not the numbers.
 QUICK_DATA = dict(n_train=512, n_eval_per_class=10, per_shard=256)
@@ -201,9 +202,13 @@ def add_parser(subparsers):
                         "validation scan behind ABD's UAP choice flag a model whose score "
                         "exceeds it (default: 2.7, calibrated on the embedded data's models). "
                         f"'{CALIBRATE}': calibrate it in the run, on your data: "
-                        f"{len(CALIBRATION_SEEDS)} clean fine-tunes of the clean model (the "
-                        "victims' poisoning without poisons) scanned on the validation split, "
-                        "their largest score + 1 (docs/SCAN.md)")
+                        "clean fine-tunes of the clean model (the victims' poisoning without "
+                        "poisons) scanned on the validation split, their largest score + 1 "
+                        "(docs/SCAN.md)")
+    p.add_argument("--calibration-finetunes", type=int, metavar="N",
+                   help="with --scan-threshold calibrate: how many clean fine-tunes (default "
+                        f"{CALIBRATION_FINETUNES}; each costs a poisoning; more give a safer "
+                        "largest score)")
     p.add_argument("--ablations", action="store_true",
                    help="also run ABD's Table II and III (on the first attack)")
     p.add_argument("--no-ablations", action="store_true",
@@ -244,7 +249,8 @@ def add_parser(subparsers):
 PIPELINE_DEFAULTS = dict(
     train_data=None, eval_data=None, val_data=None, classnames=None, target_label=None,
     model="abd-tiny-rn", pretrained=None, image_size=None, attacks=",".join(DEFAULT_ATTACKS),
-    defenses=None, uap_candidates=UAP_CANDIDATES, scan_threshold=None, ablations=False,
+    defenses=None, uap_candidates=UAP_CANDIDATES, scan_threshold=None,
+    calibration_finetunes=None, ablations=False,
     no_ablations=False, full=False, quick=False, seed=0, seeds=None, jobs=None, loader=None,
     workers=None, precision=None, compile=None, recipe=None, output=None, config=None,
     resume=False, stage_flags=None, csv_img_key=None, csv_caption_key=None, csv_separator=None,
@@ -299,6 +305,11 @@ def _settings(args, parser) -> dict:
         require_val_data(cfg, "--scan-threshold calibrate's scans of clean fine-tunes")
     elif cfg["scan_threshold"] is not None:
         check_number(cfg, "scan_threshold", -math.inf, math.inf)
+    if cfg["calibration_finetunes"] is not None:
+        if cfg["scan_threshold"] != CALIBRATE:
+            raise UsageError("--calibration-finetunes is the number of clean fine-tunes of "
+                             "--scan-threshold calibrate; give that too or drop the flag")
+        check_int(cfg, "calibration_finetunes")
     for key in ("image_size", "workers"):
         v = cfg.get(key)
         if v is not None and (not isinstance(v, int) or v < (1 if key == "image_size" else 0)):
@@ -478,9 +489,8 @@ def plan_stages(cfg) -> dict:
     for a in cfg["attacks"]:
         plan[f"floor-{a}"] = cost("floor")
     plan["scan-clean"] = cost("scan")
-    if cfg.get("scan_threshold") == CALIBRATE:
-        for k in CALIBRATION_SEEDS:
-            plan[f"calib-ft{k}"], plan[f"calib-scan{k}"] = poisoning, cost("scan")
+    for k in calibration_seeds(cfg):
+        plan[f"calib-ft{k}"], plan[f"calib-scan{k}"] = poisoning, cost("scan")
     for a in cfg["attacks"]:
         plan[f"scan-{a}"], plan[f"scan-data-{a}"] = cost("scan"), cost("scan-data")
     for a in cfg["attacks"]:
@@ -503,6 +513,13 @@ def plan_stages(cfg) -> dict:
     return plan
 
 
+def calibration_seeds(cfg) -> range:
+    """The offsets over --seed of --scan-threshold calibrate's fine-tunes (none without it)."""
+    if cfg.get("scan_threshold") != CALIBRATE:
+        return range(0)
+    return range(1, (cfg.get("calibration_finetunes") or CALIBRATION_FINETUNES) + 1)
+
+
 def stage_priority(cfg, plan: dict) -> dict:
     """{stage: its cost plus the costliest chain of planned stages waiting for it}: with
     --jobs, a free slot goes to the waiting stage with the most work behind it (BadCLIP's
@@ -518,7 +535,7 @@ def stage_priority(cfg, plan: dict) -> dict:
         after[f"uap-{a}"] = [f"{a}-abd"]
         if a == cfg["attacks"][0]:  # its ablations start after its defenses
             after |= {n: after.get(n, []) + ablations for n in (f"uap-{a}", *defenses)}
-    for k in CALIBRATION_SEEDS if cfg.get("scan_threshold") == CALIBRATE else ():
+    for k in calibration_seeds(cfg):
         after[f"poison-{cfg['attacks'][0]}"].append(f"calib-ft{k}")  # its victim's recipe
         after[f"calib-ft{k}"] = [f"calib-scan{k}"]
         after[f"calib-scan{k}"] = [n for a in cfg["attacks"] for n in (f"scan-{a}", f"uap-{a}")]
@@ -834,7 +851,7 @@ def _scan(st: Stages, flags: _StageFlags, name: str, checkpoint: str, *extra) ->
 
 def _calibrate_scan(st: Stages, cfg, data, flags: _StageFlags, clean: str, victim: str) -> dict:
     """--scan-threshold calibrate (docs/SCAN.md, "Calibration"): clean fine-tunes of the clean
-    model with the victim's poisoning recipe and no poisons (CALIBRATION_SEEDS over --seed),
+    model with the victim's poisoning recipe and no poisons (calibration_seeds over --seed),
     each scanned against the clean model on the validation split; the victims' scans and
     uap-select get their largest score + CALIBRATION_MARGIN. Returns what the report records."""
     from abd_fast.engine import load_checkpoint
@@ -849,8 +866,8 @@ def _calibrate_scan(st: Stages, cfg, data, flags: _StageFlags, clean: str, victi
         d = st.run(f"calib-ft{k}", ["pretrain", *common, "--pretrained", clean, *_flags(recipe)])
         return _scan(st, flags, f"calib-scan{k}", str(d / "checkpoint.pt"), "--reference-model",
                      clean, "--eval-data", data["val"])["score"]
-    scores = dict(zip((f"calib-ft{k}" for k in CALIBRATION_SEEDS),
-                      st.parallel(finetune_and_scan, CALIBRATION_SEEDS)))
+    seeds = calibration_seeds(cfg)
+    scores = dict(zip((f"calib-ft{k}" for k in seeds), st.parallel(finetune_and_scan, seeds)))
     threshold = round(calibrated_threshold(scores.values()), 4)
     flags.threshold.set(threshold)
     print(f"  scan threshold calibrated: {threshold} (clean fine-tunes' reference scores on "

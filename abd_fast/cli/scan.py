@@ -5,6 +5,7 @@ images and the same images with the most anomalous class's perturbation), by def
 to the checkpoint (beside its eval.json)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -135,18 +136,40 @@ def check_scan_steps(cfg: dict, scans: bool, needs: str):
 
 
 VAL_SCAN_FILE = "val_scan.json"  # a scan_val result, beside the output of the run that made it
+WEIGHTS = ("checkpoint", "reference_model")
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def val_scan_inputs(run: Run) -> dict:
-    """What scan_val's result depends on besides the code: the judged and reference weights,
-    the validation data, the model's settings, the seed and the scan's."""
+    """What scan_val's result depends on besides the code: the judged and reference weights
+    (their paths, and their contents' SHA-256, by which they are compared), the validation
+    data, the model's settings, the seed and the scan's."""
     c = run.cfg
+    weights = {}
+    for key in WEIGHTS:
+        weights[key] = str(Path(c[key]).resolve()) if c.get(key) else None
+        weights[f"{key}_sha256"] = _sha256(c[key]) if c.get(key) else None
+    return {**weights, "val_data": str(c["val_data"]), "model": c["model"],
+            "image_size": run.spec.size, "precision": c.get("precision"), "seed": c["seed"],
+            **_val_scan_settings(c)}
 
-    def path(key):
-        return str(Path(c[key]).resolve()) if c.get(key) else None
-    return {"checkpoint": path("checkpoint"), "reference_model": path("reference_model"),
-            "val_data": str(c["val_data"]), "model": c["model"], "image_size": run.spec.size,
-            "precision": c.get("precision"), "seed": c["seed"], **_val_scan_settings(c)}
+
+def _same_input(key, saved: dict, ours: dict) -> bool:
+    """One input of a saved val scan against this run's: weights by content (a run directory
+    moved or copied keeps its scans), by path in a file written before contents were
+    recorded; everything else by value."""
+    if key in WEIGHTS and saved.get(f"{key}_sha256") is not None:
+        return saved[f"{key}_sha256"] == ours[f"{key}_sha256"]
+    if key.endswith("_sha256"):  # compared with its path's key
+        return True
+    return saved.get(key) == ours[key]
 
 
 def save_val_scan(path: Path, run: Run, result: dict, source, classnames: list):
@@ -164,11 +187,15 @@ def _load_val_scan(path, run: Run) -> tuple[dict, str, list]:
         raise UsageError(f"--val-scan {path}: not a {VAL_SCAN_FILE} written by `uap --steer "
                          f"scan` ({e})") from e
     ours = val_scan_inputs(run)
-    differ = [k for k in ours if inputs.get(k) != ours[k]]
+    differ = [k for k in ours if not _same_input(k, inputs, ours)]
+
+    def shown(k):
+        by_content = k in WEIGHTS and inputs.get(f"{k}_sha256") is not None
+        return f"{inputs.get(k)!r} vs {ours[k]!r}" + (", contents differ" if by_content else "")
     if differ:
         raise UsageError(f"--val-scan {path}: made with other {', '.join(differ)} than this run "
-                         f"({', '.join(f'{inputs.get(k)!r} vs {ours[k]!r}' for k in differ)}); "
-                         "drop the flag to run the scan here")
+                         f"({'; '.join(shown(k) for k in differ)}); drop the flag to run the "
+                         "scan here")
     return result, saved["val_source"], saved["classnames"]
 
 
