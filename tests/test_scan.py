@@ -195,3 +195,23 @@ def test_auroc_and_precision_against_pairwise_counts():
     assert precision_at(np.arange(10), np.arange(10) >= 7, 5) == pytest.approx(0.6)
     with pytest.raises(ValueError, match="one positive and one negative"):
         auroc([1, 2], [True, True])
+
+
+def test_calibration_size_counts_false_positives_and_detections_per_subset():
+    """bench/calibration_size.py: for each k-subset of the clean fine-tunes, the pipeline's
+    threshold (max + 1), the others above it (on the applied split when given) and the judged
+    models above it; hand-counted on three fine-tunes."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.calibration_size import sizes
+    rows = sizes([1.0, 2.0, 0.5], {"v": 2.8}, max_k=5)
+    assert [r["k"] for r in rows] == [1, 2]            # at least one fine-tune left out
+    # k=1: thresholds 2.0, 3.0, 1.5; others above: none, none, 2.0 of two; v above 2.0 and 1.5
+    assert rows[0]["fp_mean"] == pytest.approx(100 / 6) and rows[0]["fp_max"] == 50
+    assert rows[0]["flagged_v"] == pytest.approx(200 / 3)
+    # k=2: thresholds 3.0, 2.0, 3.0; the one left (0.5, 2.0, 1.0) never strictly above
+    assert rows[1]["fp_mean"] == 0 and rows[1]["flagged_v"] == pytest.approx(100 / 3)
+    # the thresholds from the first split, the false positives counted on the second
+    applied = sizes([1.0, 2.0, 0.5], {}, max_k=1, applied=[1.0, 2.6, 0.5])
+    assert applied[0]["fp_mean"] == pytest.approx(100 / 3)   # 2.6 > 2.0 and 2.6 > 1.5

@@ -161,11 +161,17 @@ def val_scan_inputs(run: Run) -> dict:
             **_val_scan_settings(c)}
 
 
+def _by_content(key, saved: dict) -> bool:
+    """Whether a saved val scan's input `key` is compared by content: weights whose SHA-256
+    the file recorded (a file written before contents were recorded has paths only)."""
+    return key in WEIGHTS and saved.get(f"{key}_sha256") is not None
+
+
 def _same_input(key, saved: dict, ours: dict) -> bool:
     """One input of a saved val scan against this run's: weights by content (a run directory
     moved or copied keeps its scans), by path in a file written before contents were
     recorded; everything else by value."""
-    if key in WEIGHTS and saved.get(f"{key}_sha256") is not None:
+    if _by_content(key, saved):
         return saved[f"{key}_sha256"] == ours[f"{key}_sha256"]
     if key.endswith("_sha256"):  # compared with its path's key
         return True
@@ -190,8 +196,8 @@ def _load_val_scan(path, run: Run) -> tuple[dict, str, list]:
     differ = [k for k in ours if not _same_input(k, inputs, ours)]
 
     def shown(k):
-        by_content = k in WEIGHTS and inputs.get(f"{k}_sha256") is not None
-        return f"{inputs.get(k)!r} vs {ours[k]!r}" + (", contents differ" if by_content else "")
+        return f"{inputs.get(k)!r} vs {ours[k]!r}" + (", contents differ"
+                                                     if _by_content(k, inputs) else "")
     if differ:
         raise UsageError(f"--val-scan {path}: made with other {', '.join(differ)} than this run "
                          f"({'; '.join(shown(k) for k in differ)}); drop the flag to run the "
