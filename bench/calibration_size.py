@@ -31,8 +31,11 @@ from bench.common import table, write_json  # noqa: E402
 
 
 def score(path: Path) -> float:
-    d = json.loads(path.read_text())
-    return float(d.get("result", d)["score"])
+    try:
+        d = json.loads(path.read_text())
+        return float(d.get("result", d)["score"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        sys.exit(f"{path}: not a scan.json or val_scan.json with a score ({e!r})")
 
 
 def sizes(clean: list[float], judged: dict[str, float], max_k: int,
